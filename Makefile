@@ -1,0 +1,43 @@
+# ServeML: `make run` brings the whole system up on http://127.0.0.1:8000,
+# `make test` runs the whole test suite. Both install what they need first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+
+.PHONY: run test install install-dev migrate superuser clean
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: requirements.txt | $(BIN)/uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+migrate: install
+	$(BIN)/python manage.py migrate --noinput
+
+## Start Redis (if needed), the Celery worker, the runtime and the web app. Ctrl-C stops them all.
+run: migrate
+	@processes="$$(bin/ensure-redis)" && exec $(BIN)/honcho start -f Procfile $$processes
+
+## Create an operator account for the Django admin.
+superuser: migrate
+	$(BIN)/python manage.py createsuperuser
+
+## The whole test suite, with the real services it needs (Redis, worker, runtime, Chromium).
+test: install-dev
+	bin/test-prerequisites
+	bin/run-tests
+
+clean:
+	rm -rf $(VENV) var

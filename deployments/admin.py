@@ -1,0 +1,58 @@
+from django.contrib import admin, messages
+
+from deployments import services
+from deployments.models import Deployment, DeploymentEvent
+
+
+class DeploymentEventInline(admin.TabularInline):
+    model = DeploymentEvent
+    extra = 0
+    can_delete = False
+    fields = ["created_at", "stage", "level", "message", "duration_ms"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin.ModelAdmin):
+    list_display = ["name", "owner", "status", "stage", "target", "model_type", "created_at"]
+    list_filter = ["status", "target", "stage", "created_at"]
+    search_fields = ["name", "public_id", "owner__username", "model_filename", "model_sha256", "endpoint_url"]
+    list_select_related = ["owner"]
+    date_hierarchy = "created_at"
+    inlines = [DeploymentEventInline]
+    actions = ["redeploy", "stop"]
+    readonly_fields = [
+        "public_id", "status", "stage", "error", "model_file", "model_filename", "model_format", "model_sha256",
+        "requirements_file", "requirements_filename", "environment_key", "signature", "example_request",
+        "example_response", "artifact", "endpoint_url", "image_uri", "function_arn", "api_id",
+        "created_at", "updated_at", "claimed_at", "ready_at", "stopped_at",
+    ]
+
+    @admin.action(description="Redeploy the selected deployments")
+    def redeploy(self, request, queryset):
+        count = 0
+        for deployment in queryset:
+            if deployment.status != Deployment.Status.DEPLOYING:
+                services.deployment_redeploy(deployment=deployment)
+                count += 1
+        self.message_user(request, f"{count} deployment(s) queued again.", messages.SUCCESS)
+
+    @admin.action(description="Stop the selected deployments")
+    def stop(self, request, queryset):
+        count = 0
+        for deployment in queryset:
+            if deployment.can_stop():
+                services.deployment_stop(deployment=deployment)
+                count += 1
+        self.message_user(request, f"{count} deployment(s) stopped.", messages.SUCCESS)
+
+
+@admin.register(DeploymentEvent)
+class DeploymentEventAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "deployment", "stage", "level", "message"]
+    list_filter = ["level", "stage"]
+    search_fields = ["message", "deployment__name", "deployment__public_id"]
+    list_select_related = ["deployment"]

@@ -1,0 +1,95 @@
+"""The REST API of DESIGN.md's "Contracts": token, deploy, list, detail, delete."""
+
+from django.shortcuts import get_object_or_404
+from rest_framework import serializers, status
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from deployments import services
+from deployments.models import Deployment, DeploymentEvent
+from deployments.views import bound_form
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DeploymentEvent
+        fields = ["stage", "level", "message", "duration_ms", "created_at"]
+
+
+class DeploymentSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="public_id")
+    status_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Deployment
+        fields = ["id", "name", "target", "status", "stage", "endpoint_url", "error", "status_url", "created_at"]
+
+    def get_status_url(self, deployment):
+        return self.context["request"].build_absolute_uri(f"/api/deployments/{deployment.public_id}")
+
+
+class DeploymentDetailSerializer(DeploymentSerializer):
+    events = EventSerializer(many=True)
+
+    class Meta(DeploymentSerializer.Meta):
+        fields = DeploymentSerializer.Meta.fields + ["signature", "example_request", "model_sha256", "events"]
+
+
+class TokenView(ObtainAuthToken):
+    """POST username and password (form or JSON) -> {"token": "..."}."""
+
+    def post(self, request, *args, **kwargs):
+        serializer = self.serializer_class(data=request.data, context={"request": request})
+        if not serializer.is_valid():
+            return Response(
+                {"error": "Unable to sign in with that username and password."}, status=status.HTTP_400_BAD_REQUEST
+            )
+        return super().post(request, *args, **kwargs)
+
+
+obtain_token = TokenView.as_view()
+
+
+class DeployView(APIView):
+    def post(self, request):
+        form = bound_form(request._request)
+        if not form.is_valid():
+            errors = {field: [str(e) for e in errs] for field, errs in form.errors.items()}
+            first = next(iter(errors.values()))[0]
+            return Response({"error": first, "fields": errors}, status=status.HTTP_400_BAD_REQUEST)
+        deployment = services.deployment_create(
+            owner=request.user,
+            name=form.deployment_name(),
+            target=form.cleaned_data["target"],
+            model_format=form.model_format,
+            model_upload=form.cleaned_data["model_file"],
+            requirements_upload=form.cleaned_data["requirements_file"],
+        )
+        return Response(DeploymentSerializer(deployment, context={"request": request}).data, status=202)
+
+
+class DeploymentListView(APIView):
+    def get(self, request):
+        deployments = request.user.deployments.all()
+        return Response(DeploymentSerializer(deployments, many=True, context={"request": request}).data)
+
+
+class DeploymentDetailView(APIView):
+    def get_object(self, request, public_id) -> Deployment:
+        return get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+
+    def get(self, request, public_id):
+        deployment = self.get_object(request, public_id)
+        return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)
+
+    def delete(self, request, public_id):
+        deployment = self.get_object(request, public_id)
+        if deployment.status in (Deployment.Status.QUEUED, Deployment.Status.DEPLOYING):
+            return Response(
+                {"error": "This deployment is still deploying; stop it once it is ready or failed."},
+                status=status.HTTP_409_CONFLICT,
+            )
+        if deployment.status != Deployment.Status.STOPPED:
+            services.deployment_stop(deployment=deployment)
+        return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)

@@ -1,0 +1,150 @@
+"""Model environments: one virtual environment per distinct requirements.
+
+An environment is keyed by the normalised requirements, the Python version
+and the platform, built once with uv from binary wheels only (so no sdist's
+setup.py ever runs on this host), and then reused by every deployment with the
+same key. ServeML's own packages never enter it: the model's requirements.txt
+alone decides its scikit-learn.
+"""
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from functools import lru_cache
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from deployments.requirements import Requirements
+
+COMPLETE_MARKER = ".serveml-complete"
+
+
+class EnvironmentBuildError(RuntimeError):
+    """The environment could not be built; the message is for the user."""
+
+
+@dataclass
+class Environment:
+    key: str
+    path: Path
+    reused: bool
+    seconds: float = 0.0
+    log: str = ""
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+
+@lru_cache(maxsize=4)
+def _python_tag(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True, text=True, check=True,
+    )
+    return out.stdout.strip()
+
+
+def python_tag() -> str:
+    return _python_tag(settings.SERVEML_ENV_PYTHON)
+
+
+def environment_key(requirements: Requirements) -> str:
+    interpreter = os.path.realpath(settings.SERVEML_ENV_PYTHON)
+    ident = "\n".join([requirements.normalised(), python_tag(), interpreter, sys.platform, platform.machine()])
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def envs_dir() -> Path:
+    path = settings.DATA_DIR / "envs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def uv_binary() -> str:
+    candidate = Path(sys.executable).parent / "uv"
+    return str(candidate) if candidate.exists() else (shutil.which("uv") or "uv")
+
+
+def ensure_environment(requirements: Requirements) -> Environment:
+    """Return the environment for these requirements, building it if it does not exist yet."""
+    key = environment_key(requirements)
+    path = envs_dir() / key
+    if (path / COMPLETE_MARKER).exists():
+        return Environment(key=key, path=path, reused=True)
+    # Two workers may want the same new environment: one builds, the other waits and reuses.
+    with open(envs_dir() / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / COMPLETE_MARKER).exists():
+            return Environment(key=key, path=path, reused=True)
+        started = time.monotonic()
+        staging = envs_dir() / f".{key}.{uuid.uuid4().hex[:8]}"
+        try:
+            log = _build(staging, requirements)
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        (path / COMPLETE_MARKER).write_text(requirements.normalised())
+        return Environment(key=key, path=path, reused=False, seconds=time.monotonic() - started, log=log)
+
+
+def _build(staging: Path, requirements: Requirements) -> str:
+    uv = uv_binary()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", str(Path.home() / ".cache" / "uv")),
+        "UV_NO_CONFIG": "1",
+    }
+    if settings.SERVEML_PACKAGE_INDEX_URL:
+        env["UV_DEFAULT_INDEX"] = settings.SERVEML_PACKAGE_INDEX_URL
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    commands = [
+        [uv, "venv", "--quiet", "--relocatable", "--python", settings.SERVEML_ENV_PYTHON, str(staging)],
+        [
+            uv, "pip", "install", "--python", str(staging / "bin" / "python"),
+            "--only-binary", ":all:", "--no-progress", "-r", str(staging / "requirements.txt"),
+        ],
+    ]
+    logs = []
+    for number, command in enumerate(commands):
+        if number == 1:
+            (staging / "requirements.txt").write_text(requirements.normalised())
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            raise EnvironmentBuildError(
+                f"Installing the requirements took longer than {settings.SERVEML_ENV_INSTALL_TIMEOUT_S} s. "
+                "Try again later; if it keeps happening, ask an operator to check the package index."
+            ) from None
+        logs.append((done.stdout + done.stderr).strip())
+        if done.returncode != 0:
+            raise EnvironmentBuildError(_explain_install_failure(done.stderr))
+    return "\n".join(line for line in logs if line)
+
+
+def _explain_install_failure(stderr: str) -> str:
+    detail = "\n".join(stderr.strip().splitlines()[-12:])
+    hint = ""
+    if "no wheels" in stderr.lower() or "only-binary" in stderr.lower() or "has no wheel" in stderr.lower():
+        hint = (
+            " One of the pinned versions has no binary wheel for this platform, and ServeML never builds "
+            "packages from source. Pin a version that publishes wheels for Python "
+            f"{python_tag()} on Linux."
+        )
+    elif "not found" in stderr.lower() or "no solution" in stderr.lower() or "unsatisfiable" in stderr.lower():
+        hint = " Check the package names and versions in requirements.txt: the index has no match for them."
+    return f"Installing requirements.txt failed.{hint}\n{detail}"

@@ -1,0 +1,98 @@
+from django import forms
+from django.conf import settings
+from django.contrib.auth.forms import UserCreationForm
+
+from deployments.inspection import InspectionError, scan_model_file, sniff_format
+from deployments.models import Deployment
+from deployments.services import display_name
+from deployments.requirements import RequirementsError, parse_requirements
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1024**2:g} MB"
+
+
+class DeploymentForm(forms.Form):
+    """The upload, checked before anything is stored: a refused upload leaves nothing behind."""
+
+    model_file = forms.FileField(
+        label="Model file",
+        help_text="model.pkl from pickle.dump, a joblib.dump file, or a .skops file (the safest format).",
+    )
+    requirements_file = forms.FileField(
+        label="requirements.txt",
+        help_text="One package per line, pinned: scikit-learn==1.5.2. No options, URLs or paths.",
+    )
+    name = forms.CharField(max_length=100, required=False, help_text="Optional; defaults to the model's file name.")
+    target = forms.ChoiceField(choices=Deployment.Target.choices, initial=Deployment.Target.LOCAL, required=False)
+
+    def __init__(self, *args, oversized: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.oversized = oversized or {}
+        self.model_format = Deployment.Format.PICKLE
+
+    def full_clean(self):
+        super().full_clean()
+        # A file over the limit was dropped while streaming; say so instead of "required".
+        for field, limit in self.oversized.items():
+            if field in self.fields:
+                self._errors[field] = self.error_class(
+                    [f"This file is larger than the {_megabytes(limit)} limit. Upload a smaller file "
+                     "(an operator can raise SERVEML_MAX_UPLOAD_BYTES)."]
+                )
+                self.cleaned_data.pop(field, None)
+
+    def clean_model_file(self):
+        upload = self.cleaned_data["model_file"]
+        if upload.size == 0:
+            raise forms.ValidationError("The model file is empty. Upload the file your training code saved.")
+        try:
+            self.model_format = sniff_format(upload.read(16))
+            upload.seek(0)
+            # Structure only (complete, well-formed, no hidden trailing payload);
+            # the allowlist and versions are checked by the pipeline's inspect stage.
+            self.model_format = scan_model_file(upload).format
+        except InspectionError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        finally:
+            upload.seek(0)
+        return upload
+
+    def clean_requirements_file(self):
+        upload = self.cleaned_data["requirements_file"]
+        raw = upload.read()
+        upload.seek(0)
+        if not raw.strip():
+            raise forms.ValidationError(
+                "requirements.txt is empty. List what the model needs, at least scikit-learn==<version>."
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise forms.ValidationError("requirements.txt is not UTF-8 text. Upload the plain text file.") from None
+        try:
+            parse_requirements(text, allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+        except RequirementsError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return upload
+
+    def clean_target(self):
+        target = self.cleaned_data.get("target") or Deployment.Target.LOCAL
+        if target == Deployment.Target.AWS:
+            raise forms.ValidationError(
+                "The aws target is not available on this ServeML yet. Deploy to the local target; "
+                "AWS Lambda deployments are coming (see the README)."
+            )
+        return target
+
+    def clean_name(self):
+        return self.cleaned_data.get("name", "").strip()
+
+    def deployment_name(self) -> str:
+        if self.cleaned_data.get("name"):
+            return self.cleaned_data["name"]
+        return display_name(self.cleaned_data["model_file"].name).rsplit(".", 1)[0][:100] or "model"
+
+
+class SignUpForm(UserCreationForm):
+    pass

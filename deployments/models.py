@@ -1,0 +1,127 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+
+
+def upload_path(deployment: "Deployment", kind: str) -> str:
+    # Server-generated names only: the client's file name is never a path.
+    return f"deployments/{deployment.public_id}/{kind}"
+
+
+MODEL_EXTENSIONS = {"pickle": "pkl", "joblib": "joblib", "skops": "skops"}
+
+
+def model_upload_to(instance: "Deployment", filename: str) -> str:
+    return upload_path(instance, instance.model_basename())
+
+
+def requirements_upload_to(instance: "Deployment", filename: str) -> str:
+    return upload_path(instance, "requirements.txt")
+
+
+class Deployment(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        DEPLOYING = "deploying", "Deploying"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+        STOPPED = "stopped", "Stopped"
+
+    class Stage(models.TextChoices):
+        INSPECT = "inspect", "Inspect"
+        ENVIRONMENT = "environment", "Environment"
+        VALIDATE = "validate", "Validate"
+        PACKAGE = "package", "Package"
+        BUILD = "build", "Build"
+        PUSH = "push", "Push"
+        PROVISION = "provision", "Provision"
+        VERIFY = "verify", "Verify"
+
+    class Target(models.TextChoices):
+        LOCAL = "local", "Local (this host)"
+        AWS = "aws", "AWS Lambda"
+
+    class Format(models.TextChoices):
+        PICKLE = "pickle", "pickle"
+        JOBLIB = "joblib", "joblib"
+        SKOPS = "skops", "skops"
+
+    TERMINAL = (Status.READY, Status.FAILED, Status.STOPPED)
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="deployments")
+    name = models.CharField(max_length=100)
+    target = models.CharField(max_length=10, choices=Target.choices, default=Target.LOCAL)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    stage = models.CharField(max_length=12, choices=Stage.choices, blank=True)
+    error = models.TextField(blank=True)
+
+    model_file = models.FileField(upload_to=model_upload_to, max_length=255)
+    model_filename = models.CharField(max_length=255, help_text="As uploaded; shown, never used as a path.")
+    model_format = models.CharField(max_length=10, choices=Format.choices, default=Format.PICKLE)
+    model_sha256 = models.CharField(max_length=64)
+    requirements_file = models.FileField(upload_to=requirements_upload_to, max_length=255)
+    requirements_filename = models.CharField(max_length=255)
+
+    environment_key = models.CharField(max_length=64, blank=True)
+    # What the pipeline learnt about the model (see pipeline.stages.validate).
+    signature = models.JSONField(default=dict, blank=True)
+    example_request = models.JSONField(null=True, blank=True)
+    example_response = models.JSONField(null=True, blank=True)
+    artifact = models.CharField(max_length=255, blank=True, help_text="Build context in storage.")
+    endpoint_url = models.URLField(max_length=500, blank=True)
+
+    # Cloud resources the deployment owns (aws target).
+    image_uri = models.CharField(max_length=500, blank=True)
+    function_arn = models.CharField(max_length=500, blank=True)
+    api_id = models.CharField(max_length=100, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.public_id})"
+
+    def get_absolute_url(self):
+        return reverse("deployment-detail", args=[self.public_id])
+
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    def can_stop(self) -> bool:
+        return self.status in (self.Status.READY, self.Status.FAILED)
+
+    def model_basename(self) -> str:
+        return f"model.{MODEL_EXTENSIONS[self.model_format]}"
+
+    @property
+    def model_type(self) -> str:
+        return self.signature.get("model_type", "")
+
+
+class DeploymentEvent(models.Model):
+    class Level(models.TextChoices):
+        INFO = "info", "info"
+        WARNING = "warning", "warning"
+        ERROR = "error", "error"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="events")
+    stage = models.CharField(max_length=12, blank=True)
+    level = models.CharField(max_length=10, choices=Level.choices, default=Level.INFO)
+    message = models.TextField()
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self):
+        return f"[{self.stage or '-'}] {self.message[:60]}"

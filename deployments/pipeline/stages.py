@@ -1,0 +1,276 @@
+"""The stages every target shares. Each returns a one-line summary for the event log."""
+
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import httpx
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from jinja2 import Environment as Jinja, FileSystemLoader, StrictUndefined
+from packaging.version import Version
+
+from deployments import buildkit, services
+from deployments.allowlist import disallowed
+from deployments.environments import EnvironmentBuildError, ensure_environment, envs_dir
+from deployments.inspection import InspectionError, ScanResult, scan_model_file
+from deployments.models import Deployment
+from deployments.pipeline.errors import StageError
+from deployments.requirements import Requirements, RequirementsError, parse_requirements
+from deployments.sandbox import run_sandboxed
+
+jinja = Jinja(loader=FileSystemLoader(buildkit.TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
+
+
+def build_dir(deployment: Deployment) -> Path:
+    return settings.DATA_DIR / "builds" / str(deployment.public_id)
+
+
+def requirements_of(deployment: Deployment) -> Requirements:
+    with deployment.requirements_file.open("rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    try:
+        return parse_requirements(text, allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+    except RequirementsError as exc:
+        raise StageError(f"requirements.txt: {exc}") from None
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def inspect(deployment: Deployment) -> str:
+    try:
+        with deployment.model_file.open("rb") as handle:
+            scan = scan_model_file(handle)
+    except InspectionError as exc:
+        raise StageError(str(exc)) from None
+    refused = disallowed(scan.globals)
+    if refused:
+        names = ", ".join(str(g) for g in refused[:20])
+        raise StageError(
+            f"The model file would import {len(refused)} name(s) that are not on ServeML's allowlist of what "
+            f"scikit-learn models need: {names}. Such imports can run arbitrary code, so ServeML refuses the file. "
+            "If your model really needs them (your own transformer class, xgboost, lightgbm…), ask an operator "
+            "to add them to SERVEML_EXTRA_ALLOWED_GLOBALS."
+        )
+    requirements = requirements_of(deployment)
+    warning = check_versions(scan, requirements)
+    if warning:
+        services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.INSPECT,
+                                         message=warning, level="warning")
+    services.deployment_update(
+        deployment=deployment,
+        model_format=scan.format,
+        signature={**deployment.signature, "pickled_sklearn_version": scan.sklearn_version},
+    )
+    saved = f"saved with scikit-learn {scan.sklearn_version}" if scan.sklearn_version else "no scikit-learn version recorded"
+    return (
+        f"{scan.format} file{f' ({scan.compression})' if scan.compression else ''}: "
+        f"{len(scan.globals)} imported names, all on the allowlist; {saved}; "
+        f"{len(requirements.items)} requirement(s) accepted"
+    )
+
+
+def check_versions(scan: ScanResult, requirements: Requirements) -> str:
+    """Raise StageError when the pins cannot load the model; return a warning text or ''."""
+    saved = scan.sklearn_version
+    pin = requirements.get("scikit-learn")
+    if pin is None:
+        need = f"scikit-learn=={saved}" if saved else "scikit-learn==<the version you trained with>"
+        raise StageError(f"requirements.txt does not list scikit-learn, which the model needs to load: add {need}.")
+    warning = ""
+    if saved and pin.version is None:
+        warning = (
+            f"scikit-learn is not pinned, so the newest release will be installed, but the model was saved with "
+            f"{saved}. Pin scikit-learn=={saved} to get exactly the model you trained."
+        )
+    elif saved and pin.version:
+        pinned, trained = Version(pin.version), Version(saved)
+        if (pinned.major, pinned.minor) != (trained.major, trained.minor):
+            raise StageError(
+                f"requirements pin scikit-learn {pin.version} but the model was saved with {saved}. "
+                f"Pin scikit-learn=={saved} (or any {trained.major}.{trained.minor}.x release), "
+                "or save the model again with the version you pin."
+            )
+        if pinned != trained:
+            warning = f"requirements pin scikit-learn {pin.version}, the model was saved with {saved}: same minor release, usually compatible."
+    numpy_pin = requirements.get("numpy")
+    if scan.uses_numpy2_layout and numpy_pin and numpy_pin.version and Version(numpy_pin.version).major < 2:
+        raise StageError(
+            f"the model was saved with numpy 2 (it refers to numpy._core) but requirements pin numpy "
+            f"{numpy_pin.version}, which cannot load it (No module named 'numpy._core'). "
+            "Pin numpy 2 (numpy==2.x) or save the model again with numpy 1."
+        )
+    return warning
+
+
+# ------------------------------------------------------------------ environment
+
+
+def environment(deployment: Deployment) -> str:
+    try:
+        env = ensure_environment(requirements_of(deployment))
+    except EnvironmentBuildError as exc:
+        raise StageError(str(exc)) from None
+    services.deployment_update(deployment=deployment, environment_key=env.key)
+    if env.reused:
+        return f"reused environment {env.key[:12]} (same requirements as an earlier deployment: nothing installed)"
+    return f"built environment {env.key[:12]} with uv from binary wheels in {env.seconds:.1f} s"
+
+
+def environment_python(deployment: Deployment) -> Path:
+    return envs_dir() / deployment.environment_key / "bin" / "python"
+
+
+# ------------------------------------------------------------------ validate
+
+
+def local_model_path(deployment: Deployment) -> Path:
+    """A local, read-only copy of the model file (storage may be S3)."""
+    try:
+        return Path(deployment.model_file.path)
+    except NotImplementedError:
+        target = settings.DATA_DIR / "cache" / str(deployment.public_id) / deployment.model_basename()
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with deployment.model_file.open("rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            target.chmod(0o444)
+        return target
+
+
+def validate(deployment: Deployment) -> str:
+    python = environment_python(deployment)
+    model_path = local_model_path(deployment)
+    result = run_sandboxed(
+        [str(python), "-I", "-B", str(buildkit.PROBE), str(model_path), deployment.model_format],
+        readable=[python, buildkit.PROBE, model_path],
+        memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES,
+        cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS,
+        wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS,
+    )
+    services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.VALIDATE,
+                                     message=f"sandbox {result.isolation.describe()}")
+    if result.timed_out:
+        raise StageError(
+            f"Loading and testing the model took longer than {settings.SERVEML_SANDBOX_WALL_SECONDS} s, "
+            "so the sandbox stopped it. A model that loads this slowly cannot serve predictions."
+        )
+    try:
+        report = json.loads(result.stdout.decode() or "{}")
+    except ValueError:
+        report = {}
+    if not report:
+        tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        if result.returncode and result.returncode < 0:
+            reason = f"it was killed by signal {-result.returncode} (CPU or memory limit)"
+        elif "MemoryError" in "".join(tail):
+            reason = f"it ran out of its {settings.SERVEML_SANDBOX_MEMORY_BYTES // 1024**2} MiB memory limit"
+        else:
+            reason = "it exited with code %s: %s" % (result.returncode, " ".join(tail)[-400:])
+        raise StageError(f"Loading the model in its sandbox failed: {reason}.")
+    if "error" in report:
+        if report.get("signature"):
+            services.deployment_update(deployment=deployment, signature={**deployment.signature, **report["signature"]})
+        raise StageError(report["error"])
+    signature = {**deployment.signature, **report["signature"]}
+    outputs = report["outputs"]
+    services.deployment_update(
+        deployment=deployment,
+        signature={**signature, "example_outputs": outputs},
+        example_request={"data": report["example"]},
+        example_response={"prediction": outputs["predict"], "model_type": signature["model_type"]},
+    )
+    features = (
+        f"{len(signature['feature_names_in'])} named features" if signature.get("feature_names_in")
+        else f"{signature['n_features_in']} features" if signature.get("n_features_in") else "text input"
+    )
+    return (
+        f"{signature['model_type']} loaded with scikit-learn {signature['sklearn_version']}: {features}, "
+        f"methods {', '.join(signature['methods'])}; example prediction {json.dumps(outputs['predict'])}"
+    )
+
+
+# ------------------------------------------------------------------ package
+
+
+def render_context(deployment: Deployment, directory: Path, *, base_image: str = "") -> list[str]:
+    """Write the build context (handler.py, Dockerfile, model, requirements) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    values = {
+        "deployment_id": str(deployment.public_id),
+        "name": deployment.name.replace("\n", " ")[:100],
+        "model_filename": deployment.model_basename(),
+        "model_format": deployment.model_format,
+        "base_image": base_image or getattr(settings, "SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11"),
+    }
+    (directory / "handler.py").write_text(jinja.get_template("handler.py.j2").render(values))
+    (directory / "Dockerfile").write_text(jinja.get_template("Dockerfile.j2").render(values))
+    with deployment.model_file.open("rb") as src, open(directory / values["model_filename"], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (directory / "requirements.txt").write_text(requirements_of(deployment).normalised())
+    return ["handler.py", "Dockerfile", values["model_filename"], "requirements.txt"]
+
+
+def package(deployment: Deployment) -> str:
+    directory = build_dir(deployment)
+    shutil.rmtree(directory, ignore_errors=True)
+    names = render_context(deployment, directory)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in names:
+            archive.add(directory / name, arcname=name)
+    artifact = f"deployments/{deployment.public_id}/build-context.tar.gz"
+    if default_storage.exists(artifact):
+        default_storage.delete(artifact)
+    default_storage.save(artifact, ContentFile(buffer.getvalue()))
+    services.deployment_update(deployment=deployment, artifact=artifact)
+    return f"build context ({', '.join(names)}; {len(buffer.getvalue()) // 1024 + 1} KB) stored as {artifact}"
+
+
+def restore_context(deployment: Deployment) -> Path:
+    """The build context on local disk, unpacked from storage when this host lacks it."""
+    directory = build_dir(deployment)
+    if not (directory / "handler.py").exists() and deployment.artifact:
+        directory.mkdir(parents=True, exist_ok=True)
+        with default_storage.open(deployment.artifact, "rb") as handle:
+            with tarfile.open(fileobj=handle, mode="r:gz") as archive:
+                archive.extractall(directory, filter="data")
+    return directory
+
+
+# ------------------------------------------------------------------ verify
+
+
+def same_prediction(expected, actual) -> bool:
+    if isinstance(expected, list) and isinstance(actual, list):
+        return len(expected) == len(actual) and all(same_prediction(e, a) for e, a in zip(expected, actual))
+    if isinstance(expected, float) or isinstance(actual, float):
+        try:
+            return math.isclose(float(expected), float(actual), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    return expected == actual
+
+
+def verify(deployment: Deployment) -> str:
+    try:
+        response = httpx.post(deployment.endpoint_url, json=deployment.example_request, timeout=60)
+    except httpx.HTTPError as exc:
+        raise StageError(f"The endpoint {deployment.endpoint_url} did not answer: {exc}.") from None
+    if response.status_code != 200:
+        raise StageError(
+            f"The endpoint answered {response.status_code} to the example request: {response.text[:300]}"
+        )
+    answer = response.json()
+    expected = deployment.example_response["prediction"]
+    if not same_prediction(expected, answer.get("prediction")):
+        raise StageError(
+            f"The endpoint predicted {answer.get('prediction')!r} for the example input, but the model "
+            f"itself predicted {expected!r} during validation."
+        )
+    return f"endpoint answered the example request with the validated prediction {json.dumps(expected)}"

@@ -1,0 +1,38 @@
+"""How the worker and the web process talk to the local runtime."""
+
+import httpx
+from django.conf import settings
+
+
+class RuntimeUnavailable(Exception):
+    pass
+
+
+def endpoint_url(public_id) -> str:
+    return f"{settings.SERVEML_RUNTIME_URL}/predict/{public_id}"
+
+
+def _control(action: str, public_id, timeout: float) -> httpx.Response:
+    try:
+        return httpx.post(
+            f"{settings.SERVEML_RUNTIME_URL}/{action}/{public_id}",
+            headers={"Authorization": f"Bearer {settings.SERVEML_RUNTIME_TOKEN}"},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise RuntimeUnavailable(
+            f"the ServeML runtime at {settings.SERVEML_RUNTIME_URL} did not answer ({exc}). "
+            "Start it with `make run` (or `manage.py runtime`) and redeploy."
+        ) from None
+
+
+def load(public_id) -> dict:
+    """Start the deployment's model processes and wait until the model is loaded."""
+    response = _control("_load", public_id, timeout=settings.SERVEML_SANDBOX_WALL_SECONDS + 30)
+    if response.status_code != 200:
+        raise RuntimeUnavailable(f"the runtime could not load the model: {response.json().get('error', response.text)}")
+    return response.json()
+
+
+def unload(public_id) -> None:
+    _control("_unload", public_id, timeout=30)

@@ -1,0 +1,340 @@
+"""The local runtime: an ASGI app that answers prediction URLs.
+
+Each deployment gets a pool of long-lived model processes (model_server.py,
+run by the deployment's environment interpreter inside the sandbox) that are
+started once and then fed requests over pipes: no process is started per
+request, and the request body reaches the handler exactly as the client sent
+it. A process that crashes is replaced on the next request; a deployment that
+stops being servable is unloaded by a periodic sweep, so a stopped URL
+answers 404 even when the worker could not reach the runtime.
+"""
+
+import asyncio
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+from deployments import buildkit
+from deployments.sandbox import isolation_for, kill_group, private_workdir, sandbox_popen_kwargs
+
+log = logging.getLogger("serveml.runtime")
+MAX_BODY = 10 * 1024 * 1024
+JSON = [(b"content-type", b"application/json")]
+
+
+class ModelUnavailable(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where a servable deployment's pieces live on this host."""
+
+    deployment_id: str
+    python: Path
+    build_dir: Path
+    model_path: Path
+
+
+def lookup(deployment_id: str) -> Spec | None:
+    """Read a servable deployment from the database (runs in a thread)."""
+    from deployments.models import Deployment
+    from deployments.pipeline.stages import environment_python, restore_context
+
+    close_old_connections()
+    servable = [Deployment.Status.READY, Deployment.Status.DEPLOYING]
+    deployment = Deployment.objects.filter(
+        public_id=deployment_id, status__in=servable, target=Deployment.Target.LOCAL
+    ).exclude(environment_key="").exclude(artifact="").first()
+    if deployment is None:
+        return None
+    build_dir = restore_context(deployment)
+    return Spec(deployment_id, environment_python(deployment), build_dir, build_dir / deployment.model_basename())
+
+
+def servable_ids(ids: list[str]) -> set[str]:
+    from deployments.models import Deployment
+
+    close_old_connections()
+    rows = Deployment.objects.filter(
+        public_id__in=ids, status__in=[Deployment.Status.READY, Deployment.Status.DEPLOYING]
+    ).values_list("public_id", flat=True)
+    return {str(row) for row in rows}
+
+
+class ModelProcess:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.workdir: Path | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        iso = isolation_for(
+            readable=[self.spec.python, buildkit.MODEL_SERVER, self.spec.model_path],
+            memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
+            cpu_seconds=None,  # long-lived: a per-request wall-clock limit applies instead
+        )
+        self.workdir = private_workdir(iso)
+        logs = settings.DATA_DIR / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
+            self.proc = await asyncio.create_subprocess_exec(
+                *iso.prefix, str(self.spec.python), "-I", "-B", str(buildkit.MODEL_SERVER), str(self.spec.build_dir),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                limit=2 * MAX_BODY,
+                **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
+            )
+        try:
+            status, body = await asyncio.wait_for(self._read(), timeout=settings.SERVEML_SANDBOX_WALL_SECONDS)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            code = self.stop()
+            raise ModelUnavailable(503, f"the model process did not start (exit code {code})") from None
+        if status != 200:
+            self.stop()
+            raise ModelUnavailable(503, body.decode(errors="replace"))
+        log.info("model process %s started for %s (%s)", self.proc.pid, self.spec.deployment_id, iso.describe())
+
+    async def _read(self) -> tuple[int, bytes]:
+        size, status = struct.unpack(">IH", await self.proc.stdout.readexactly(6))
+        return status, await self.proc.stdout.readexactly(size)
+
+    async def call(self, body: bytes) -> tuple[int, bytes]:
+        self.proc.stdin.write(struct.pack(">I", len(body)) + body)
+        await self.proc.stdin.drain()
+        return await self._read()
+
+    def stop(self) -> int | None:
+        if self.proc is not None and self.proc.returncode is None:
+            kill_group(self.proc)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.proc.returncode if self.proc else None
+
+
+class ModelPool:
+    """The processes serving one deployment; grows to max_size while requests wait."""
+
+    def __init__(self, spec: Spec, max_size: int):
+        self.spec = spec
+        self.max_size = max_size
+        self.processes: list[ModelProcess] = []
+        self.free: asyncio.Queue[ModelProcess] = asyncio.Queue()
+        self.starting = 0
+        self.last_used = time.monotonic()
+
+    async def add_process(self) -> None:
+        self.starting += 1
+        try:
+            process = ModelProcess(self.spec)
+            await process.start()
+            self.processes.append(process)
+            self.free.put_nowait(process)
+        finally:
+            self.starting -= 1
+
+    async def warm(self) -> None:
+        if not self.processes:
+            await self.add_process()
+
+    def _grow_in_background(self) -> None:
+        if self.free.empty() and len(self.processes) + self.starting < self.max_size:
+            task = asyncio.get_running_loop().create_task(self.add_process())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def predict(self, body: bytes) -> tuple[int, bytes]:
+        self.last_used = time.monotonic()
+        if not self.processes and not self.starting:
+            await self.add_process()
+        self._grow_in_background()
+        process = await self.free.get()
+        try:
+            if not process.alive:
+                # It crashed or timed out on an earlier request: restart it for this one.
+                process.stop()
+                await process.start()
+            return await asyncio.wait_for(process.call(body), timeout=settings.SERVEML_PREDICT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            process.stop()
+            raise ModelUnavailable(
+                504, f"the model took longer than {settings.SERVEML_PREDICT_TIMEOUT_S:g} s to answer; "
+                "its process is restarted on the next request"
+            ) from None
+        except (asyncio.IncompleteReadError, BrokenPipeError, ConnectionResetError):
+            code = process.stop()
+            raise ModelUnavailable(
+                502, f"the model process crashed while answering (exit code {code}); it is restarted on the next request"
+            ) from None
+        finally:
+            self.free.put_nowait(process)
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stop()
+        self.processes.clear()
+
+
+class Runtime:
+    """The ASGI application."""
+
+    def __init__(self, max_processes: int | None = None, sweep_seconds: float = 2.0):
+        self.pools: dict[str, ModelPool] = {}
+        self.loading: dict[str, asyncio.Lock] = {}
+        self.max_processes = max_processes or max(1, os.cpu_count() or 1)
+        self.sweep_seconds = sweep_seconds
+        self.token = settings.SERVEML_RUNTIME_TOKEN.encode()
+
+    async def pool_for(self, deployment_id: str) -> ModelPool | None:
+        pool = self.pools.get(deployment_id)
+        if pool is not None:
+            return pool
+        lock = self.loading.setdefault(deployment_id, asyncio.Lock())
+        async with lock:
+            if deployment_id in self.pools:
+                return self.pools[deployment_id]
+            spec = await sync_to_async(lookup)(deployment_id)
+            if spec is None:
+                return None
+            pool = ModelPool(spec, self.max_processes)
+            await pool.warm()
+            self.pools[deployment_id] = pool
+            return pool
+
+    def unload(self, deployment_id: str) -> bool:
+        pool = self.pools.pop(deployment_id, None)
+        if pool:
+            pool.close()
+        return pool is not None
+
+    async def sweep(self) -> None:
+        """Unload deployments that were stopped while the runtime was not told."""
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            if not self.pools:
+                continue
+            try:
+                keep = await sync_to_async(servable_ids)(list(self.pools))
+            except Exception:
+                log.exception("sweep failed")
+                continue
+            for deployment_id in list(self.pools):
+                if deployment_id not in keep:
+                    log.info("unloading %s: no longer servable", deployment_id)
+                    self.unload(deployment_id)
+
+    # ------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        parts = path.strip("/").split("/")
+        if path == "/health":
+            return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
+        if len(parts) != 2 or not _is_uuid(parts[1]):
+            return await respond(send, 404, _error("no deployment answers at this URL"))
+        if parts[0] == "predict":
+            if method != "POST":
+                return await respond(send, 405, _error("send predictions with POST and a JSON body"))
+            return await self.predict(parts[1], receive, send)
+        if parts[0] in ("_load", "_unload") and method == "POST":
+            return await self.control(parts[0], parts[1], scope, send)
+        return await respond(send, 404, _error("no deployment answers at this URL"))
+
+    async def predict(self, deployment_id: str, receive, send):
+        body = await read_body(receive)
+        if body is None:
+            return await respond(send, 413, _error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
+        try:
+            pool = await self.pool_for(deployment_id)
+            if pool is None:
+                return await respond(
+                    send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
+                )
+            status, answer = await pool.predict(body)
+        except ModelUnavailable as exc:
+            return await respond(send, exc.status, _error(exc.message))
+        await respond(send, status, answer)
+
+    async def control(self, action: str, deployment_id: str, scope, send):
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        import hmac
+
+        if not hmac.compare_digest(auth, b"Bearer " + self.token):
+            return await respond(send, 403, _error("bad runtime token"))
+        if action == "_unload":
+            return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
+        try:
+            pool = await self.pool_for(deployment_id)
+        except ModelUnavailable as exc:
+            return await respond(send, exc.status, _error(exc.message))
+        if pool is None:
+            return await respond(send, 404, _error("the deployment is not ready to be served"))
+        return await respond(send, 200, orjson.dumps({"loaded": deployment_id, "processes": len(pool.processes)}))
+
+    async def lifespan(self, receive, send):
+        sweeper = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                sweeper = asyncio.get_running_loop().create_task(self.sweep())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if sweeper:
+                    sweeper.cancel()
+                for deployment_id in list(self.pools):
+                    self.unload(deployment_id)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+async def read_body(receive) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(send, status: int, body: bytes) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": JSON + [(b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

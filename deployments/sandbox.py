@@ -1,0 +1,172 @@
+"""Run untrusted model code in a separate, restricted process.
+
+Every process that unpickles a user's model (the validate probe and the
+runtime's model processes) is started through `sandboxed_command` and
+`sandbox_popen_kwargs`:
+
+- no network: a fresh network namespace (`unshare --net`) when we are root;
+- an unprivileged user (`setpriv` to nobody) when we are root and that user
+  can read the interpreter and the model;
+- address-space (memory) and CPU-time limits (setrlimit), and a wall-clock
+  limit enforced by the caller;
+- a scrubbed environment: no AWS keys, Django secret or database URL, only
+  what Python needs, and a private temporary working directory.
+
+`Isolation.describe()` says which of these applied, for the event log.
+"""
+
+import os
+import pwd
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SANDBOX_USER = "nobody"
+# Passed through because some CPUs need them for OpenBLAS to compute correctly.
+PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LANG", "TZ")
+
+
+@dataclass
+class Isolation:
+    prefix: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    uid: int | None = None
+    gid: int | None = None
+
+    def describe(self) -> str:
+        text = "isolation: " + ", ".join(self.applied)
+        if self.missing:
+            text += "; not applied: " + ", ".join(self.missing)
+        return text
+
+
+def _readable_by_others(path: Path) -> bool:
+    """True when an unprivileged user can reach and read `path`."""
+    path = path.resolve()
+    for parent in path.parents:
+        if not os.stat(parent).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+def isolation_for(*, readable: list[Path], memory_bytes: int, cpu_seconds: int | None) -> Isolation:
+    iso = Isolation()
+    is_root = os.geteuid() == 0
+    if is_root and shutil.which("unshare"):
+        iso.prefix += ["unshare", "--net", "--"]
+        iso.applied.append("no network (unshare --net)")
+    else:
+        iso.missing.append("network namespace (needs root and unshare)")
+    if is_root and shutil.which("setpriv"):
+        try:
+            user = pwd.getpwnam(SANDBOX_USER)
+        except KeyError:
+            user = None
+        unreadable = [str(p) for p in readable if not _readable_by_others(p)]
+        if user and not unreadable:
+            iso.uid, iso.gid = user.pw_uid, user.pw_gid
+            iso.prefix += [
+                "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                "--inh-caps=-all", "--",
+            ]
+            iso.applied.append(f"unprivileged user ({SANDBOX_USER})")
+        else:
+            reason = f"{', '.join(unreadable)} not readable by {SANDBOX_USER}" if user else f"no user {SANDBOX_USER}"
+            iso.missing.append(f"unprivileged user ({reason})")
+    else:
+        iso.missing.append("unprivileged user (needs root and setpriv)")
+    iso.applied.append(f"memory limit {memory_bytes // 1024**2} MiB")
+    if cpu_seconds:
+        iso.applied.append(f"CPU limit {cpu_seconds} s")
+    iso.applied.append("scrubbed environment, private temporary directory")
+    return iso
+
+
+def scrubbed_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+        # One thread per process: the runtime scales with processes, not threads.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ})
+    env.update(extra or {})
+    return env
+
+
+def private_workdir(iso: Isolation) -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix="serveml-sandbox-"))
+    if iso.uid is not None:
+        os.chown(workdir, iso.uid, iso.gid)
+    return workdir
+
+
+def _limits(memory_bytes: int, cpu_seconds: int | None):
+    def apply():
+        os.setsid()  # own process group, so a timeout kills everything it started
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        if cpu_seconds:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def sandbox_popen_kwargs(iso: Isolation, workdir: Path, memory_bytes: int, cpu_seconds: int | None, env=None):
+    return {
+        "cwd": workdir,
+        "env": scrubbed_env(workdir, env),
+        "preexec_fn": _limits(memory_bytes, cpu_seconds),
+        "close_fds": True,
+    }
+
+
+@dataclass
+class SandboxResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    isolation: Isolation
+
+
+def run_sandboxed(
+    argv: list[str], *, readable: list[Path], memory_bytes: int, cpu_seconds: int, wall_seconds: int
+) -> SandboxResult:
+    iso = isolation_for(readable=readable, memory_bytes=memory_bytes, cpu_seconds=cpu_seconds)
+    workdir = private_workdir(iso)
+    try:
+        proc = subprocess.Popen(
+            iso.prefix + argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **sandbox_popen_kwargs(iso, workdir, memory_bytes, cpu_seconds),
+        )
+        try:
+            out, err = proc.communicate(timeout=wall_seconds)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            out, err = proc.communicate()
+            timed_out = True
+        return SandboxResult(proc.returncode, out, err, timed_out, iso)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,135 @@
+"""Writes that change deployments. Views, the API, the admin and the pipeline go through here."""
+
+import hashlib
+import logging
+from datetime import timedelta
+
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.utils import timezone
+
+from deployments.models import Deployment, DeploymentEvent
+
+log = logging.getLogger(__name__)
+# A claim older than this is considered abandoned (the worker died mid-deploy),
+# so a redelivered task may take the deployment over.
+CLAIM_LEASE = timedelta(hours=1)
+
+
+def _sha256(upload: UploadedFile) -> str:
+    digest = hashlib.sha256()
+    for chunk in upload.chunks():
+        digest.update(chunk)
+    upload.seek(0)
+    return digest.hexdigest()
+
+
+def _enqueue(deployment: Deployment) -> None:
+    from deployments.tasks import deploy
+
+    transaction.on_commit(lambda: deploy.delay(deployment.pk))
+
+
+@transaction.atomic
+def deployment_create(
+    *, owner, name: str, target: str, model_format: str, model_upload: UploadedFile, requirements_upload: UploadedFile
+) -> Deployment:
+    """Store a validated upload under server-generated names and queue its pipeline."""
+    deployment = Deployment(
+        owner=owner,
+        name=name,
+        target=target,
+        model_format=model_format,
+        model_filename=display_name(model_upload.name),
+        requirements_filename=display_name(requirements_upload.name),
+        model_sha256=_sha256(model_upload),
+    )
+    # upload_to ignores the client's file name; it only sees the deployment's id.
+    deployment.model_file.save("model", model_upload, save=False)
+    deployment.requirements_file.save("requirements.txt", requirements_upload, save=False)
+    deployment.save()
+    deployment_record_event(deployment=deployment, stage="", message=f"queued for the {target} target")
+    _enqueue(deployment)
+    return deployment
+
+
+def display_name(name: str | None) -> str:
+    name = (name or "").replace("\x00", "").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in name if ch.isprintable())[:255] or "upload"
+
+
+def deployment_record_event(
+    *, deployment: Deployment, stage: str, message: str, level: str = "info", duration_ms: int | None = None
+) -> DeploymentEvent:
+    return DeploymentEvent.objects.create(
+        deployment=deployment, stage=stage, level=level, message=message, duration_ms=duration_ms
+    )
+
+
+def deployment_claim(*, deployment_id: int) -> Deployment | None:
+    """Atomically move a queued deployment to deploying; None if another task has it."""
+    now = timezone.now()
+    claimed = Deployment.objects.filter(pk=deployment_id, status=Deployment.Status.QUEUED).update(
+        status=Deployment.Status.DEPLOYING, claimed_at=now, error=""
+    ) or Deployment.objects.filter(
+        pk=deployment_id, status=Deployment.Status.DEPLOYING, claimed_at__lt=now - CLAIM_LEASE
+    ).update(claimed_at=now)
+    if not claimed:
+        return None
+    return Deployment.objects.get(pk=deployment_id)
+
+
+def deployment_update(*, deployment: Deployment, **fields) -> None:
+    for name, value in fields.items():
+        setattr(deployment, name, value)
+    deployment.save(update_fields=[*fields, "updated_at"])
+
+
+def deployment_set_stage(*, deployment: Deployment, stage: str) -> None:
+    deployment_update(deployment=deployment, stage=stage)
+
+
+@transaction.atomic
+def deployment_fail(*, deployment: Deployment, stage: str, message: str, duration_ms: int | None = None) -> None:
+    deployment_update(deployment=deployment, status=Deployment.Status.FAILED, error=message)
+    deployment_record_event(deployment=deployment, stage=stage, level="error", message=message, duration_ms=duration_ms)
+
+
+@transaction.atomic
+def deployment_mark_ready(*, deployment: Deployment) -> None:
+    deployment_update(deployment=deployment, status=Deployment.Status.READY, ready_at=timezone.now())
+    deployment_record_event(deployment=deployment, stage="", message=f"ready: {deployment.endpoint_url}")
+
+
+def deployment_requeue(*, deployment: Deployment, reason: str) -> None:
+    """Hand a deployment back to the queue after a transient error; the task retries it."""
+    deployment_update(deployment=deployment, status=Deployment.Status.QUEUED)
+    deployment_record_event(deployment=deployment, stage=deployment.stage, level="warning", message=reason)
+
+
+def deployment_stop(*, deployment: Deployment) -> str:
+    """Tear down what serves the deployment, then mark it stopped."""
+    from deployments.pipeline import local
+
+    summary = local.teardown(deployment) if deployment.target == Deployment.Target.LOCAL else ""
+    with transaction.atomic():
+        deployment_update(deployment=deployment, status=Deployment.Status.STOPPED, stopped_at=timezone.now())
+        deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")
+    return summary
+
+
+@transaction.atomic
+def deployment_redeploy(*, deployment: Deployment) -> None:
+    """Run the whole pipeline again from the stored files (operators, from the admin)."""
+    from deployments.pipeline import local
+
+    if deployment.status == Deployment.Status.DEPLOYING:
+        return
+    if deployment.target == Deployment.Target.LOCAL:
+        local.teardown(deployment)  # the runtime must not keep serving the old build
+    deployment_update(
+        deployment=deployment, status=Deployment.Status.QUEUED, stage="", error="", endpoint_url="",
+        claimed_at=None, ready_at=None, stopped_at=None,
+    )
+    deployment_record_event(deployment=deployment, stage="", message="redeploy requested")
+    _enqueue(deployment)

@@ -1,0 +1,18 @@
+from django.urls import path
+
+from deployments import api, views
+
+urlpatterns = [
+    path("", views.deployment_list, name="deployment-list"),
+    path("deployments/new", views.deployment_new, name="deployment-new"),
+    path("deployments/<uuid:public_id>", views.deployment_detail, name="deployment-detail"),
+    path("deployments/<uuid:public_id>/status", views.deployment_status, name="deployment-status"),
+    path("deployments/<uuid:public_id>/stop", views.deployment_stop, name="deployment-stop"),
+    path("deployments/<uuid:public_id>/try", views.deployment_try, name="deployment-try"),
+    path("signup", views.signup, name="signup"),
+    path("health", views.health, name="health"),
+    path("api/token", api.obtain_token, name="api-token"),
+    path("api/deploy", api.DeployView.as_view(), name="api-deploy"),
+    path("api/deployments", api.DeploymentListView.as_view(), name="api-deployments"),
+    path("api/deployments/<uuid:public_id>", api.DeploymentDetailView.as_view(), name="api-deployment"),
+]

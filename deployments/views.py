@@ -1,0 +1,168 @@
+import json
+
+import httpx
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from deployments import services
+from deployments.forms import DeploymentForm, SignUpForm
+from deployments.models import Deployment
+from deployments.pipeline.runner import PIPELINES
+
+
+def site_context(request):
+    return {"allow_signup": settings.SERVEML_ALLOW_SIGNUP}
+
+
+def health(request):
+    return JsonResponse({"status": "ok"})
+
+
+def signup(request):
+    if not settings.SERVEML_ALLOW_SIGNUP:
+        raise Http404("Sign-up is switched off on this ServeML; ask an operator for an account.")
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        return redirect("deployment-list")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+def own_deployment(request, public_id) -> Deployment:
+    # Another user's deployment is a 404, exactly like one that does not exist.
+    return get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+
+
+def upload_too_large(request) -> bool:
+    """A body far over the limit is refused before Django reads any of it."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return False
+    limit = settings.SERVEML_MAX_UPLOAD_BYTES + settings.SERVEML_MAX_REQUIREMENTS_BYTES + 1024**2
+    return length > limit
+
+
+def bound_form(request) -> DeploymentForm:
+    if upload_too_large(request):
+        return DeploymentForm(data={}, oversized={"model_file": settings.SERVEML_MAX_UPLOAD_BYTES})
+    files = request.FILES  # streams the upload through SizeLimitUploadHandler
+    return DeploymentForm(request.POST, files, oversized=getattr(request, "oversized_uploads", None))
+
+
+@login_required
+def deployment_list(request):
+    deployments = request.user.deployments.all()
+    return render(request, "deployments/list.html", {"deployments": deployments})
+
+
+@login_required
+def deployment_new(request):
+    form = DeploymentForm()
+    if request.method == "POST":
+        form = bound_form(request)
+        if form.is_valid():
+            deployment = services.deployment_create(
+                owner=request.user,
+                name=form.deployment_name(),
+                target=form.cleaned_data["target"],
+                model_format=form.model_format,
+                model_upload=form.cleaned_data["model_file"],
+                requirements_upload=form.cleaned_data["requirements_file"],
+            )
+            return redirect(deployment)
+    return render(request, "deployments/new.html", {"form": form, "max_upload": settings.SERVEML_MAX_UPLOAD_BYTES})
+
+
+def timeline(deployment: Deployment) -> list[dict]:
+    """One row per stage of the deployment's pipeline: state and duration."""
+    events = {}
+    for event in deployment.events.all():
+        if event.stage and event.duration_ms is not None:
+            events[event.stage] = event
+    rows = []
+    for stage, _ in PIPELINES[deployment.target]:
+        event = events.get(stage)
+        if event is not None:
+            state = "failed" if event.level == "error" else "done"
+        elif deployment.stage == stage and deployment.status == Deployment.Status.DEPLOYING:
+            state = "running"
+        else:
+            state = "pending"
+        rows.append({"stage": stage, "label": Deployment.Stage(stage).label, "state": state,
+                     "seconds": event.duration_ms / 1000 if event else None})
+    return rows
+
+
+def curl_example(deployment: Deployment) -> str:
+    if not deployment.example_request:
+        return ""
+    body = json.dumps(deployment.example_request)
+    return (
+        f"curl -X POST {deployment.endpoint_url} \\\n"
+        f"  -H 'Content-Type: application/json' \\\n"
+        f"  -d '{body}'"
+    )
+
+
+def detail_context(deployment: Deployment) -> dict:
+    return {
+        "deployment": deployment,
+        "events": deployment.events.all(),
+        "timeline": timeline(deployment),
+        "curl": curl_example(deployment),
+        "example_json": json.dumps(deployment.example_request) if deployment.example_request else "",
+    }
+
+
+@login_required
+def deployment_detail(request, public_id):
+    deployment = own_deployment(request, public_id)
+    return render(request, "deployments/detail.html", detail_context(deployment))
+
+
+@login_required
+def deployment_status(request, public_id):
+    """The fragment the status page polls with htmx until the deployment is terminal."""
+    deployment = own_deployment(request, public_id)
+    response = render(request, "deployments/_status.html", detail_context(deployment))
+    if deployment.is_terminal():
+        # Replace the whole page once, so the ready/failed sections appear; polling stops there.
+        response["HX-Refresh"] = "true"
+    return response
+
+
+@login_required
+@require_POST
+def deployment_stop(request, public_id):
+    deployment = own_deployment(request, public_id)
+    if deployment.can_stop():
+        services.deployment_stop(deployment=deployment)
+        messages.success(request, "The deployment was stopped; its URL no longer answers.")
+    return redirect(deployment)
+
+
+@login_required
+@require_POST
+def deployment_try(request, public_id):
+    """The page's try-it form: send the JSON to the real endpoint and show what it answered."""
+    deployment = own_deployment(request, public_id)
+    body = request.POST.get("body", "")
+    if deployment.status != Deployment.Status.READY:
+        answer, status = "This deployment is not ready.", None
+    else:
+        try:
+            response = httpx.post(
+                deployment.endpoint_url, content=body.encode(), headers={"Content-Type": "application/json"},
+                timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
+            )
+            status, answer = response.status_code, response.text
+        except httpx.HTTPError as exc:
+            status, answer = None, f"The endpoint did not answer: {exc}"
+    return render(request, "deployments/_try_result.html", {"status": status, "answer": answer})

@@ -1,0 +1,222 @@
+"""ServeML settings: one file, read from environment variables, with local defaults.
+
+Everything a developer needs runs with no variables set (SQLite, Redis on
+localhost, files under ./var). Production sets the variables documented in
+README.md ("Configuration").
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise RuntimeError("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "deployments",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "serveml.urls"
+WSGI_APPLICATION = "serveml.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "deployments.views.site_context",
+            ],
+        },
+    },
+]
+
+# All runtime state lives under one folder outside the source packages.
+DATA_DIR = Path(os.environ.get("SERVEML_DATA_DIR", BASE_DIR / "var")).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", f"sqlite:///{DATA_DIR / 'serveml.sqlite3'}"),
+        conn_max_age=60,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Tests share the database with a real worker and runtime process, so the
+    # test database must be a file, not SQLite's private in-memory database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "deployment-list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+
+# Uploads are kept under DATA_DIR/media, which no URL serves: model files are
+# only ever read by the pipeline, never handed out by the web server.
+MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_URL = None
+AWS_STORAGE_BUCKET_NAME = os.environ.get("AWS_STORAGE_BUCKET_NAME", "")
+STORAGES = {
+    "default": {
+        "BACKEND": "storages.backends.s3.S3Storage"
+        if AWS_STORAGE_BUCKET_NAME
+        else "django.core.files.storage.FileSystemStorage",
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# WhiteNoise serves static files straight from the source folders, so no
+# collectstatic step is needed to run the web process.
+WHITENOISE_USE_FINDERS = True
+if not AWS_STORAGE_BUCKET_NAME:
+    STORAGES["default"]["OPTIONS"] = {"location": MEDIA_ROOT}
+
+# Uploads larger than this never reach memory: they are streamed to a
+# temporary file and cut off as soon as they pass SERVEML_MAX_UPLOAD_BYTES.
+SERVEML_MAX_UPLOAD_BYTES = int(os.environ.get("SERVEML_MAX_UPLOAD_BYTES", 200 * 1024 * 1024))
+SERVEML_MAX_REQUIREMENTS_BYTES = 64 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_HANDLERS = [
+    "deployments.uploads.SizeLimitUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+
+SERVEML_ALLOW_SIGNUP = env_bool("SERVEML_ALLOW_SIGNUP", True)
+
+# The local runtime that answers prediction URLs.
+SERVEML_RUNTIME_HOST = os.environ.get("SERVEML_RUNTIME_HOST", "127.0.0.1")
+SERVEML_RUNTIME_PORT = int(os.environ.get("SERVEML_RUNTIME_PORT", 8001))
+SERVEML_RUNTIME_URL = os.environ.get(
+    "SERVEML_RUNTIME_URL", f"http://{SERVEML_RUNTIME_HOST}:{SERVEML_RUNTIME_PORT}"
+).rstrip("/")
+# Shared secret for the worker → runtime control calls (register, stop).
+SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN", SECRET_KEY)
+SERVEML_MODEL_MEMORY_BYTES = int(os.environ.get("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3))
+SERVEML_PREDICT_TIMEOUT_S = float(os.environ.get("SERVEML_PREDICT_TIMEOUT_S", 30))
+
+# Model environments.
+def _default_env_python() -> str:
+    # The sandbox runs model code as an unprivileged user, who must be able to run
+    # the interpreter: prefer the system Python of the same version over one under
+    # a private home folder (pyenv under /root, say).
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    return system if os.path.exists(system) else getattr(sys, "_base_executable", sys.executable)
+
+
+SERVEML_ENV_PYTHON = os.environ.get("SERVEML_ENV_PYTHON") or _default_env_python()
+SERVEML_PACKAGE_INDEX_URL = os.environ.get("SERVEML_PACKAGE_INDEX_URL", "")
+SERVEML_ALLOWED_PACKAGES = env_list("SERVEML_ALLOWED_PACKAGES")
+SERVEML_ENV_INSTALL_TIMEOUT_S = int(os.environ.get("SERVEML_ENV_INSTALL_TIMEOUT_S", 900))
+
+# The validate stage's sandbox.
+SERVEML_SANDBOX_CPU_SECONDS = int(os.environ.get("SERVEML_SANDBOX_CPU_SECONDS", 60))
+SERVEML_SANDBOX_WALL_SECONDS = int(os.environ.get("SERVEML_SANDBOX_WALL_SECONDS", 120))
+SERVEML_SANDBOX_MEMORY_BYTES = int(os.environ.get("SERVEML_SANDBOX_MEMORY_BYTES", 2 * 1024**3))
+# Extra (module, name) pairs a model may import, as "module:name" entries,
+# for operators whose users ship their own classes.
+SERVEML_EXTRA_ALLOWED_GLOBALS = env_list("SERVEML_EXTRA_ALLOWED_GLOBALS")
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+}
+
+if not DEBUG:
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", 60 * 60 * 24 * 30))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+}
+
+# Model files must be readable by the sandbox's unprivileged user, never writable by it.
+FILE_UPLOAD_PERMISSIONS = 0o644
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o755
