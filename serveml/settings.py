@@ -110,12 +110,13 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT = DATA_DIR / "staticfiles"  # filled by collectstatic for production
+STATIC_ROOT.mkdir(exist_ok=True)
 
-# Uploads are kept under DATA_DIR/media, which no URL serves: model files are
-# only ever read by the pipeline, never handed out by the web server.
+# Uploads are kept under DATA_DIR/media, which no URL pattern serves: model
+# files are only ever read by the pipeline, never handed out by the web server.
 MEDIA_ROOT = DATA_DIR / "media"
-MEDIA_URL = None
+MEDIA_URL = "/media/"
 AWS_STORAGE_BUCKET_NAME = os.environ.get("AWS_STORAGE_BUCKET_NAME", "")
 STORAGES = {
     "default": {

@@ -1,0 +1,195 @@
+"""Fixtures: users, model files, and the real services the end-to-end tests drive.
+
+The session's `stack` starts a real redis-server, a real Celery worker and the
+real runtime as separate processes sharing the test database, and stops them
+after the session. Their logs land in test-output/logs/.
+"""
+
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import joblib
+import pytest
+import sklearn
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+
+from deployments.allowlist import corpus
+from serveml.celery import app as celery_app
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "test-output"
+SKLEARN_PIN = f"scikit-learn=={sklearn.__version__}\n"
+PANDAS_PIN = f"{SKLEARN_PIN}pandas=={__import__('pandas').__version__}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dump(model, fmt: str = "pickle", compress=0) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "joblib":
+        joblib.dump(model, buffer, compress=compress)
+    elif fmt == "skops":
+        import skops.io
+
+        return skops.io.dumps(model)
+    else:
+        pickle.dump(model, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return buffer.getvalue()
+
+
+def upload(content: bytes, name: str = "model.pkl") -> SimpleUploadedFile:
+    return SimpleUploadedFile(name, content, content_type="application/octet-stream")
+
+
+@pytest.fixture(scope="session")
+def iris_rf():
+    return corpus.random_forest()
+
+
+@pytest.fixture(scope="session")
+def iris_rf_bytes(iris_rf) -> bytes:
+    return dump(iris_rf)
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="correct-horse-42")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user("mallory", password="correct-horse-43")
+
+
+@pytest.fixture
+def make_deployment(iris_rf_bytes):
+    """A deployment row with stored files, as the upload form would create it (not enqueued)."""
+    from deployments import services
+
+    def make(owner, model_bytes: bytes = iris_rf_bytes, requirements: str = SKLEARN_PIN, fmt="pickle", name="iris"):
+        return services.deployment_create(
+            owner=owner, name=name, target="local", model_format=fmt,
+            model_upload=upload(model_bytes), requirements_upload=upload(requirements.encode(), "requirements.txt"),
+        )
+
+    return make
+
+
+# ---------------------------------------------------------------- real services
+
+
+def wait_for(check, timeout: float, what: str, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception:
+            pass
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"{what} did not happen within {timeout} s\n{tail}")
+
+
+class Service:
+    def __init__(self, name: str, argv: list[str], env: dict):
+        OUTPUT.joinpath("logs").mkdir(parents=True, exist_ok=True)
+        self.log = OUTPUT / "logs" / f"{name}.log"
+        self.argv, self.env = argv, env
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    port = free_port()
+    redis = Service("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                              "--appendonly", "no"], dict(os.environ)).start()
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis as redis_client
+
+    wait_for(lambda: redis_client.from_url(url).ping(), 20, "redis-server start", redis.log)
+    yield url
+    redis.stop()
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    return f"postgresql://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+class Stack:
+    """Worker and runtime processes, plus how to restart the runtime."""
+
+    def __init__(self, env: dict, runtime_port: int):
+        self.env = env
+        self.runtime_port = runtime_port
+        self.runtime_url = f"http://127.0.0.1:{runtime_port}"
+        self.worker = Service("worker", [sys.executable, "-m", "celery", "-A", "serveml", "worker", "--pool=solo",
+                                         "--loglevel=INFO", "--without-mingle", "--without-gossip"], env)
+        self.runtime = Service("runtime", [sys.executable, "manage.py", "runtime", "--port", str(runtime_port)], env)
+
+    def start_runtime(self):
+        self.runtime.start()
+        wait_for(lambda: httpx.get(f"{self.runtime_url}/health").status_code == 200, 30, "runtime start",
+                 self.runtime.log)
+
+    def restart_runtime(self):
+        self.runtime.stop()
+        self.start_runtime()
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup, django_db_blocker, redis_url):
+    runtime_port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "serveml.settings",
+        "DATABASE_URL": database_url(),
+        "CELERY_BROKER_URL": redis_url,
+        "SERVEML_DATA_DIR": str(settings.DATA_DIR),
+        "SERVEML_RUNTIME_PORT": str(runtime_port),
+        "SERVEML_RUNTIME_URL": f"http://127.0.0.1:{runtime_port}",
+        "SERVEML_RUNTIME_TOKEN": settings.SERVEML_RUNTIME_TOKEN,
+    }
+    services = Stack(env, runtime_port)
+    services.worker.start()
+    wait_for(lambda: "ready." in services.worker.log.read_text(), 60, "celery worker start", services.worker.log)
+    services.start_runtime()
+    # This test process publishes to the same broker and calls the same runtime.
+    celery_app.conf.broker_url = redis_url
+    settings.SERVEML_RUNTIME_URL = services.runtime_url
+    yield services
+    services.runtime.stop()
+    services.worker.stop()

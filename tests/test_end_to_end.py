@@ -1,0 +1,119 @@
+"""The whole path with real components: API upload -> Redis -> Celery worker -> uv
+environment -> sandboxed validation -> runtime model processes -> HTTP predictions."""
+
+import os
+import signal
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+from rest_framework.authtoken.models import Token
+
+from deployments.allowlist import corpus
+from tests.conftest import PANDAS_PIN, SKLEARN_PIN, dump, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+X_IRIS, _ = corpus.iris()
+ROWS = X_IRIS[::15]  # ten rows across the three classes
+
+
+def deploy(live_server, token, model, requirements=SKLEARN_PIN, name="model"):
+    response = httpx.post(
+        f"{live_server.url}/api/deploy",
+        headers={"Authorization": f"Token {token}"},
+        files={"model_file": ("model.pkl", dump(model)), "requirements_file": ("requirements.txt", requirements)},
+        data={"name": name},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["status_url"].endswith(body["id"])
+    return body
+
+
+def wait_ready(stack, token, body, timeout=300):
+    def ready():
+        state = httpx.get(body["status_url"], headers={"Authorization": f"Token {token}"}).json()
+        assert state["status"] != "failed", state["error"]
+        return state if state["status"] == "ready" else None
+
+    return wait_for(ready, timeout, f"deployment {body['id']} ready", stack.worker.log)
+
+
+@pytest.fixture
+def token(user):
+    return Token.objects.create(user=user).key
+
+
+def model_pid(deployment_id: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"model_server.py .*{deployment_id}"], capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+def test_models_deployed_through_the_api_answer_exactly_like_model_predict(stack, live_server, token):
+    forest, pipeline, frame_forest = (
+        corpus.random_forest(), corpus.scaled_logistic_regression(), corpus.frame_random_forest()
+    )
+    uploads = [
+        (forest, deploy(live_server, token, forest, name="forest")),
+        (pipeline, deploy(live_server, token, pipeline, name="pipeline")),
+        (frame_forest, deploy(live_server, token, frame_forest, requirements=PANDAS_PIN, name="frame")),
+    ]
+    for model, body in uploads:
+        state = wait_ready(stack, token, body)
+        url = state["endpoint_url"]
+        assert url.startswith(stack.runtime_url)
+        stages = [e["stage"] for e in state["events"] if e["duration_ms"] is not None]
+        assert stages == ["inspect", "environment", "validate", "package", "provision", "verify"]
+
+        if model is frame_forest:
+            frame = corpus.iris_frame()[0].iloc[::15]
+            records = frame.to_dict(orient="records")
+            answer = httpx.post(url, json={"instances": records}).json()
+            assert answer["predictions"] == model.predict(frame).tolist()
+            continue
+        batch = httpx.post(url, json={"instances": ROWS.tolist()}).json()
+        assert batch == {"predictions": model.predict(ROWS).tolist(), "model_type": type(model).__name__}
+        single = httpx.post(url, json={"data": ROWS[3].tolist()}).json()
+        assert single["prediction"] == model.predict(ROWS[3:4])[0]
+        proba = httpx.post(url, json={"instances": ROWS.tolist(), "method": "predict_proba"}).json()
+        np.testing.assert_allclose(proba["predictions"], model.predict_proba(ROWS), rtol=1e-9)
+        bad = httpx.post(url, json={"data": [1.0, 2.0, 3.0]})
+        assert bad.status_code == 400 and bad.json() == {"error": "expected 4 features per row, got 3"}
+
+
+def test_the_second_deployment_with_the_same_requirements_installs_nothing(stack, live_server, token):
+    first = wait_ready(stack, token, deploy(live_server, token, corpus.logistic_regression()))
+    second = wait_ready(stack, token, deploy(live_server, token, corpus.random_forest()))
+    env_event = next(e for e in second["events"] if e["stage"] == "environment" and e["duration_ms"] is not None)
+    assert "reused environment" in env_event["message"] and "nothing installed" in env_event["message"]
+    assert first["events"]  # both went through the same pipeline
+
+
+def test_a_crashed_model_process_is_restarted_on_the_next_request(stack, live_server, token):
+    model = corpus.random_forest()
+    state = wait_ready(stack, token, deploy(live_server, token, model))
+    os.kill(model_pid(state["id"]), signal.SIGKILL)
+    answer = httpx.post(state["endpoint_url"], json={"instances": ROWS.tolist()}, timeout=60)
+    assert answer.status_code == 200
+    assert answer.json()["predictions"] == model.predict(ROWS).tolist()
+
+
+def test_ready_deployments_are_served_again_after_the_runtime_restarts(stack, live_server, token):
+    model = corpus.logistic_regression()
+    state = wait_ready(stack, token, deploy(live_server, token, model))
+    stack.restart_runtime()
+    answer = httpx.post(state["endpoint_url"], json={"instances": ROWS.tolist()}, timeout=60)
+    assert answer.json()["predictions"] == model.predict(ROWS).tolist()
+
+
+def test_a_stopped_deployment_answers_404(stack, live_server, token):
+    state = wait_ready(stack, token, deploy(live_server, token, corpus.random_forest()))
+    assert httpx.post(state["endpoint_url"], json={"data": ROWS[0].tolist()}).status_code == 200
+    deleted = httpx.delete(state["status_url"], headers={"Authorization": f"Token {token}"})
+    assert deleted.status_code == 200 and deleted.json()["status"] == "stopped"
+    gone = httpx.post(state["endpoint_url"], json={"data": ROWS[0].tolist()})
+    assert gone.status_code == 404
+    assert "stopped" in gone.json()["error"]
