@@ -130,12 +130,9 @@ def deployment_detail(request, public_id):
 @login_required
 def deployment_status(request, public_id):
     """The fragment the status page polls with htmx until the deployment is terminal."""
+    # A terminal deployment's fragment carries no hx-trigger, so polling stops there.
     deployment = own_deployment(request, public_id)
-    response = render(request, "deployments/_status.html", detail_context(deployment))
-    if deployment.is_terminal():
-        # Replace the whole page once, so the ready/failed sections appear; polling stops there.
-        response["HX-Refresh"] = "true"
-    return response
+    return render(request, "deployments/_status.html", detail_context(deployment))
 
 
 @login_required
