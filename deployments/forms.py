@@ -1,15 +1,12 @@
 from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
+from django.template.defaultfilters import filesizeformat
 
 from deployments.inspection import InspectionError, scan_model_file, sniff_format
 from deployments.models import Deployment
 from deployments.services import display_name
 from deployments.requirements import RequirementsError, parse_requirements
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1024**2:g} MB"
 
 
 class DeploymentForm(forms.Form):
@@ -18,10 +15,12 @@ class DeploymentForm(forms.Form):
     model_file = forms.FileField(
         label="Model file",
         help_text="model.pkl from pickle.dump, a joblib.dump file, or a .skops file (the safest format).",
+        error_messages={"empty": "The model file is empty. Upload the file your training code saved."},
     )
     requirements_file = forms.FileField(
         label="requirements.txt",
         help_text="One package per line, pinned: scikit-learn==1.5.2. No options, URLs or paths.",
+        error_messages={"empty": "requirements.txt is empty. List what the model needs, at least scikit-learn==<version>."},
     )
     name = forms.CharField(max_length=100, required=False, help_text="Optional; defaults to the model's file name.")
     target = forms.ChoiceField(choices=Deployment.Target.choices, initial=Deployment.Target.LOCAL, required=False)
@@ -37,7 +36,7 @@ class DeploymentForm(forms.Form):
         for field, limit in self.oversized.items():
             if field in self.fields:
                 self._errors[field] = self.error_class(
-                    [f"This file is larger than the {_megabytes(limit)} limit. Upload a smaller file "
+                    [f"This file is larger than the {filesizeformat(limit)} limit. Upload a smaller file "
                      "(an operator can raise SERVEML_MAX_UPLOAD_BYTES)."]
                 )
                 self.cleaned_data.pop(field, None)

@@ -22,7 +22,7 @@ NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 LINE_RE = re.compile(
     rf"^(?P<name>{NAME})"
     rf"(?:\[(?P<extras>{NAME}(?:\s*,\s*{NAME})*)\])?"
-    r"(?:\s*==\s*(?P<version>[0-9][A-Za-z0-9.!+_-]*))?$"
+    r"(?:\s*==\s*(?P<version>[A-Za-z0-9][A-Za-z0-9.!+_*-]*))?$"
 )
 HELP = "Each line must be a package name, optionally pinned: scikit-learn==1.5.2."
 
@@ -71,10 +71,10 @@ def _refusal(line: str) -> str:
         if option in {"-e", "--editable"}:
             return f"`{option}` is not allowed: editable installs build code from a path or URL. Pin a released version instead."
         return f"`{option}` is a pip option, and options are not allowed in requirements.txt."
-    if "://" in stripped or stripped.startswith(("git+", "hg+", "svn+", "bzr+")):
-        return "URLs are not allowed: pin a released version from the package index instead (name==version)."
-    if " @ " in stripped or "@" in stripped:
+    if re.match(rf"^{NAME}(\[[^\]]*\])?\s*@", stripped):
         return "direct references (name @ url) are not allowed: pin a released version instead (name==version)."
+    if "://" in stripped or "@" in stripped or stripped.startswith(("git+", "hg+", "svn+", "bzr+", "file:")):
+        return "URLs are not allowed: pin a released version from the package index instead (name==version)."
     if ";" in stripped:
         return "environment markers (`; python_version …`) are not allowed: list only what this model needs."
     if stripped.startswith((".", "/", "~")) or "/" in stripped or "\\" in stripped:

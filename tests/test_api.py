@@ -1,0 +1,104 @@
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from deployments.models import Deployment
+from tests.conftest import SKLEARN_PIN
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_enqueue(monkeypatch):
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+
+@pytest.fixture
+def api():
+    return APIClient()
+
+
+def files(model_bytes):
+    return {
+        "model_file": SimpleUploadedFile("model.pkl", model_bytes),
+        "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
+    }
+
+
+def test_a_script_gets_a_token_with_form_or_json_credentials(api, user):
+    form = api.post("/api/token", {"username": "alice", "password": "correct-horse-42"})
+    as_json = api.post("/api/token", {"username": "alice", "password": "correct-horse-42"}, format="json")
+    assert form.status_code == 200 and form.json()["token"] == as_json.json()["token"]
+
+
+def test_wrong_credentials_get_a_message_not_a_token(api, user):
+    response = api.post("/api/token", {"username": "alice", "password": "nope"}, format="json")
+    assert response.status_code == 400 and "username and password" in response.json()["error"]
+
+
+def test_deploy_answers_202_with_the_contract_fields(api, user, iris_rf_bytes):
+    api.credentials(HTTP_AUTHORIZATION=f"Token {api.post('/api/token', {'username': 'alice', 'password': 'correct-horse-42'}).json()['token']}")
+    response = api.post("/api/deploy", {**files(iris_rf_bytes), "name": "iris"}, format="multipart")
+    assert response.status_code == 202
+    body = response.json()
+    assert set(body) >= {"id", "status", "stage", "endpoint_url", "status_url"}
+    assert body["status"] == "queued" and body["endpoint_url"] == ""
+    assert body["status_url"] == f"http://testserver/api/deployments/{body['id']}"
+    assert Deployment.objects.get().name == "iris"
+
+
+def test_deploy_refuses_a_bad_upload_with_the_reason(api, user):
+    api.force_authenticate(user)
+    response = api.post("/api/deploy", files(b"not a pickle"), format="multipart")
+    assert response.status_code == 400
+    assert "not a model file ServeML can read" in response.json()["error"]
+    assert "model_file" in response.json()["fields"]
+    assert Deployment.objects.count() == 0
+
+
+def test_the_api_requires_authentication(api):
+    assert api.get("/api/deployments").status_code in (401, 403)
+
+
+def test_detail_has_signature_and_events(api, user, make_deployment):
+    deployment = make_deployment(user)
+    api.force_authenticate(user)
+    body = api.get(f"/api/deployments/{deployment.public_id}").json()
+    assert set(body) >= {"id", "name", "status", "stage", "endpoint_url", "error", "signature", "events"}
+    assert body["events"][0]["message"] == "queued for the local target"
+
+
+def test_a_user_never_sees_or_touches_another_users_deployments(api, user, other_user, make_deployment):
+    theirs = make_deployment(other_user, name="secret")
+    mine = make_deployment(user, name="mine")
+    api.force_authenticate(user)
+    listed = api.get("/api/deployments").json()
+    assert [d["id"] for d in listed] == [str(mine.public_id)]
+    assert api.get(f"/api/deployments/{theirs.public_id}").status_code == 404
+    theirs.status = Deployment.Status.READY
+    theirs.save()
+    assert api.delete(f"/api/deployments/{theirs.public_id}").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.status == Deployment.Status.READY
+
+
+def test_delete_stops_a_ready_deployment(api, user, make_deployment, monkeypatch):
+    calls = []
+    monkeypatch.setattr("deployments.runtime.client.unload", lambda public_id: calls.append(public_id))
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.READY)
+    api.force_authenticate(user)
+    response = api.delete(f"/api/deployments/{deployment.public_id}")
+    assert response.status_code == 200 and response.json()["status"] == "stopped"
+    assert calls == [deployment.public_id]
+
+
+def test_delete_refuses_a_deployment_still_deploying(api, user, make_deployment):
+    deployment = make_deployment(user)
+    api.force_authenticate(user)
+    response = api.delete(f"/api/deployments/{deployment.public_id}")
+    assert response.status_code == 409 and "still deploying" in response.json()["error"]
+
+
+def test_health_answers(api):
+    assert api.get("/health").json() == {"status": "ok"}

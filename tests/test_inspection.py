@@ -1,0 +1,77 @@
+import io
+import pickle
+
+import joblib
+import pytest
+
+from deployments.allowlist import corpus, disallowed
+from deployments.inspection import Global, InspectionError, scan_model_file
+from tests import payloads
+
+
+def scan(data: bytes):
+    return scan_model_file(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("name", sorted(corpus.MODELS))
+@pytest.mark.parametrize("fmt", ["pickle", "joblib", "joblib-zlib", "joblib-lz4"])
+def test_every_corpus_model_imports_only_allowlisted_names(name, fmt):
+    model = corpus.MODELS[name]()
+    buffer = io.BytesIO()
+    if fmt == "pickle":
+        pickle.dump(model, buffer)
+    else:
+        joblib.dump(model, buffer, compress={"joblib": 0, "joblib-zlib": 3, "joblib-lz4": ("lz4", 3)}[fmt])
+    result = scan(buffer.getvalue())
+    assert disallowed(result.globals) == []
+    assert result.format == ("pickle" if fmt == "pickle" else "joblib")
+    assert result.sklearn_version
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(payloads.payloads("/tmp/x")) if n != "hidden after a valid estimator"])
+def test_it_lists_the_dangerous_import_of_each_payload(name, tmp_path):
+    canary = tmp_path / "canary"
+    result = scan(payloads.payloads(canary)[name])
+    refused = {str(g) for g in disallowed(result.globals)}
+    assert refused, f"{name} passed the allowlist"
+    assert not canary.exists()
+
+
+def test_it_refuses_a_payload_hidden_after_a_valid_estimator(tmp_path):
+    with pytest.raises(InspectionError, match="more data after the end of the model"):
+        scan(payloads.payloads(tmp_path / "canary")["hidden after a valid estimator"])
+
+
+def test_it_resolves_stack_global_operands_hidden_in_the_memo(tmp_path):
+    result = scan(payloads.call("os", "system", "true", via_memo=True))
+    assert Global("os", "system") in result.globals
+
+
+def test_it_refuses_a_global_it_cannot_resolve_statically():
+    with pytest.raises(InspectionError, match="cannot be resolved"):
+        scan(payloads.computed_global())
+
+
+def test_it_reads_the_scikit_learn_version_the_model_was_saved_with():
+    import sklearn
+
+    assert scan(pickle.dumps(corpus.random_forest())).sklearn_version == sklearn.__version__
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"scikit-learn==1.5.2\nthis is text\n", "not a model file ServeML can read"),
+        (b"(lp0\nI1\na.", "protocol 0 or 1"),
+        (b"\x89PNG\r\n\x1a\n....", "not a model file ServeML can read"),
+    ],
+)
+def test_it_explains_files_that_are_not_models(data, message):
+    with pytest.raises(InspectionError, match=message):
+        scan(data)
+
+
+def test_it_refuses_a_truncated_pickle():
+    with pytest.raises(InspectionError, match="not a complete pickle"):
+        scan(payloads.truncated(pickle.dumps(corpus.random_forest())))

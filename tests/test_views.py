@@ -1,0 +1,103 @@
+import pytest
+from django.test import override_settings
+from django.urls import reverse
+
+from deployments.models import Deployment
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_enqueue(monkeypatch):
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+
+def test_the_list_shows_only_the_users_own_deployments(client, user, other_user, make_deployment):
+    make_deployment(user, name="mine-model")
+    make_deployment(other_user, name="their-model")
+    client.force_login(user)
+    page = client.get(reverse("deployment-list")).content.decode()
+    assert "mine-model" in page and "their-model" not in page
+
+
+def test_another_users_status_page_fragment_and_stop_are_404(client, user, other_user, make_deployment):
+    theirs = make_deployment(other_user)
+    Deployment.objects.filter(pk=theirs.pk).update(status=Deployment.Status.READY)
+    client.force_login(user)
+    for name in ("deployment-detail", "deployment-status"):
+        assert client.get(reverse(name, args=[theirs.public_id])).status_code == 404
+    assert client.post(reverse("deployment-stop", args=[theirs.public_id])).status_code == 404
+    assert client.post(reverse("deployment-try", args=[theirs.public_id]), {"body": "{}"}).status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.status == Deployment.Status.READY
+
+
+def test_the_status_fragment_polls_until_the_deployment_is_terminal(client, user, make_deployment):
+    deployment = make_deployment(user)
+    client.force_login(user)
+    url = reverse("deployment-status", args=[deployment.public_id])
+    assert 'hx-trigger="every 1s"' in client.get(url).content.decode()
+    Deployment.objects.filter(pk=deployment.pk).update(
+        status=Deployment.Status.FAILED, stage="inspect",
+        error="requirements pin scikit-learn 1.3.0 but the model was saved with 1.5.2",
+    )
+    fragment = client.get(url).content.decode()
+    assert "hx-trigger" not in fragment
+    assert "requirements pin scikit-learn 1.3.0 but the model was saved with 1.5.2" in fragment
+    assert "failed in the inspect stage" in fragment
+
+
+def test_the_ready_page_shows_the_url_a_curl_example_and_the_try_it_form(client, user, make_deployment):
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(
+        status=Deployment.Status.READY, endpoint_url="http://127.0.0.1:8001/predict/x",
+        example_request={"data": [0.0, 0.0, 0.0, 0.0]},
+        signature={"model_type": "RandomForestClassifier", "n_features_in": 4, "methods": ["predict"]},
+    )
+    client.force_login(user)
+    page = client.get(deployment.get_absolute_url()).content.decode()
+    assert "curl -X POST http://127.0.0.1:8001/predict/x" in page
+    assert "{&quot;data&quot;: [0.0, 0.0, 0.0, 0.0]}" in page
+    assert 'id="try-form"' in page and "Stop deployment" in page
+
+
+def test_sign_up_creates_an_account_and_signs_in(client):
+    response = client.post(reverse("signup"), {
+        "username": "newcomer", "password1": "a-long-pass-phrase-9", "password2": "a-long-pass-phrase-9",
+    })
+    assert response.status_code == 302
+    assert client.get(reverse("deployment-list")).status_code == 200
+
+
+@override_settings(SERVEML_ALLOW_SIGNUP=False)
+def test_sign_up_can_be_switched_off(client):
+    assert client.get(reverse("signup")).status_code == 404
+    assert "Sign up" not in client.get(reverse("login")).content.decode()
+
+
+def test_pages_need_a_signed_in_user(client):
+    response = client.get(reverse("deployment-list"))
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_operators_see_deployments_in_the_admin_and_can_stop_them(admin_client, user, make_deployment, monkeypatch):
+    monkeypatch.setattr("deployments.runtime.client.unload", lambda public_id: None)
+    deployment = make_deployment(user, name="operated")
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.READY)
+    changelist = admin_client.get("/admin/deployments/deployment/?q=operated&status__exact=ready")
+    assert "operated" in changelist.content.decode()
+    change = admin_client.get(f"/admin/deployments/deployment/{deployment.pk}/change/").content.decode()
+    assert "queued for the local target" in change  # events inline
+    admin_client.post("/admin/deployments/deployment/", {"action": "stop", "_selected_action": [deployment.pk]})
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.STOPPED
+
+
+def test_operators_can_redeploy_from_the_admin(admin_client, user, make_deployment, monkeypatch):
+    monkeypatch.setattr("deployments.runtime.client.unload", lambda public_id: None)
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.FAILED, error="boom")
+    admin_client.post("/admin/deployments/deployment/", {"action": "redeploy", "_selected_action": [deployment.pk]})
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.QUEUED and deployment.error == ""
+    assert deployment.events.last().message == "redeploy requested"
