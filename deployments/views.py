@@ -13,6 +13,7 @@ from deployments import services
 from deployments.forms import DeploymentForm, SignUpForm
 from deployments.models import Deployment
 from deployments.pipeline.runner import PIPELINES
+from deployments.runtime import client
 
 
 def site_context(request):
@@ -156,7 +157,7 @@ def deployment_try(request, public_id):
     else:
         try:
             response = httpx.post(
-                deployment.endpoint_url, content=body.encode(), headers={"Content-Type": "application/json"},
+                client.server_side_url(deployment), content=body.encode(), headers={"Content-Type": "application/json"},
                 timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
             )
             status, answer = response.status_code, response.text

@@ -150,6 +150,9 @@ SERVEML_RUNTIME_PORT = int(os.environ.get("SERVEML_RUNTIME_PORT", 8001))
 SERVEML_RUNTIME_URL = os.environ.get(
     "SERVEML_RUNTIME_URL", f"http://{SERVEML_RUNTIME_HOST}:{SERVEML_RUNTIME_PORT}"
 ).rstrip("/")
+# Where ServeML's own processes reach the runtime (control calls, verify, try-it);
+# differs from the public URL only when they run in separate containers.
+SERVEML_RUNTIME_INTERNAL_URL = os.environ.get("SERVEML_RUNTIME_INTERNAL_URL", SERVEML_RUNTIME_URL).rstrip("/")
 # Shared secret for the worker → runtime control calls (register, stop).
 SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN", SECRET_KEY)
 SERVEML_MODEL_MEMORY_BYTES = int(os.environ.get("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3))

@@ -189,7 +189,7 @@ def stack(django_db_setup, django_db_blocker, redis_url):
     services.start_runtime()
     # This test process publishes to the same broker and calls the same runtime.
     celery_app.conf.broker_url = redis_url
-    settings.SERVEML_RUNTIME_URL = services.runtime_url
+    settings.SERVEML_RUNTIME_URL = settings.SERVEML_RUNTIME_INTERNAL_URL = services.runtime_url
     yield services
     services.runtime.stop()
     services.worker.stop()

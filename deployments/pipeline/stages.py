@@ -20,6 +20,7 @@ from deployments.environments import EnvironmentBuildError, ensure_environment, 
 from deployments.inspection import InspectionError, ScanResult, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
+from deployments.runtime import client
 from deployments.requirements import Requirements, RequirementsError, parse_requirements
 from deployments.sandbox import run_sandboxed
 
@@ -259,7 +260,7 @@ def same_prediction(expected, actual) -> bool:
 
 def verify(deployment: Deployment) -> str:
     try:
-        response = httpx.post(deployment.endpoint_url, json=deployment.example_request, timeout=60)
+        response = httpx.post(client.server_side_url(deployment), json=deployment.example_request, timeout=60)
     except httpx.HTTPError as exc:
         raise StageError(f"The endpoint {deployment.endpoint_url} did not answer: {exc}.") from None
     if response.status_code != 200:

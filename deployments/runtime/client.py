@@ -9,19 +9,32 @@ class RuntimeUnavailable(Exception):
 
 
 def endpoint_url(public_id) -> str:
+    """The prediction URL users call."""
     return f"{settings.SERVEML_RUNTIME_URL}/predict/{public_id}"
+
+
+def internal_endpoint_url(public_id) -> str:
+    """The same endpoint, as ServeML's own processes reach it."""
+    return f"{settings.SERVEML_RUNTIME_INTERNAL_URL}/predict/{public_id}"
+
+
+def server_side_url(deployment) -> str:
+    """Where ServeML itself calls a deployment's endpoint (verify stage, try-it form)."""
+    if deployment.target == "local":
+        return internal_endpoint_url(deployment.public_id)
+    return deployment.endpoint_url
 
 
 def _control(action: str, public_id, timeout: float) -> httpx.Response:
     try:
         return httpx.post(
-            f"{settings.SERVEML_RUNTIME_URL}/{action}/{public_id}",
+            f"{settings.SERVEML_RUNTIME_INTERNAL_URL}/{action}/{public_id}",
             headers={"Authorization": f"Bearer {settings.SERVEML_RUNTIME_TOKEN}"},
             timeout=timeout,
         )
     except httpx.HTTPError as exc:
         raise RuntimeUnavailable(
-            f"the ServeML runtime at {settings.SERVEML_RUNTIME_URL} did not answer ({exc}). "
+            f"the ServeML runtime at {settings.SERVEML_RUNTIME_INTERNAL_URL} did not answer ({exc}). "
             "Start it with `make run` (or `manage.py runtime`) and redeploy."
         ) from None
 
