@@ -54,6 +54,18 @@ def upload(content: bytes, name: str = "model.pkl") -> SimpleUploadedFile:
     return SimpleUploadedFile(name, content, content_type="application/octet-stream")
 
 
+@pytest.fixture(autouse=True)
+def private_media(request, settings, tmp_path):
+    """Unit tests store uploads in their own folder; end-to-end tests share the processes' one."""
+    if request.node.get_closest_marker("e2e"):
+        return
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": tmp_path / "media"}},
+    }
+
+
 @pytest.fixture(scope="session")
 def iris_rf():
     return corpus.random_forest()
