@@ -33,7 +33,9 @@ class DeploymentDetailSerializer(DeploymentSerializer):
     events = EventSerializer(many=True)
 
     class Meta(DeploymentSerializer.Meta):
-        fields = DeploymentSerializer.Meta.fields + ["signature", "example_request", "model_sha256", "events"]
+        fields = DeploymentSerializer.Meta.fields + [
+            "is_private", "signature", "example_request", "model_sha256", "events",
+        ]
 
 
 class TokenView(ObtainAuthToken):
@@ -93,3 +95,17 @@ class DeploymentDetailView(APIView):
         if deployment.status != Deployment.Status.STOPPED:
             services.deployment_stop(deployment=deployment)
         return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)
+
+
+class DeploymentKeysView(APIView):
+    """POST {"name"} creates a key for a private endpoint; the answer is the only time it is shown."""
+
+    def post(self, request, public_id):
+        deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        key, raw = services.deployment_key_create(deployment=deployment, name=request.data.get("name", ""))
+        return Response({"id": key.pk, "name": key.name, "key": raw, "private": True}, status=201)
+
+    def get(self, request, public_id):
+        deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        keys = deployment.keys.filter(revoked_at__isnull=True)
+        return Response([{"id": k.pk, "name": k.name, "hint": k.hint, "created_at": k.created_at} for k in keys])

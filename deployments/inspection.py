@@ -15,6 +15,7 @@ joblib file is scanned whole, not just up to its first array.
 import bz2
 import gzip
 import io
+import json
 import lzma
 import pickletools
 import re
@@ -393,7 +394,6 @@ def scan_model_file(stream: BinaryIO) -> ScanResult:
 
 
 def _scan_skops(stream: BinaryIO) -> ScanResult:
-    import json
 
     result = ScanResult(format="skops")
     try:
@@ -407,9 +407,16 @@ def _scan_skops(stream: BinaryIO) -> ScanResult:
             module, cls = node.get("__module__"), node.get("__class__")
             if isinstance(module, str) and isinstance(cls, str):
                 result.globals.add(Global(module, cls))
+            loader = node.get("__loader__")
+            content = node.get("content")
+            if loader == "FunctionNode" and isinstance(content, dict):
+                result.globals.add(Global(str(content.get("module_path")), str(content.get("function"))))
+            elif loader == "MethodNode":
+                raise InspectionError("The skops file stores a bound method, which ServeML cannot check statically.")
             for key, value in node.items():
                 if key == SKLEARN_VERSION_KEY and isinstance(value, dict) and isinstance(value.get("content"), str):
-                    result.sklearn_versions.add(value["content"])
+                    version = value["content"]
+                    result.sklearn_versions.add(json.loads(version) if value.get("is_json") else version)
                 walk(value)
         elif isinstance(node, list):
             for item in node:

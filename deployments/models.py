@@ -72,6 +72,8 @@ class Deployment(models.Model):
     example_response = models.JSONField(null=True, blank=True)
     artifact = models.CharField(max_length=255, blank=True, help_text="Build context in storage.")
     endpoint_url = models.URLField(max_length=500, blank=True)
+    # Private endpoints answer only requests carrying one of the deployment's keys.
+    is_private = models.BooleanField(default=False)
 
     # Cloud resources the deployment owns (aws target).
     image_uri = models.CharField(max_length=500, blank=True)
@@ -125,3 +127,42 @@ class DeploymentEvent(models.Model):
 
     def __str__(self):
         return f"[{self.stage or '-'}] {self.message[:60]}"
+
+
+class AllowedGlobal(models.Model):
+    """An import an operator allows beyond the reviewed allowlist (a user's own class, xgboost, …)."""
+
+    module = models.CharField(max_length=200)
+    name = models.CharField(max_length=200)
+    note = models.CharField(max_length=300, blank=True, help_text="Why it is safe to import, for the next operator.")
+    added_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["module", "name"]
+        constraints = [models.UniqueConstraint(fields=["module", "name"], name="unique_allowed_global")]
+
+    def __str__(self):
+        return f"{self.module}.{self.name}"
+
+
+class DeploymentKey(models.Model):
+    """An API key for a private prediction URL. Only its SHA-256 is kept; the key is shown once."""
+
+    PREFIX = "sml_"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="keys")
+    name = models.CharField(max_length=100)
+    hint = models.CharField(max_length=12, help_text="The key's first characters, to tell keys apart.")
+    key_sha256 = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.hint}…)"
+
+    def is_active(self) -> bool:
+        return self.revoked_at is None

@@ -46,15 +46,19 @@ class Isolation:
 
 
 def _readable_by_others(path: Path) -> bool:
-    """True when an unprivileged user can reach and read `path`."""
-    path = path.resolve()
-    for parent in path.parents:
-        if not os.stat(parent).st_mode & 0o001:
+    """True when an unprivileged user can reach and read `path`, through its links too."""
+    for candidate in {path.absolute(), path.resolve()}:
+        for parent in candidate.parents:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+        if not os.stat(candidate).st_mode & 0o004:
             return False
-    return bool(os.stat(path).st_mode & 0o004)
+    return True
 
 
-def isolation_for(*, readable: list[Path], memory_bytes: int, cpu_seconds: int | None) -> Isolation:
+def isolation_for(*, python: Path, memory_bytes: int, cpu_seconds: int | None) -> Isolation:
+    """What this host allows. The files a sandbox reads are copied into its private
+    folder (see private_workdir), so only the interpreter must be readable by nobody."""
     iso = Isolation()
     is_root = os.geteuid() == 0
     if is_root and shutil.which("unshare"):
@@ -67,7 +71,8 @@ def isolation_for(*, readable: list[Path], memory_bytes: int, cpu_seconds: int |
             user = pwd.getpwnam(SANDBOX_USER)
         except KeyError:
             user = None
-        unreadable = [str(p) for p in readable if not _readable_by_others(p)]
+        environment = python.parent.parent  # the venv: its site-packages must be readable too
+        unreadable = [str(p) for p in (python, environment / "pyvenv.cfg") if p.exists() and not _readable_by_others(p)]
         if user and not unreadable:
             iso.uid, iso.gid = user.pw_uid, user.pw_gid
             iso.prefix += [
@@ -104,8 +109,13 @@ def scrubbed_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def private_workdir(iso: Isolation) -> Path:
+def private_workdir(iso: Isolation, files: dict[str, Path]) -> Path:
+    """A fresh folder only the sandbox user may use, holding read-only copies of `files`."""
     workdir = Path(tempfile.mkdtemp(prefix="serveml-sandbox-"))
+    for name, source in files.items():
+        target = workdir / name
+        shutil.copyfile(source, target)
+        target.chmod(0o444)
     if iso.uid is not None:
         os.chown(workdir, iso.uid, iso.gid)
     return workdir
@@ -141,13 +151,14 @@ class SandboxResult:
 
 
 def run_sandboxed(
-    argv: list[str], *, readable: list[Path], memory_bytes: int, cpu_seconds: int, wall_seconds: int
+    python: Path, args: list[str], *, files: dict[str, Path], memory_bytes: int, cpu_seconds: int, wall_seconds: int
 ) -> SandboxResult:
-    iso = isolation_for(readable=readable, memory_bytes=memory_bytes, cpu_seconds=cpu_seconds)
-    workdir = private_workdir(iso)
+    """Run `python -I -B *args` in the sandbox, in a private folder holding copies of `files`."""
+    iso = isolation_for(python=python, memory_bytes=memory_bytes, cpu_seconds=cpu_seconds)
+    workdir = private_workdir(iso, files)
     try:
         proc = subprocess.Popen(
-            iso.prefix + argv,
+            iso.prefix + [str(python), "-I", "-B", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

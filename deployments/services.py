@@ -2,13 +2,14 @@
 
 import hashlib
 import logging
+import secrets
 from datetime import timedelta
 
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.utils import timezone
 
-from deployments.models import Deployment, DeploymentEvent
+from deployments.models import Deployment, DeploymentEvent, DeploymentKey
 
 log = logging.getLogger(__name__)
 # A claim older than this is considered abandoned (the worker died mid-deploy),
@@ -133,3 +134,50 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
     )
     deployment_record_event(deployment=deployment, stage="", message="redeploy requested")
     _enqueue(deployment)
+
+
+def key_digest(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def _runtime_refresh(deployment: Deployment) -> None:
+    """Tell the local runtime about a change of keys or privacy now, not at its next sweep."""
+    from deployments.runtime import client
+
+    if deployment.target == Deployment.Target.LOCAL:
+        transaction.on_commit(lambda: client.refresh_quietly(deployment.public_id))
+
+
+@transaction.atomic
+def deployment_key_create(*, deployment: Deployment, name: str) -> tuple[DeploymentKey, str]:
+    """Create an API key; returns the row and the key itself, which is never stored or shown again."""
+    raw = DeploymentKey.PREFIX + secrets.token_urlsafe(32)
+    first = not deployment.keys.filter(revoked_at__isnull=True).exists()
+    key = DeploymentKey.objects.create(
+        deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=key_digest(raw)
+    )
+    if first and not deployment.is_private:
+        # A deployment with keys is private unless its owner says otherwise.
+        deployment_update(deployment=deployment, is_private=True)
+    deployment_record_event(deployment=deployment, stage="", message=f"API key {key} created")
+    _runtime_refresh(deployment)
+    return key, raw
+
+
+@transaction.atomic
+def deployment_key_revoke(*, key: DeploymentKey) -> None:
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+        deployment_record_event(deployment=key.deployment, stage="", message=f"API key {key} revoked")
+        _runtime_refresh(key.deployment)
+
+
+@transaction.atomic
+def deployment_set_private(*, deployment: Deployment, private: bool) -> None:
+    deployment_update(deployment=deployment, is_private=private)
+    deployment_record_event(
+        deployment=deployment, stage="",
+        message="endpoint is private: calls need an API key" if private else "endpoint is public",
+    )
+    _runtime_refresh(deployment)

@@ -112,9 +112,11 @@ def curl_example(deployment: Deployment) -> str:
     )
 
 
-def detail_context(deployment: Deployment) -> dict:
+def detail_context(deployment: Deployment, **extra) -> dict:
     return {
+        **extra,
         "deployment": deployment,
+        "keys": deployment.keys.filter(revoked_at__isnull=True),
         "events": deployment.events.all(),
         "timeline": timeline(deployment),
         "curl": curl_example(deployment),
@@ -157,10 +159,43 @@ def deployment_try(request, public_id):
     else:
         try:
             response = httpx.post(
-                client.server_side_url(deployment), content=body.encode(), headers={"Content-Type": "application/json"},
+                client.server_side_url(deployment), content=body.encode(),
+                headers={"Content-Type": "application/json", **client.internal_headers()},
                 timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
             )
             status, answer = response.status_code, response.text
         except httpx.HTTPError as exc:
             status, answer = None, f"The endpoint did not answer: {exc}"
     return render(request, "deployments/_try_result.html", {"status": status, "answer": answer})
+
+
+@login_required
+@require_POST
+def deployment_key_create(request, public_id):
+    """Create an API key and show it once, in this response only (never stored, never in a cookie)."""
+    deployment = own_deployment(request, public_id)
+    key, raw = services.deployment_key_create(deployment=deployment, name=request.POST.get("name", ""))
+    deployment.refresh_from_db()
+    return render(request, "deployments/detail.html", detail_context(deployment, new_key=raw, new_key_row=key))
+
+
+@login_required
+@require_POST
+def deployment_key_revoke(request, public_id, key_id):
+    deployment = own_deployment(request, public_id)
+    key = get_object_or_404(deployment.keys, pk=key_id)
+    services.deployment_key_revoke(key=key)
+    messages.success(request, f"API key {key} was revoked; calls with it are refused from now on.")
+    return redirect(deployment)
+
+
+@login_required
+@require_POST
+def deployment_access(request, public_id):
+    deployment = own_deployment(request, public_id)
+    private = request.POST.get("private") == "1"
+    if private and not deployment.keys.filter(revoked_at__isnull=True).exists():
+        messages.error(request, "Create an API key first: a private endpoint with no keys answers nobody.")
+    else:
+        services.deployment_set_private(deployment=deployment, private=private)
+    return redirect(deployment)

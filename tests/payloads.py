@@ -77,3 +77,11 @@ def truncated(model_bytes: bytes) -> bytes:
     return model_bytes[: len(model_bytes) // 2]
 
 
+
+
+def loading_bombs(canary) -> dict[str, bytes]:
+    """Payloads that only fail when loaded under limits: they must fail the deployment, not the host."""
+    return {
+        "huge allocation": call("builtins", "exec", "x = bytearray(64 * 1024**3)"),
+        "infinite loop": call("builtins", "exec", "while True: pass"),
+    }

@@ -1,6 +1,6 @@
 """The validate stage's probe: load the model in its sandbox and describe it.
 
-Run as `python -I probe.py MODEL_PATH FORMAT` by the deployment's environment
+Run as `python -I probe.py MODEL_PATH FORMAT TRUSTED_TYPES_JSON` by the deployment's environment
 interpreter, in the sandbox (no network, limits, scrubbed environment). It
 prints one JSON object on its own stdout: the model's signature, an example
 request built from that signature, and what the model itself answers to it,
@@ -15,13 +15,13 @@ import sys
 import traceback
 
 
-def load(path, fmt):
+def load(path, fmt, trusted):
     if fmt == "skops":
         try:
             import skops.io
         except ImportError:
             raise SystemExit("skops is not installed in this model's environment: add skops==<version> to requirements.txt")
-        return skops.io.load(path, trusted=skops.io.get_untrusted_types(file=path))
+        return skops.io.load(path, trusted=trusted)
     if fmt == "joblib":
         import joblib
 
@@ -74,11 +74,11 @@ def as_input(row, feature_names):
     return numpy.asarray([row], dtype=float)
 
 
-def main(path, fmt):
+def main(path, fmt, trusted):
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     try:
-        model = load(path, fmt)
+        model = load(path, fmt, trusted)
     except BaseException as exc:
         traceback.print_exc()
         channel.write(json.dumps({"error": f"loading the model failed: {type(exc).__name__}: {exc}"}))
@@ -122,4 +122,4 @@ def main(path, fmt):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else []))

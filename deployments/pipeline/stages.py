@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -50,6 +51,14 @@ def inspect(deployment: Deployment) -> str:
     except InspectionError as exc:
         raise StageError(str(exc)) from None
     refused = disallowed(scan.globals)
+    if refused and all(g.module.split(".")[0] == "sklearn" for g in refused):
+        names = ", ".join(str(g) for g in refused[:20])
+        raise StageError(
+            f"The model refers to scikit-learn names that ServeML does not know: {names}. Such paths usually "
+            "come from an old scikit-learn (sklearn.svm.classes, for one, became sklearn.svm._classes in 0.22). "
+            "Save the model again with a current scikit-learn and pin that version, or ask an operator to "
+            "allow these names."
+        )
     if refused:
         names = ", ".join(str(g) for g in refused[:20])
         raise StageError(
@@ -66,7 +75,12 @@ def inspect(deployment: Deployment) -> str:
     services.deployment_update(
         deployment=deployment,
         model_format=scan.format,
-        signature={**deployment.signature, "pickled_sklearn_version": scan.sklearn_version},
+        signature={
+            **deployment.signature,
+            "pickled_sklearn_version": scan.sklearn_version,
+            # skops loads exactly these checked types and refuses any other (see handler.py).
+            "trusted_types": sorted(str(g) for g in scan.globals) if scan.format == "skops" else [],
+        },
     )
     saved = f"saved with scikit-learn {scan.sklearn_version}" if scan.sklearn_version else "no scikit-learn version recorded"
     return (
@@ -147,9 +161,11 @@ def local_model_path(deployment: Deployment) -> Path:
 def validate(deployment: Deployment) -> str:
     python = environment_python(deployment)
     model_path = local_model_path(deployment)
+    model_name = deployment.model_basename()
     result = run_sandboxed(
-        [str(python), "-I", "-B", str(buildkit.PROBE), str(model_path), deployment.model_format],
-        readable=[python, buildkit.PROBE, model_path],
+        python,
+        ["probe.py", model_name, deployment.model_format, json.dumps(deployment.signature.get("trusted_types", []))],
+        files={"probe.py": buildkit.PROBE, model_name: model_path},
         memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES,
         cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS,
         wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS,
@@ -204,15 +220,18 @@ def render_context(deployment: Deployment, directory: Path, *, base_image: str =
     directory.mkdir(parents=True, exist_ok=True)
     values = {
         "deployment_id": str(deployment.public_id),
-        "name": deployment.name.replace("\n", " ")[:100],
+        # The name lands in a docstring and a Dockerfile comment: keep only harmless characters.
+        "name": re.sub(r"[^\w .-]", "_", deployment.name)[:100],
         "model_filename": deployment.model_basename(),
         "model_format": deployment.model_format,
+        "trusted_types": deployment.signature.get("trusted_types", []),
         "base_image": base_image or getattr(settings, "SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11"),
     }
     (directory / "handler.py").write_text(jinja.get_template("handler.py.j2").render(values))
     (directory / "Dockerfile").write_text(jinja.get_template("Dockerfile.j2").render(values))
     with deployment.model_file.open("rb") as src, open(directory / values["model_filename"], "wb") as dst:
         shutil.copyfileobj(src, dst)
+    (directory / values["model_filename"]).chmod(0o444)  # model processes may read it, nobody may change it
     (directory / "requirements.txt").write_text(requirements_of(deployment).normalised())
     return ["handler.py", "Dockerfile", values["model_filename"], "requirements.txt"]
 
@@ -260,7 +279,10 @@ def same_prediction(expected, actual) -> bool:
 
 def verify(deployment: Deployment) -> str:
     try:
-        response = httpx.post(client.server_side_url(deployment), json=deployment.example_request, timeout=60)
+        response = httpx.post(
+            client.server_side_url(deployment), json=deployment.example_request,
+            headers=client.internal_headers(), timeout=60,
+        )
     except httpx.HTTPError as exc:
         raise StageError(f"The endpoint {deployment.endpoint_url} did not answer: {exc}.") from None
     if response.status_code != 200:

@@ -49,3 +49,16 @@ def load(public_id) -> dict:
 
 def unload(public_id) -> None:
     _control("_unload", public_id, timeout=30)
+
+
+def refresh_quietly(public_id) -> None:
+    """Ask the runtime to re-read a deployment's keys; its sweep does it anyway if this fails."""
+    try:
+        _control("_refresh", public_id, timeout=10)
+    except RuntimeUnavailable:
+        pass
+
+
+def internal_headers() -> dict:
+    """Lets ServeML's own calls (verify, try-it) through a private endpoint."""
+    return {"X-ServeML-Internal": settings.SERVEML_RUNTIME_TOKEN}

@@ -10,6 +10,8 @@ answers 404 even when the worker could not reach the runtime.
 """
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import shutil
@@ -40,6 +42,32 @@ class ModelUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may call a deployment: anyone, or holders of one of its keys (SHA-256 digests)."""
+
+    private: bool = False
+    key_digests: frozenset[bytes] = frozenset()
+
+    def allows(self, headers: dict[bytes, bytes], internal_token: bytes) -> bool:
+        if not self.private:
+            return True
+        if hmac.compare_digest(headers.get(b"x-serveml-internal", b""), internal_token):
+            return True
+        presented = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+        if not presented:
+            return False
+        digest = hashlib.sha256(presented).hexdigest().encode()
+        # Compare against every key, without stopping early, in constant time each.
+        matches = [hmac.compare_digest(digest, known) for known in self.key_digests]
+        return any(matches)
+
+
+def _access(deployment) -> Access:
+    digests = deployment.keys.filter(revoked_at__isnull=True).values_list("key_sha256", flat=True)
+    return Access(deployment.is_private, frozenset(d.encode() for d in digests))
+
+
+@dataclass(frozen=True)
 class Spec:
     """Where a servable deployment's pieces live on this host."""
 
@@ -49,7 +77,7 @@ class Spec:
     model_path: Path
 
 
-def lookup(deployment_id: str) -> Spec | None:
+def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     """Read a servable deployment from the database (runs in a thread)."""
     from deployments.models import Deployment
     from deployments.pipeline.stages import environment_python, restore_context
@@ -62,17 +90,19 @@ def lookup(deployment_id: str) -> Spec | None:
     if deployment is None:
         return None
     build_dir = restore_context(deployment)
-    return Spec(deployment_id, environment_python(deployment), build_dir, build_dir / deployment.model_basename())
+    spec = Spec(deployment_id, environment_python(deployment), build_dir, build_dir / deployment.model_basename())
+    return spec, _access(deployment)
 
 
-def servable_ids(ids: list[str]) -> set[str]:
+def servable_access(ids: list[str]) -> dict[str, Access]:
+    """The access rules of those deployments that may still be served (runs in a thread)."""
     from deployments.models import Deployment
 
     close_old_connections()
     rows = Deployment.objects.filter(
         public_id__in=ids, status__in=[Deployment.Status.READY, Deployment.Status.DEPLOYING]
-    ).values_list("public_id", flat=True)
-    return {str(row) for row in rows}
+    ).prefetch_related("keys")
+    return {str(row.public_id): _access(row) for row in rows}
 
 
 class ModelProcess:
@@ -87,16 +117,20 @@ class ModelProcess:
 
     async def start(self) -> None:
         iso = isolation_for(
-            readable=[self.spec.python, buildkit.MODEL_SERVER, self.spec.model_path],
+            python=self.spec.python,
             memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
             cpu_seconds=None,  # long-lived: a per-request wall-clock limit applies instead
         )
-        self.workdir = private_workdir(iso)
+        self.workdir = private_workdir(iso, {
+            "model_server.py": buildkit.MODEL_SERVER,
+            "handler.py": self.spec.build_dir / "handler.py",
+            self.spec.model_path.name: self.spec.model_path,
+        })
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
-                *iso.prefix, str(self.spec.python), "-I", "-B", str(buildkit.MODEL_SERVER), str(self.spec.build_dir),
+                *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 limit=2 * MAX_BODY,
                 **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
@@ -131,8 +165,9 @@ class ModelProcess:
 class ModelPool:
     """The processes serving one deployment; grows to max_size while requests wait."""
 
-    def __init__(self, spec: Spec, max_size: int):
+    def __init__(self, spec: Spec, access: Access, max_size: int):
         self.spec = spec
+        self.access = access
         self.max_size = max_size
         self.processes: list[ModelProcess] = []
         self.free: asyncio.Queue[ModelProcess] = asyncio.Queue()
@@ -208,10 +243,10 @@ class Runtime:
         async with lock:
             if deployment_id in self.pools:
                 return self.pools[deployment_id]
-            spec = await sync_to_async(lookup)(deployment_id)
-            if spec is None:
+            found = await sync_to_async(lookup)(deployment_id)
+            if found is None:
                 return None
-            pool = ModelPool(spec, self.max_processes)
+            pool = ModelPool(*found, self.max_processes)
             await pool.warm()
             self.pools[deployment_id] = pool
             return pool
@@ -222,21 +257,28 @@ class Runtime:
             pool.close()
         return pool is not None
 
+    async def refresh(self, ids: list[str]) -> None:
+        """Re-read access rules, and unload deployments that may no longer be served."""
+        keep = await sync_to_async(servable_access)(ids)
+        for deployment_id in ids:
+            pool = self.pools.get(deployment_id)
+            if pool is None:
+                continue
+            if deployment_id in keep:
+                pool.access = keep[deployment_id]
+            else:
+                log.info("unloading %s: no longer servable", deployment_id)
+                self.unload(deployment_id)
+
     async def sweep(self) -> None:
-        """Unload deployments that were stopped while the runtime was not told."""
+        """Catch changes the runtime was not told about (it was down, or a call failed)."""
         while True:
             await asyncio.sleep(self.sweep_seconds)
-            if not self.pools:
-                continue
-            try:
-                keep = await sync_to_async(servable_ids)(list(self.pools))
-            except Exception:
-                log.exception("sweep failed")
-                continue
-            for deployment_id in list(self.pools):
-                if deployment_id not in keep:
-                    log.info("unloading %s: no longer servable", deployment_id)
-                    self.unload(deployment_id)
+            if self.pools:
+                try:
+                    await self.refresh(list(self.pools))
+                except Exception:
+                    log.exception("sweep failed")
 
     # ------------------------------------------------------------ ASGI
 
@@ -254,12 +296,12 @@ class Runtime:
         if parts[0] == "predict":
             if method != "POST":
                 return await respond(send, 405, _error("send predictions with POST and a JSON body"))
-            return await self.predict(parts[1], receive, send)
-        if parts[0] in ("_load", "_unload") and method == "POST":
+            return await self.predict(parts[1], dict(scope["headers"]), receive, send)
+        if parts[0] in ("_load", "_unload", "_refresh") and method == "POST":
             return await self.control(parts[0], parts[1], scope, send)
         return await respond(send, 404, _error("no deployment answers at this URL"))
 
-    async def predict(self, deployment_id: str, receive, send):
+    async def predict(self, deployment_id: str, headers: dict, receive, send):
         body = await read_body(receive)
         if body is None:
             return await respond(send, 413, _error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
@@ -269,6 +311,11 @@ class Runtime:
                 return await respond(
                     send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
                 )
+            if not pool.access.allows(headers, self.token):
+                return await respond(send, 401, _error(
+                    "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+                    "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
+                ))
             status, answer = await pool.predict(body)
         except ModelUnavailable as exc:
             return await respond(send, exc.status, _error(exc.message))
@@ -276,12 +323,13 @@ class Runtime:
 
     async def control(self, action: str, deployment_id: str, scope, send):
         auth = dict(scope["headers"]).get(b"authorization", b"")
-        import hmac
-
         if not hmac.compare_digest(auth, b"Bearer " + self.token):
             return await respond(send, 403, _error("bad runtime token"))
         if action == "_unload":
             return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
+        if action == "_refresh":
+            await self.refresh([deployment_id])
+            return await respond(send, 200, orjson.dumps({"refreshed": deployment_id in self.pools}))
         try:
             pool = await self.pool_for(deployment_id)
         except ModelUnavailable as exc:

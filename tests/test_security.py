@@ -1,0 +1,190 @@
+"""Untrusted uploads cannot run code on the ServeML host.
+
+Every hostile file is refused by the static inspection; and where a file got
+past it (an operator allowed too much), the sandbox contains it: the canary
+file each payload tries to create never appears.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import override_settings
+from django.urls import reverse
+
+from deployments.models import AllowedGlobal, Deployment
+from deployments.pipeline import stages
+from deployments.pipeline.errors import StageError
+from deployments.sandbox import run_sandboxed
+from tests import payloads
+from tests.conftest import SKLEARN_PIN
+
+pytestmark = pytest.mark.django_db
+IS_ROOT = os.geteuid() == 0
+PAYLOAD_NAMES = sorted(payloads.payloads("/nonexistent"))
+
+
+@pytest.fixture(autouse=True)
+def no_enqueue(monkeypatch):
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+
+@pytest.fixture
+def canary(tmp_path):
+    # A folder only the host's own user may write to: what a payload is after.
+    path = tmp_path / "host-only" / "canary"
+    path.parent.mkdir(mode=0o755)
+    return path
+
+
+def test_the_corpus_holds_at_least_fifteen_distinct_payloads():
+    assert len(PAYLOAD_NAMES) + len(payloads.loading_bombs("/x")) >= 15
+
+
+@pytest.mark.parametrize("name", PAYLOAD_NAMES)
+def test_inspect_refuses_every_hostile_file(user, make_deployment, canary, name):
+    deployment = make_deployment(user, model_bytes=payloads.payloads(canary)[name])
+    with pytest.raises(StageError) as refused:
+        stages.inspect(deployment)
+    message = str(refused.value)
+    assert "allowlist" in message or "more data after the end of the model" in message
+    assert not canary.exists()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dropping to an unprivileged user needs root")
+@pytest.mark.parametrize("name", PAYLOAD_NAMES)
+def test_the_sandbox_contains_a_payload_that_got_past_inspection(user, make_deployment, canary, name):
+    """Skip inspection on purpose and load each payload in the validate sandbox."""
+    deployment = make_deployment(user, model_bytes=payloads.payloads(canary)[name])
+    stages.environment(deployment)
+    try:
+        stages.validate(deployment)
+    except StageError:
+        pass  # most are no model at all; the one hidden after a real model never even runs
+    assert not canary.exists()
+    assert "unprivileged user (nobody)" in deployment.events.get(message__startswith="sandbox").message
+
+
+@pytest.mark.parametrize("name", sorted(payloads.loading_bombs("/x")))
+@override_settings(SERVEML_SANDBOX_WALL_SECONDS=5, SERVEML_SANDBOX_MEMORY_BYTES=768 * 1024**2)
+def test_a_model_that_hangs_or_explodes_on_load_fails_its_deployment(user, make_deployment, name):
+    deployment = make_deployment(user, model_bytes=payloads.loading_bombs("/x")[name])
+    stages.environment(deployment)
+    with pytest.raises(StageError) as failed:
+        stages.validate(deployment)
+    assert any(word in str(failed.value) for word in ("longer than 5 s", "memory", "MemoryError", "killed"))
+
+
+def test_an_operator_can_allow_an_import_in_the_admin(user, make_deployment):
+    deployment = make_deployment(user, model_bytes=payloads.call("collections", "Counter", "abc"))
+    with pytest.raises(StageError, match="collections.Counter"):
+        stages.inspect(deployment)
+    AllowedGlobal.objects.create(module="collections", name="Counter", note="test")
+    assert "all on the allowlist" in stages.inspect(deployment)
+
+
+def test_the_refusal_points_old_scikit_learn_paths_to_a_version_fix(user, make_deployment):
+    deployment = make_deployment(user, model_bytes=payloads.call("sklearn.svm.classes", "SVC"))
+    with pytest.raises(StageError, match="old scikit-learn .*sklearn.svm.classes"):
+        stages.inspect(deployment)
+
+
+# ------------------------------------------------------------------ the sandbox itself
+
+
+def sandboxed(code: str, cpu_seconds: int = 10):
+    # The system interpreter: readable by the sandbox's unprivileged user, like model environments.
+    return run_sandboxed(
+        Path(settings.SERVEML_ENV_PYTHON), ["-c", code], files={}, memory_bytes=1024**3,
+        cpu_seconds=cpu_seconds, wall_seconds=30,
+    )
+
+
+def test_the_sandbox_scrubs_secrets_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://secret@db/serveml")
+    monkeypatch.setenv("DJANGO_SECRET_KEY", "django-secret-value")
+    result = sandboxed("import os; print(sorted(os.environ))")
+    names = result.stdout.decode()
+    for secret in ("AWS_SECRET_ACCESS_KEY", "DATABASE_URL", "DJANGO_SECRET_KEY"):
+        assert secret not in names
+    assert "HOME" in names and "TMPDIR" in names
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="namespaces and user changes need root")
+def test_the_sandbox_runs_as_nobody_without_network():
+    code = (
+        "import os, socket\n"
+        "print(os.getuid())\n"
+        "try:\n    socket.create_connection(('127.0.0.1', 5432), timeout=2); print('connected')\n"
+        "except OSError as e: print('no network', e.errno)\n"
+        "print(os.getcwd())"
+    )
+    result = sandboxed(code)
+    uid, network, cwd = result.stdout.decode().split("\n")[:3]
+    assert int(uid) == __import__("pwd").getpwnam("nobody").pw_uid
+    assert network.startswith("no network")
+    assert "serveml-sandbox-" in cwd and not os.path.exists(cwd)  # private, and removed afterwards
+    assert "no network (unshare --net)" in result.isolation.describe()
+
+
+def test_the_sandbox_enforces_its_cpu_limit():
+    result = sandboxed("while True: pass", cpu_seconds=1)
+    assert result.returncode != 0 and not result.timed_out
+
+
+# ------------------------------------------------------------------ uploads and settings
+
+
+@pytest.mark.parametrize(
+    "client_name", ["../../../../etc/cron.d/evil", "/etc/passwd", "model\x00.pkl", "x" * 3000 + ".pkl", "....//....//x.pkl", "C:\\evil.pkl"]
+)
+def test_the_clients_file_name_never_becomes_a_path(client, user, iris_rf_bytes, client_name):
+    client.force_login(user)
+    client.raise_request_exception = False
+    response = client.post(reverse("deployment-new"), {
+        "model_file": SimpleUploadedFile(client_name, iris_rf_bytes),
+        "requirements_file": SimpleUploadedFile(client_name, SKLEARN_PIN.encode()),
+    })
+    stored = sorted(p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file()) if settings.MEDIA_ROOT.exists() else []
+    if response.status_code == 400:  # Django refuses some names outright ("..")
+        assert Deployment.objects.count() == 0 and stored == []
+        return
+    deployment = Deployment.objects.get()
+    folder = settings.MEDIA_ROOT / "deployments" / str(deployment.public_id)
+    assert stored == [folder / "model.pkl", folder / "requirements.txt"]
+    assert len(deployment.model_filename) <= 255 and "\x00" not in deployment.model_filename
+    assert "/" not in deployment.model_filename
+
+
+def test_uploaded_files_are_not_served_by_any_url(client, user, make_deployment):
+    deployment = make_deployment(user)
+    client.force_login(user)
+    assert client.get(f"/media/{deployment.model_file.name}").status_code == 404
+    assert not str(settings.MEDIA_ROOT).startswith(str(settings.BASE_DIR / "static"))
+
+
+def test_celery_only_speaks_json():
+    assert settings.CELERY_TASK_SERIALIZER == "json"
+    assert settings.CELERY_ACCEPT_CONTENT == ["json"]
+
+
+def test_check_deploy_is_clean_with_production_settings():
+    env = {
+        **os.environ, "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "k" * 20 + "-production-secret-0123456789-abcdefghij",
+        "DJANGO_ALLOWED_HOSTS": "serveml.example.com",
+    }
+    done = subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=settings.BASE_DIR, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "System check identified no issues" in done.stdout
+
+
+def test_forms_carry_csrf_protection(client, user):
+    client.force_login(user)
+    client.handler.enforce_csrf_checks = True
+    assert client.post(reverse("deployment-new"), {}).status_code == 403
