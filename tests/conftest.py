@@ -168,7 +168,7 @@ class Stack:
         self.env = env
         self.runtime_port = runtime_port
         self.runtime_url = f"http://127.0.0.1:{runtime_port}"
-        self.worker = Service("worker", [sys.executable, "-m", "celery", "-A", "serveml", "worker", "--pool=solo",
+        self.worker = Service("worker", [sys.executable, "-m", "celery", "-A", "serveml", "worker", "--concurrency=2",
                                          "--loglevel=INFO", "--without-mingle", "--without-gossip"], env)
         self.runtime = Service("runtime", [sys.executable, "manage.py", "runtime", "--port", str(runtime_port)], env)
 

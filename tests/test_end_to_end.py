@@ -117,3 +117,26 @@ def test_a_stopped_deployment_answers_404(stack, live_server, token):
     gone = httpx.post(state["endpoint_url"], json={"data": ROWS[0].tolist()})
     assert gone.status_code == 404
     assert "stopped" in gone.json()["error"]
+
+
+def test_a_private_endpoint_answers_only_calls_with_a_live_key(stack, live_server, token):
+    state = wait_ready(stack, token, deploy(live_server, token, corpus.random_forest()))
+    auth = {"Authorization": f"Token {token}"}
+    created = httpx.post(f"{state['status_url']}/keys", headers=auth, json={"name": "batch-job"})
+    assert created.status_code == 201
+    key = created.json()["key"]
+    detail = httpx.get(state["status_url"], headers=auth).json()
+    assert detail["is_private"] is True  # private by default once a key exists
+
+    url, row = state["endpoint_url"], {"data": ROWS[0].tolist()}
+    refused = httpx.post(url, json=row)
+    assert refused.status_code == 401 and "API keys" in refused.json()["error"]
+    assert httpx.post(url, json=row, headers={"Authorization": "Bearer sml_wrong"}).status_code == 401
+    assert httpx.post(url, json=row, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.post(url, json=row, headers={"X-API-Key": key}).status_code == 200
+
+    from deployments import services
+    from deployments.models import DeploymentKey
+
+    services.deployment_key_revoke(key=DeploymentKey.objects.get(name="batch-job"))
+    assert httpx.post(url, json=row, headers={"Authorization": f"Bearer {key}"}).status_code == 401

@@ -101,3 +101,54 @@ def test_operators_can_redeploy_from_the_admin(admin_client, user, make_deployme
     deployment.refresh_from_db()
     assert deployment.status == Deployment.Status.QUEUED and deployment.error == ""
     assert deployment.events.last().message == "redeploy requested"
+
+
+def test_a_new_api_key_is_shown_once_and_only_its_digest_is_kept(client, user, make_deployment, monkeypatch):
+    monkeypatch.setattr("deployments.runtime.client.refresh_quietly", lambda public_id: None)
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.READY)
+    client.force_login(user)
+    page = client.post(reverse("deployment-key-create", args=[deployment.public_id]), {"name": "ci"}).content.decode()
+    key = page.split('<pre id="new-key">')[1].split("</pre>")[0]
+    assert key.startswith("sml_") and len(key) > 40
+    stored = deployment.keys.get()
+    from deployments.services import key_digest
+
+    assert stored.key_sha256 == key_digest(key) and key not in str(stored.__dict__)
+    again = client.get(deployment.get_absolute_url()).content.decode()
+    assert key not in again and stored.hint in again
+    deployment.refresh_from_db()
+    assert deployment.is_private
+
+
+def test_the_owner_switches_between_public_and_private(client, user, make_deployment, monkeypatch):
+    monkeypatch.setattr("deployments.runtime.client.refresh_quietly", lambda public_id: None)
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.READY)
+    client.force_login(user)
+    url = reverse("deployment-access", args=[deployment.public_id])
+    client.post(url, {"private": "1"})
+    deployment.refresh_from_db()
+    assert not deployment.is_private  # no key yet: private would answer nobody
+    client.post(reverse("deployment-key-create", args=[deployment.public_id]), {"name": "k"})
+    client.post(url, {"private": "0"})
+    deployment.refresh_from_db()
+    assert not deployment.is_private
+    client.post(url, {"private": "1"})
+    deployment.refresh_from_db()
+    assert deployment.is_private
+
+
+def test_the_key_check_compares_digests_in_constant_time():
+    import hashlib
+
+    from deployments.runtime.gateway import Access
+
+    digest = hashlib.sha256(b"sml_right").hexdigest().encode()
+    access = Access(private=True, key_digests=frozenset({digest}))
+    assert access.allows({b"authorization": b"Bearer sml_right"}, b"internal")
+    assert access.allows({b"x-api-key": b"sml_right"}, b"internal")
+    assert not access.allows({b"authorization": b"Bearer sml_wrong"}, b"internal")
+    assert not access.allows({}, b"internal")
+    assert access.allows({b"x-serveml-internal": b"internal"}, b"internal")
+    assert Access(private=False).allows({}, b"internal")

@@ -1,7 +1,7 @@
 """The local runtime's model process: serves one deployment's handler over a pipe.
 
 Run by the deployment's environment interpreter inside the sandbox as
-`python -I model_server.py BUILD_DIR`. It imports the very handler.py that
+`python -I model_server.py BUILD_DIR [LABEL]`. It imports the very handler.py that
 the Lambda image runs, loads the model once, then answers requests for as
 long as the runtime keeps it: no process is started per request.
 

@@ -130,7 +130,8 @@ class ModelProcess:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
-                *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".",
+                # The id is only a label, so operators can tell model processes apart in `ps`.
+                *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 limit=2 * MAX_BODY,
                 **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
