@@ -1,7 +1,8 @@
 from django.contrib import admin, messages
 
 from deployments import services
-from deployments.models import Deployment, DeploymentEvent
+from deployments.models import AllowedGlobal, Deployment, DeploymentEvent
+from deployments.pipeline.errors import StageError
 
 
 class DeploymentEventInline(admin.TabularInline):
@@ -45,8 +46,11 @@ class DeploymentAdmin(admin.ModelAdmin):
         count = 0
         for deployment in queryset:
             if deployment.can_stop():
-                services.deployment_stop(deployment=deployment)
-                count += 1
+                try:
+                    services.deployment_stop(deployment=deployment)
+                    count += 1
+                except StageError as exc:
+                    self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
         self.message_user(request, f"{count} deployment(s) stopped.", messages.SUCCESS)
 
 
@@ -56,3 +60,17 @@ class DeploymentEventAdmin(admin.ModelAdmin):
     list_filter = ["level", "stage"]
     search_fields = ["message", "deployment__name", "deployment__public_id"]
     list_select_related = ["deployment"]
+
+
+@admin.register(AllowedGlobal)
+class AllowedGlobalAdmin(admin.ModelAdmin):
+    """Imports allowed beyond the reviewed allowlist. Each one lets models run that code: review before adding."""
+
+    list_display = ["module", "name", "note", "added_by", "created_at"]
+    search_fields = ["module", "name", "note"]
+    readonly_fields = ["added_by", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.added_by = request.user
+        super().save_model(request, obj, form, change)

@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from deployments import services
 from deployments.models import Deployment, DeploymentEvent
+from deployments.pipeline.errors import StageError
 from deployments.views import bound_form
 
 
@@ -93,7 +94,10 @@ class DeploymentDetailView(APIView):
                 status=status.HTTP_409_CONFLICT,
             )
         if deployment.status != Deployment.Status.STOPPED:
-            services.deployment_stop(deployment=deployment)
+            try:
+                services.deployment_stop(deployment=deployment)
+            except StageError as exc:
+                return Response({"error": f"Stopping failed: {exc}"}, status=status.HTTP_502_BAD_GATEWAY)
         return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)
 
 

@@ -97,8 +97,8 @@ def ensure_environment(requirements: Requirements) -> Environment:
         return Environment(key=key, path=path, reused=False, seconds=time.monotonic() - started, log=log)
 
 
-def _build(staging: Path, requirements: Requirements) -> str:
-    uv = uv_binary()
+def uv_env() -> dict[str, str]:
+    """What uv needs from our environment: certificates, proxies, the operator's one index. No secrets."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/root"),
@@ -107,9 +107,16 @@ def _build(staging: Path, requirements: Requirements) -> str:
     }
     if settings.SERVEML_PACKAGE_INDEX_URL:
         env["UV_DEFAULT_INDEX"] = settings.SERVEML_PACKAGE_INDEX_URL
-    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY",
+                 "https_proxy", "http_proxy", "no_proxy"):
         if name in os.environ:
             env[name] = os.environ[name]
+    return env
+
+
+def _build(staging: Path, requirements: Requirements) -> str:
+    uv = uv_binary()
+    env = uv_env()
     commands = [
         [uv, "venv", "--quiet", "--relocatable", "--python", settings.SERVEML_ENV_PYTHON, str(staging)],
         [

@@ -5,6 +5,7 @@ from django.template.defaultfilters import filesizeformat
 
 from deployments.inspection import InspectionError, scan_model_file, sniff_format
 from deployments.models import Deployment
+from deployments.pipeline import aws
 from deployments.services import display_name
 from deployments.requirements import RequirementsError, parse_requirements
 
@@ -77,11 +78,8 @@ class DeploymentForm(forms.Form):
 
     def clean_target(self):
         target = self.cleaned_data.get("target") or Deployment.Target.LOCAL
-        if target == Deployment.Target.AWS:
-            raise forms.ValidationError(
-                "The aws target is not available on this ServeML yet. Deploy to the local target; "
-                "AWS Lambda deployments are coming (see the README)."
-            )
+        if target == Deployment.Target.AWS and not aws.configured():
+            raise forms.ValidationError(aws.not_configured_message())
         return target
 
     def clean_name(self):

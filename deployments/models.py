@@ -77,6 +77,7 @@ class Deployment(models.Model):
 
     # Cloud resources the deployment owns (aws target).
     image_uri = models.CharField(max_length=500, blank=True)
+    image_size_bytes = models.BigIntegerField(null=True, blank=True)
     function_arn = models.CharField(max_length=500, blank=True)
     api_id = models.CharField(max_length=100, blank=True)
 

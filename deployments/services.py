@@ -109,10 +109,17 @@ def deployment_requeue(*, deployment: Deployment, reason: str) -> None:
 
 
 def deployment_stop(*, deployment: Deployment) -> str:
-    """Tear down what serves the deployment, then mark it stopped."""
-    from deployments.pipeline import local
+    """Tear down what serves the deployment, then mark it stopped.
 
-    summary = local.teardown(deployment) if deployment.target == Deployment.Target.LOCAL else ""
+    Raises StageError (with what to fix) when the cloud refuses to delete
+    something; the deployment then keeps its status so the stop can be retried.
+    """
+    from deployments.pipeline import aws, local
+
+    if deployment.target == Deployment.Target.AWS:
+        summary = aws.teardown(deployment)
+    else:
+        summary = local.teardown(deployment)
     with transaction.atomic():
         deployment_update(deployment=deployment, status=Deployment.Status.STOPPED, stopped_at=timezone.now())
         deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")

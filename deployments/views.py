@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 from deployments import services
 from deployments.forms import DeploymentForm, SignUpForm
 from deployments.models import Deployment
+from deployments.pipeline.errors import StageError
 from deployments.pipeline.runner import PIPELINES
 from deployments.runtime import client
 
@@ -143,8 +144,12 @@ def deployment_status(request, public_id):
 def deployment_stop(request, public_id):
     deployment = own_deployment(request, public_id)
     if deployment.can_stop():
-        services.deployment_stop(deployment=deployment)
-        messages.success(request, "The deployment was stopped; its URL no longer answers.")
+        try:
+            summary = services.deployment_stop(deployment=deployment)
+        except StageError as exc:
+            messages.error(request, f"Stopping failed, nothing was marked stopped: {exc}")
+        else:
+            messages.success(request, f"The deployment was stopped; its URL no longer answers ({summary}).")
     return redirect(deployment)
 
 

@@ -180,6 +180,23 @@ SERVEML_SANDBOX_MEMORY_BYTES = int(os.environ.get("SERVEML_SANDBOX_MEMORY_BYTES"
 # for operators whose users ship their own classes.
 SERVEML_EXTRA_ALLOWED_GLOBALS = env_list("SERVEML_EXTRA_ALLOWED_GLOBALS")
 
+# The aws target: off until a region and a Lambda execution role are configured.
+# Credentials come the standard boto3 way (environment, ~/.aws, instance role).
+SERVEML_AWS_REGION = os.environ.get("SERVEML_AWS_REGION") or os.environ.get("AWS_REGION") or os.environ.get(
+    "AWS_DEFAULT_REGION", ""
+)
+SERVEML_LAMBDA_ROLE_ARN = os.environ.get("SERVEML_LAMBDA_ROLE_ARN", "")
+SERVEML_LAMBDA_MEMORY_MB = int(os.environ.get("SERVEML_LAMBDA_MEMORY_MB", 1024))
+SERVEML_LAMBDA_TIMEOUT_S = int(os.environ.get("SERVEML_LAMBDA_TIMEOUT_S", 30))
+SERVEML_LAMBDA_ARCHITECTURE = os.environ.get("SERVEML_LAMBDA_ARCHITECTURE", "x86_64")  # or arm64
+SERVEML_LAMBDA_BASE_IMAGE = os.environ.get("SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11")
+# The wheel platform of that image's glibc: python:3.11 runs on Amazon Linux 2 (manylinux2014);
+# base images on Amazon Linux 2023 (python:3.12 and later) take manylinux_2_28 wheels.
+SERVEML_LAMBDA_MANYLINUX = os.environ.get("SERVEML_LAMBDA_MANYLINUX", "manylinux2014")
+SERVEML_ECR_REPOSITORY_PREFIX = os.environ.get("SERVEML_ECR_REPOSITORY_PREFIX", "serveml")
+# The Docker engine the worker builds images with (docker SDK's DOCKER_HOST by default).
+SERVEML_DOCKER_URL = os.environ.get("SERVEML_DOCKER_URL", "")
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None

@@ -178,6 +178,7 @@ def test_check_deploy_is_clean_with_production_settings():
         **os.environ, "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "k" * 20 + "-production-secret-0123456789-abcdefghij",
         "DJANGO_ALLOWED_HOSTS": "serveml.example.com",
     }
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # a test-only switch (browser tests), never set in production
     done = subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=settings.BASE_DIR, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

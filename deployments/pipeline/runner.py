@@ -3,20 +3,26 @@ import time
 
 from deployments import services
 from deployments.models import Deployment
-from deployments.pipeline import local, stages
+from deployments.pipeline import aws, image, local, stages
 from deployments.pipeline.errors import StageError, TransientStageError
 
 log = logging.getLogger(__name__)
 Stage = Deployment.Stage
 
-# Stage functions per target, in order. Only the provision step differs for now.
+# Stage functions per target, in order: both share everything up to package, and verify.
+SHARED = [
+    (Stage.INSPECT, stages.inspect),
+    (Stage.ENVIRONMENT, stages.environment),
+    (Stage.VALIDATE, stages.validate),
+    (Stage.PACKAGE, stages.package),
+]
 PIPELINES = {
-    Deployment.Target.LOCAL: [
-        (Stage.INSPECT, stages.inspect),
-        (Stage.ENVIRONMENT, stages.environment),
-        (Stage.VALIDATE, stages.validate),
-        (Stage.PACKAGE, stages.package),
-        (Stage.PROVISION, local.provision),
+    Deployment.Target.LOCAL: [*SHARED, (Stage.PROVISION, local.provision), (Stage.VERIFY, stages.verify)],
+    Deployment.Target.AWS: [
+        *SHARED,
+        (Stage.BUILD, image.build),
+        (Stage.PUSH, image.push),
+        (Stage.PROVISION, aws.provision),
         (Stage.VERIFY, stages.verify),
     ],
 }

@@ -1,0 +1,259 @@
+"""The aws target: ECR repository, Lambda function (PackageType Image) and an API
+Gateway HTTP API in front of it, with boto3.
+
+Every step looks for what an earlier, interrupted run may have created before
+creating it, so rerunning a half-finished provision completes it instead of
+failing on "already exists". botocore retries throttling and 5xx answers with
+backoff and jitter (adaptive mode, capped); what still fails is classified
+here: transient errors retry the Celery task, permanent ones fail the stage
+with what to fix.
+"""
+
+import json
+from functools import lru_cache
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from django.conf import settings
+
+from deployments import services
+from deployments.models import Deployment
+from deployments.pipeline.errors import StageError, TransientStageError
+
+RETRIES = Config(retries={"max_attempts": 6, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+TRANSIENT_CODES = {
+    "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
+    "ServiceException", "InternalFailure", "InternalServerError", "InternalServiceError", "RequestTimeout",
+    "RequestTimeoutException", "EC2ThrottledException",
+}
+PERMISSION_STATEMENT = "serveml-apigateway-invoke"
+ROUTE_KEY = "POST /"
+
+
+def configured() -> bool:
+    return bool(settings.SERVEML_AWS_REGION and settings.SERVEML_LAMBDA_ROLE_ARN)
+
+
+def not_configured_message() -> str:
+    return (
+        "The aws target is not configured on this ServeML: an operator must set AWS credentials "
+        "(the standard boto3 way), SERVEML_AWS_REGION and SERVEML_LAMBDA_ROLE_ARN (see the README's "
+        "“AWS target”). The local target works without them."
+    )
+
+
+def client(service: str):
+    return boto3.client(service, region_name=settings.SERVEML_AWS_REGION, config=RETRIES)
+
+
+def call(method, doing: str, **kwargs):
+    """Call boto3, turning its errors into stage errors a person can act on."""
+    try:
+        return method(**kwargs)
+    except ClientError as exc:
+        raise classify(exc, doing) from None
+    except BotoCoreError as exc:  # endpoint unreachable, credentials missing, …
+        raise TransientStageError(f"AWS did not answer while trying to {doing}: {exc}") from None
+
+
+def classify(exc: ClientError, doing: str) -> StageError:
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", str(exc))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in TRANSIENT_CODES or status >= 500:
+        return TransientStageError(f"AWS was busy while trying to {doing} ({code}): {message}")
+    if "AccessDenied" in code or code in {"UnauthorizedOperation", "UnrecognizedClientException"}:
+        return StageError(
+            f"AWS refused to {doing} ({code}): {message}. Give the worker's IAM identity this permission; "
+            "the README lists the least-privilege policy."
+        )
+    if "too large" in message.lower() or code == "CodeStorageExceededException":
+        return StageError(
+            f"AWS refused to {doing}: {message}. Lambda images must stay under 10 GB uncompressed; "
+            "drop packages the model does not need from requirements.txt."
+        )
+    return StageError(f"AWS refused to {doing} ({code}): {message}")
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+@lru_cache(maxsize=1)
+def account_id() -> str:
+    return call(client("sts").get_caller_identity, "read the AWS account id")["Account"]
+
+
+def resource_name(deployment: Deployment) -> str:
+    return f"serveml-{deployment.public_id}"
+
+
+def repository_name(deployment: Deployment) -> str:
+    return f"{settings.SERVEML_ECR_REPOSITORY_PREFIX}/{deployment.public_id}"
+
+
+# ------------------------------------------------------------------ ECR
+
+
+def ensure_repository(ecr, name: str) -> dict:
+    try:
+        return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
+    except ClientError as exc:
+        if _code(exc) != "RepositoryNotFoundException":
+            raise classify(exc, "look up the ECR repository") from None
+    return call(ecr.create_repository, "create the ECR repository", repositoryName=name,
+                imageScanningConfiguration={"scanOnPush": True}, tags=[{"Key": "serveml", "Value": "true"}])[
+        "repository"
+    ]
+
+
+def image_exists(ecr, repository: str, tag: str) -> bool:
+    try:
+        ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])
+        return True
+    except ClientError as exc:
+        if _code(exc) in {"ImageNotFoundException", "RepositoryNotFoundException"}:
+            return False
+        raise classify(exc, "look up the image in ECR") from None
+
+
+# ------------------------------------------------------------------ Lambda + API Gateway
+
+
+def ensure_function(lam, deployment: Deployment) -> str:
+    name = resource_name(deployment)
+    config = {
+        "Role": settings.SERVEML_LAMBDA_ROLE_ARN,
+        "MemorySize": settings.SERVEML_LAMBDA_MEMORY_MB,
+        "Timeout": settings.SERVEML_LAMBDA_TIMEOUT_S,
+        "Environment": {"Variables": {"SERVEML_DEPLOYMENT": str(deployment.public_id)}},
+    }
+    try:
+        existing = lam.get_function(FunctionName=name)["Configuration"]
+    except ClientError as exc:
+        if _code(exc) != "ResourceNotFoundException":
+            raise classify(exc, "look up the Lambda function") from None
+        existing = None
+    if existing is None:
+        created = call(
+            lam.create_function, "create the Lambda function", FunctionName=name, PackageType="Image",
+            Code={"ImageUri": deployment.image_uri}, Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE],
+            Tags={"serveml": "true"}, **config,
+        )
+        arn = created["FunctionArn"]
+        _wait(lam, "function_active_v2", name)
+        return arn
+    # A rerun, or a redeploy: bring the function to this image and these settings.
+    call(lam.update_function_code, "update the Lambda function's image", FunctionName=name,
+         ImageUri=deployment.image_uri, Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE])
+    _wait(lam, "function_updated_v2", name)
+    call(lam.update_function_configuration, "configure the Lambda function", FunctionName=name, **config)
+    _wait(lam, "function_updated_v2", name)
+    return existing["FunctionArn"]
+
+
+def _wait(lam, waiter: str, name: str) -> None:
+    try:
+        lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    except Exception as exc:  # WaiterError: the function failed to become active
+        raise StageError(f"The Lambda function {name} did not become ready: {exc}") from None
+
+
+def ensure_api(gateway, deployment: Deployment) -> dict:
+    name = resource_name(deployment)
+    for page in gateway.get_paginator("get_apis").paginate():
+        for api in page["Items"]:
+            if api["Name"] == name:
+                return api
+    return call(gateway.create_api, "create the HTTP API", Name=name, ProtocolType="HTTP", Tags={"serveml": "true"})
+
+
+def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
+    for item in gateway.get_integrations(ApiId=api_id)["Items"]:
+        if item.get("IntegrationUri") == function_arn:
+            return item["IntegrationId"]
+    return call(
+        gateway.create_integration, "connect the HTTP API to the function", ApiId=api_id,
+        IntegrationType="AWS_PROXY", IntegrationUri=function_arn, IntegrationMethod="POST",
+        PayloadFormatVersion="2.0",
+    )["IntegrationId"]
+
+
+def ensure_route(gateway, api_id: str, integration_id: str) -> None:
+    if any(route["RouteKey"] == ROUTE_KEY for route in gateway.get_routes(ApiId=api_id)["Items"]):
+        return
+    call(gateway.create_route, "add the POST route", ApiId=api_id, RouteKey=ROUTE_KEY,
+         Target=f"integrations/{integration_id}")
+
+
+def ensure_stage(gateway, api_id: str) -> None:
+    if any(stage["StageName"] == "$default" for stage in gateway.get_stages(ApiId=api_id)["Items"]):
+        return
+    call(gateway.create_stage, "create the $default stage", ApiId=api_id, StageName="$default", AutoDeploy=True)
+
+
+def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
+    name = resource_name(deployment)
+    try:
+        policy = json.loads(lam.get_policy(FunctionName=name)["Policy"])
+        if any(statement.get("Sid") == PERMISSION_STATEMENT for statement in policy["Statement"]):
+            return
+    except ClientError as exc:
+        if _code(exc) != "ResourceNotFoundException":  # no policy yet
+            raise classify(exc, "read the Lambda function's policy") from None
+    source = f"arn:aws:execute-api:{settings.SERVEML_AWS_REGION}:{account_id()}:{api_id}/*/*"
+    try:
+        lam.add_permission(
+            FunctionName=name, StatementId=PERMISSION_STATEMENT, Action="lambda:InvokeFunction",
+            Principal="apigateway.amazonaws.com", SourceArn=source,
+        )
+    except ClientError as exc:
+        if _code(exc) != "ResourceConflictException":  # added meanwhile: fine
+            raise classify(exc, "let API Gateway invoke the function") from None
+
+
+def provision(deployment: Deployment) -> str:
+    lam, gateway = client("lambda"), client("apigatewayv2")
+    function_arn = ensure_function(lam, deployment)
+    services.deployment_update(deployment=deployment, function_arn=function_arn)
+    api = ensure_api(gateway, deployment)
+    services.deployment_update(deployment=deployment, api_id=api["ApiId"])
+    integration_id = ensure_integration(gateway, api["ApiId"], function_arn)
+    ensure_route(gateway, api["ApiId"], integration_id)
+    ensure_stage(gateway, api["ApiId"])
+    ensure_permission(lam, deployment, api["ApiId"])
+    services.deployment_update(deployment=deployment, endpoint_url=f"{api['ApiEndpoint'].rstrip('/')}/")
+    return (
+        f"Lambda function {resource_name(deployment)} ({settings.SERVEML_LAMBDA_MEMORY_MB} MB, "
+        f"{settings.SERVEML_LAMBDA_TIMEOUT_S} s, {settings.SERVEML_LAMBDA_ARCHITECTURE}) behind HTTP API "
+        f"{api['ApiId']}"
+    )
+
+
+def teardown(deployment: Deployment) -> str:
+    """Delete the API, the function and the repository; say what was deleted."""
+    deleted = []
+    gateway, lam, ecr = client("apigatewayv2"), client("lambda"), client("ecr")
+    # The APIs named for this deployment: the one on record and any an interrupted run left behind.
+    api_ids = {api["ApiId"] for page in gateway.get_paginator("get_apis").paginate() for api in page["Items"]
+               if api["Name"] == resource_name(deployment) or api["ApiId"] == deployment.api_id}
+    for api_id in api_ids:
+        if _delete(gateway.delete_api, "NotFoundException", ApiId=api_id):
+            deleted.append(f"HTTP API {api_id}")
+    if _delete(lam.delete_function, "ResourceNotFoundException", FunctionName=resource_name(deployment)):
+        deleted.append(f"Lambda function {resource_name(deployment)}")
+    if _delete(ecr.delete_repository, "RepositoryNotFoundException", repositoryName=repository_name(deployment),
+               force=True):
+        deleted.append(f"ECR repository {repository_name(deployment)}")
+    return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"
+
+
+def _delete(method, missing_code: str, **kwargs) -> bool:
+    try:
+        method(**kwargs)
+        return True
+    except ClientError as exc:
+        if _code(exc) == missing_code:
+            return False
+        raise classify(exc, f"delete {kwargs}") from None

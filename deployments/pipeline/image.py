@@ -1,0 +1,186 @@
+"""The aws target's image stages: build the Lambda image from the package
+stage's context, and push it to the deployment's ECR repository.
+
+The build is hermetic: dependencies are installed here, on the worker, for
+the Lambda platform (binary wheels only), copied into the context, and
+`docker build` runs with no network at all.
+"""
+
+import base64
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import docker
+from django.conf import settings
+
+from deployments import services
+from deployments.environments import uv_binary, uv_env
+from deployments.models import Deployment
+from deployments.pipeline.errors import StageError, TransientStageError
+from deployments.pipeline.stages import build_dir, requirements_of
+
+# What a Lambda function never needs at run time.
+TRIM_DIRS = {"tests", "__pycache__"}  # not "testing": numpy.testing is imported at run time
+TRIM_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "WHEEL"}
+MACHINES = {"x86_64": "x86_64", "arm64": "aarch64"}
+LOG_FLUSH_SECONDS = 1.0
+
+
+def docker_client() -> docker.DockerClient:
+    try:
+        if settings.SERVEML_DOCKER_URL:
+            return docker.DockerClient(base_url=settings.SERVEML_DOCKER_URL, timeout=900)
+        return docker.from_env(timeout=900)
+    except docker.errors.DockerException as exc:
+        raise StageError(
+            f"The worker cannot reach a Docker engine ({exc}). Start Docker on the worker host or set "
+            "SERVEML_DOCKER_URL."
+        ) from None
+
+
+def local_tag(deployment: Deployment) -> str:
+    # Tagged by the model's sha256: the same files give the same image, which a redeploy reuses.
+    return f"serveml/{deployment.public_id}:{deployment.model_sha256[:32]}"
+
+
+def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
+    """uv installs the requirements for the Lambda platform into `target`, then trims it."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    architecture = settings.SERVEML_LAMBDA_ARCHITECTURE
+    platform = f"{MACHINES[architecture]}-{settings.SERVEML_LAMBDA_MANYLINUX}"
+    command = [
+        uv_binary(), "pip", "install", "--target", str(target), "--no-progress",
+        "--python-platform", platform, "--python-version", "3.11",
+        "--only-binary", ":all:", "-r", str(build_dir(deployment) / "requirements.txt"),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=uv_env(), timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        raise StageError(
+            f"Installing requirements.txt for Lambda ({architecture}) failed: every package needs a binary wheel "
+            f"for Python 3.11 on {platform}. Recent releases (scikit-learn 1.8 and later, say) publish no "
+            "manylinux2014 wheels for the python:3.11 image's Amazon Linux 2: pin an older release, or have an "
+            "operator use an Amazon Linux 2023 base image with SERVEML_LAMBDA_MANYLINUX=manylinux_2_28.\n"
+            + "\n".join(done.stderr.strip().splitlines()[-6:])
+        )
+    trimmed = trim(target)
+    return f"dependencies for Lambda {architecture} installed ({trimmed // 1024**2} MB trimmed)"
+
+
+def trim(root: Path) -> int:
+    """Remove tests, caches and install metadata the runtime never reads; returns bytes saved."""
+    saved = 0
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if not path.exists():
+            continue
+        drop = (path.is_dir() and path.name in TRIM_DIRS) or path.suffix in {".pyc", ".pyx", ".pxd", ".c", ".h"} or (
+            path.parent.name.endswith(".dist-info") and path.name in TRIM_DIST_INFO
+        )
+        if drop:
+            if path.is_dir():
+                saved += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                shutil.rmtree(path)
+            else:
+                saved += path.stat().st_size
+                path.unlink()
+    return saved
+
+
+class BuildLog:
+    """Streams `docker build` output into the event log, a few lines at a time."""
+
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self.lines: list[str] = []
+        self.flushed = time.monotonic()
+
+    def add(self, line: str) -> None:
+        line = line.rstrip()
+        if line:
+            self.lines.append(line)
+        if self.lines and time.monotonic() - self.flushed > LOG_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            services.deployment_record_event(
+                deployment=self.deployment, stage=Deployment.Stage.BUILD, message="\n".join(self.lines)[-4000:]
+            )
+        self.lines = []
+        self.flushed = time.monotonic()
+
+
+def build(deployment: Deployment) -> str:
+    client = docker_client()
+    tag = local_tag(deployment)
+    try:
+        image = client.images.get(tag)
+        services.deployment_update(deployment=deployment, image_size_bytes=image.attrs["Size"])
+        return f"reused image {tag} ({image.attrs['Size'] / 1024**2:.0f} MB): same model files as before"
+    except docker.errors.ImageNotFound:
+        pass
+    context = build_dir(deployment)
+    installed = install_lambda_dependencies(deployment, context / "deps")
+    services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.BUILD, message=installed)
+    log = BuildLog(deployment)
+    try:
+        for chunk in client.api.build(
+            path=str(context), tag=tag, network_mode="none", rm=True, forcerm=True, pull=False, decode=True,
+            platform=f"linux/{'amd64' if settings.SERVEML_LAMBDA_ARCHITECTURE == 'x86_64' else 'arm64'}",
+        ):
+            if "error" in chunk:
+                log.flush()
+                raise StageError(f"docker build failed: {chunk['error'].strip()}")
+            log.add(chunk.get("stream", ""))
+    except docker.errors.APIError as exc:
+        log.flush()
+        if exc.is_server_error():
+            raise TransientStageError(f"the Docker engine failed during the build: {exc.explanation}") from None
+        raise StageError(f"docker build failed: {exc.explanation}") from None
+    log.flush()
+    image = client.images.get(tag)
+    services.deployment_update(deployment=deployment, image_size_bytes=image.attrs["Size"])
+    return f"built {tag} with no network: {image.attrs['Size'] / 1024**2:.0f} MB"
+
+
+def push_image(client: docker.DockerClient, source: str, repository: str, tag: str, auth: dict | None) -> str:
+    """Tag `source` as repository:tag and push it; returns the pushed digest."""
+    client.images.get(source).tag(repository, tag=tag)
+    digest = ""
+    try:
+        for chunk in client.api.push(repository, tag=tag, auth_config=auth, stream=True, decode=True):
+            if "error" in chunk:
+                message = chunk["error"]
+                if any(word in message.lower() for word in ("timeout", "connection reset", "503", "502")):
+                    raise TransientStageError(f"the registry did not take the image: {message}")
+                raise StageError(f"pushing the image failed: {message}")
+            digest = chunk.get("aux", {}).get("Digest", digest)
+    except docker.errors.APIError as exc:
+        raise TransientStageError(f"the Docker engine failed during the push: {exc.explanation}") from None
+    return digest
+
+
+def push(deployment: Deployment) -> str:
+    from deployments.pipeline import aws
+
+    ecr = aws.client("ecr")
+    repository_name = aws.repository_name(deployment)
+    repository = aws.ensure_repository(ecr, repository_name)
+    tag = deployment.model_sha256
+    if aws.image_exists(ecr, repository_name, tag):
+        services.deployment_update(deployment=deployment, image_uri=f"{repository['repositoryUri']}:{tag}")
+        return f"reused {repository['repositoryUri']}:{tag[:12]}…: the same model files were pushed before"
+    token = aws.call(ecr.get_authorization_token, "get an ECR login token")["authorizationData"][0]
+    username, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
+    digest = push_image(
+        docker_client(), local_tag(deployment), repository["repositoryUri"], tag,
+        {"username": username, "password": password, "serveraddress": token["proxyEndpoint"]},
+    )
+    services.deployment_update(deployment=deployment, image_uri=f"{repository['repositoryUri']}@{digest}" if digest
+                               else f"{repository['repositoryUri']}:{tag}")
+    size = deployment.image_size_bytes or 0
+    return f"pushed {repository['repositoryUri']} ({size / 1024**2:.0f} MB, {digest or 'tag ' + tag[:12]})"
