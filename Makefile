@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: run test install install-dev migrate superuser clean
+.PHONY: run test install install-dev migrate superuser aws-smoke clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ superuser: migrate
 test: install-dev
 	bin/test-prerequisites
 	bin/run-tests
+
+## Opt-in: deploy the iris model to a real AWS account and tear it down (skipped without credentials).
+## scikit-learn 1.8+ needs an Amazon Linux 2023 base image, hence these defaults here.
+aws-smoke: migrate
+	SERVEML_LAMBDA_BASE_IMAGE=$${SERVEML_LAMBDA_BASE_IMAGE:-public.ecr.aws/lambda/python:3.12} \
+	SERVEML_LAMBDA_PYTHON_VERSION=$${SERVEML_LAMBDA_PYTHON_VERSION:-3.12} \
+	SERVEML_LAMBDA_MANYLINUX=$${SERVEML_LAMBDA_MANYLINUX:-manylinux_2_28} \
+	$(BIN)/python manage.py aws_smoke
 
 clean:
 	rm -rf $(VENV) var

@@ -193,6 +193,7 @@ SERVEML_LAMBDA_BASE_IMAGE = os.environ.get("SERVEML_LAMBDA_BASE_IMAGE", "public.
 # The wheel platform of that image's glibc: python:3.11 runs on Amazon Linux 2 (manylinux2014);
 # base images on Amazon Linux 2023 (python:3.12 and later) take manylinux_2_28 wheels.
 SERVEML_LAMBDA_MANYLINUX = os.environ.get("SERVEML_LAMBDA_MANYLINUX", "manylinux2014")
+SERVEML_LAMBDA_PYTHON_VERSION = os.environ.get("SERVEML_LAMBDA_PYTHON_VERSION", "3.11")  # the base image's Python
 SERVEML_ECR_REPOSITORY_PREFIX = os.environ.get("SERVEML_ECR_REPOSITORY_PREFIX", "serveml")
 # The Docker engine the worker builds images with (docker SDK's DOCKER_HOST by default).
 SERVEML_DOCKER_URL = os.environ.get("SERVEML_DOCKER_URL", "")

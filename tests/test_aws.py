@@ -210,3 +210,13 @@ def test_the_aws_target_is_accepted_when_configured(client, user, iris_rf_bytes,
     client.force_login(user)
     upload_form(client, iris_rf_bytes, "aws")
     assert Deployment.objects.get().target == "aws"
+
+
+def test_the_aws_smoke_test_is_skipped_without_credentials(settings, monkeypatch, capsys):
+    from django.core.management import call_command
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    settings.SERVEML_LAMBDA_ROLE_ARN = ""
+    call_command("aws_smoke")
+    assert "aws-smoke skipped" in capsys.readouterr().out

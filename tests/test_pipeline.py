@@ -291,3 +291,19 @@ def test_the_handler_takes_texts_for_a_text_pipeline(user, make_deployment):
     assert status == 200 and json.loads(answer)["predictions"] == model.predict(["great movie", "awful film"]).tolist()
 
 
+
+
+def test_the_lambda_handler_answers_batches_probabilities_and_bad_input(handler, iris_rf):
+    import base64
+    import json
+
+    rows = corpus.iris()[0][::40].tolist()
+    body = json.dumps({"instances": rows, "method": "predict_proba"}).encode()
+    event = {"version": "2.0", "body": base64.b64encode(body).decode(), "isBase64Encoded": True}
+    answer = handler.lambda_handler(event, None)
+    assert answer["statusCode"] == 200 and answer["headers"]["Content-Type"] == "application/json"
+    assert json.loads(answer["body"])["predictions"] == iris_rf.predict_proba(rows).tolist()
+    bad = handler.lambda_handler({"httpMethod": "POST", "body": '{"data": [1, 2]}'}, None)
+    assert bad["statusCode"] == 400 and json.loads(bad["body"]) == {"error": "expected 4 features per row, got 2"}
+    garbled = handler.lambda_handler({"body": "%%%", "isBase64Encoded": True}, None)
+    assert garbled["statusCode"] == 400
