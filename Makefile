@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: run test install install-dev migrate superuser aws-smoke clean
+.PHONY: run test bench install install-dev migrate superuser aws-smoke clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ superuser: migrate
 test: install-dev
 	bin/test-prerequisites
 	bin/run-tests
+
+## ServeML against FastAPI, MLServer and BentoML on this machine: bench/results.md and bench/results.png.
+bench: install-dev
+	bin/test-prerequisites
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt
+	$(BIN)/python bench/run.py
 
 ## Opt-in: deploy the iris model to a real AWS account and tear it down (skipped without credentials).
 ## scikit-learn 1.8+ needs an Amazon Linux 2023 base image, hence these defaults here.

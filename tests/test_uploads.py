@@ -130,12 +130,6 @@ def test_a_joblib_upload_is_recognised(signed_in):
     assert deployment.model_file.name.endswith("/model.joblib")
 
 
-def test_the_aws_target_is_refused_with_what_to_do(signed_in, iris_rf_bytes):
-    response = post(signed_in, iris_rf_bytes, target="aws")
-    assert "aws target is not available" in response.content.decode()
-    assert Deployment.objects.count() == 0
-
-
 def test_signing_in_is_required_to_upload(client, iris_rf_bytes):
     response = post(client, iris_rf_bytes)
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]

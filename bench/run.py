@@ -1,0 +1,575 @@
+"""`make bench`: ServeML's prediction path and deploy pipeline, side by side with the
+servers a user would pick instead, in one run on this machine.
+
+    python bench/run.py            # the full benchmark (several minutes)
+    python bench/run.py --smoke    # a few requests per case: what `make test` runs
+
+Each server runs alone while it is measured; the load comes from `hey` in its
+own process, a fixed number of requests per case after a warm-up. Ratios between servers of the same run are what count: absolute
+numbers on a shared 2-core machine move from run to run.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+UV = ROOT / ".venv" / "bin" / "uv"
+ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+@dataclass
+class Case:
+    server: str
+    model: str
+    concurrency: int
+    rows: int
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    peak_rss_mb: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Results:
+    cases: list[Case] = field(default_factory=list)
+    floor_us: dict = field(default_factory=dict)  # model -> {"row": µs, "batch100_per_row": µs}
+    deploy: dict = field(default_factory=dict)
+    idle_memory_mb: dict = field(default_factory=dict)
+    peers: dict = field(default_factory=dict)  # server -> "ok" or why it did not run
+
+
+# ------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, argv: list, env: dict | None = None, cwd: Path | None = None):
+        self.name = name
+        self.log = OUT / "logs" / f"{name}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(a) for a in argv], env={**os.environ, **(env or {})}, cwd=cwd or ROOT,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def wait_http(url: str, timeout: float, server: Server, method="GET", **kwargs) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            break
+        try:
+            if httpx.request(method, url, timeout=2, **kwargs).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{server.name} did not answer at {url}; see {server.log}")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        todo.extend(children.get(current, []))
+    return total
+
+
+class PeakMemory:
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.running = pid, 0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def load(url: str, body: bytes, concurrency: int, requests: int, content_type="application/json") -> dict:
+    """`hey` sends exactly `requests` POSTs from `concurrency` workers, from its own process.
+
+    Its CSV output has one row per request; latencies have 0.1 ms resolution.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
+        body_file.write(body)
+        body_file.flush()
+        done = subprocess.run(
+            ["hey", "-n", str(max(requests, concurrency)), "-c", str(concurrency), "-m", "POST", "-T", content_type,
+             "-D", body_file.name, "-t", "10", "-o", "csv", url],
+            capture_output=True, text=True, timeout=600,
+        )
+    rows = [line.split(",") for line in done.stdout.splitlines()[1:] if line and line[0].isdigit()]
+    if not rows:
+        raise RuntimeError(f"hey failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+    latencies = sorted(float(row[0]) for row in rows)
+    ok = [row for row in rows if row[6] == "200"]
+    wall = max(float(row[7]) + float(row[0]) for row in rows)
+    return {
+        "requests": len(rows),
+        "rps": len(rows) / wall,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "errors": len(rows) - len(ok) + (max(requests, concurrency) - len(rows)),
+    }
+
+
+# ------------------------------------------------------------------ environments for the peers
+
+
+def venv(name: str, packages: list[str]) -> Path | None:
+    """A virtual environment of the peer's own; None (and why, in the log) if it cannot be installed."""
+    path = OUT / "venvs" / name
+    marker = path / ".installed"
+    wanted = "\n".join(packages)
+    if marker.exists() and marker.read_text() == wanted:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(path)], check=True)
+    done = subprocess.run([UV, "pip", "install", "--quiet", "--python", str(path / "bin" / "python"), *packages],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        (OUT / "logs").mkdir(parents=True, exist_ok=True)
+        (OUT / "logs" / f"install-{name}.log").write_text(done.stdout + done.stderr)
+        return None
+    marker.write_text(wanted)
+    return path
+
+
+# ------------------------------------------------------------------ ServeML
+
+
+@contextmanager
+def serveml_stack(data_dir: Path):
+    """Redis, web, worker and runtime: what `make run` starts, on free ports."""
+    ports = {name: free_port() for name in ("redis", "web", "runtime")}
+    env = {
+        "SERVEML_DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{data_dir / 'bench.sqlite3'}",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{ports['redis']}/0",
+        "SERVEML_RUNTIME_PORT": str(ports["runtime"]),
+        "SERVEML_RUNTIME_URL": f"http://127.0.0.1:{ports['runtime']}",
+        "SERVEML_RUNTIME_TOKEN": os.urandom(16).hex(),
+        "DJANGO_DEBUG": "1",
+    }
+    started = [Server("redis", ["redis-server", "--port", ports["redis"], "--save", "", "--appendonly", "no"])]
+    try:
+        subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], env={**os.environ, **env}, cwd=ROOT, check=True)
+        token = subprocess.run(
+            [PYTHON, "manage.py", "shell", "-c",
+             "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
+             "u, _ = User.objects.get_or_create(username='bench'); print(Token.objects.get_or_create(user=u)[0].key)"],
+            env={**os.environ, **env}, cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout.split()[-1]
+        started.append(Server("web", [PYTHON, "-m", "gunicorn", "serveml.wsgi", "-b", f"127.0.0.1:{ports['web']}",
+                                      "-w", "2"], env))
+        started.append(Server("worker", [PYTHON, "-m", "celery", "-A", "serveml", "worker", "--concurrency=1",
+                                         "--without-mingle", "--without-gossip"], env))
+        runtime = Server("runtime", [PYTHON, "manage.py", "runtime", "--port", ports["runtime"]], env)
+        started.append(runtime)
+        wait_http(f"http://127.0.0.1:{ports['web']}/health", 60, started[1])
+        wait_http(f"http://127.0.0.1:{ports['runtime']}/health", 60, runtime)
+        time.sleep(2)  # the worker connects to the broker
+        yield {"web": f"http://127.0.0.1:{ports['web']}", "runtime": runtime, "token": token, "env": env}
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
+    """Upload through the API and wait for ready; returns the deployment and upload → ready seconds."""
+    headers = {"Authorization": f"Token {stack['token']}"}
+    started = time.monotonic()
+    response = httpx.post(
+        f"{stack['web']}/api/deploy", headers=headers, timeout=60,
+        files={"model_file": ("model.pkl", model_file.read_bytes()), "requirements_file": ("requirements.txt", requirements)},
+    )
+    response.raise_for_status()
+    status_url = response.json()["status_url"]
+    while True:
+        state = httpx.get(status_url, headers=headers, timeout=30).json()
+        if state["status"] in ("ready", "failed"):
+            break
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    if state["status"] != "ready":
+        raise RuntimeError(f"deployment failed: {state['error']}")
+    return state, elapsed
+
+
+def cold_start(stack, deployment: dict) -> float:
+    """Stop the deployment's model processes, then time the first prediction."""
+    env = stack["env"]
+    httpx.post(f"{env['SERVEML_RUNTIME_URL']}/_unload/{deployment['id']}",
+               headers={"Authorization": f"Bearer {env['SERVEML_RUNTIME_TOKEN']}"}).raise_for_status()
+    started = time.monotonic()
+    httpx.post(deployment["endpoint_url"], json={"data": ROW}, timeout=60).raise_for_status()
+    return time.monotonic() - started
+
+
+def model_memory(env_python: Path, model_file: Path, runtime_pid: int) -> dict:
+    """Idle memory: each model process of the runtime, against a bare interpreter holding the same model."""
+    baseline = subprocess.Popen(
+        [env_python, "-c", f"import pickle, sys, time; m = pickle.load(open({str(model_file)!r}, 'rb')); "
+                           "print('ok', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )
+    baseline.stdout.readline()
+    bare = tree_rss(baseline.pid) / 1024**2
+    baseline.kill()
+    models = [int(pid) for pid in subprocess.run(["pgrep", "-f", "model_server.py"], capture_output=True,
+                                                 text=True).stdout.split()]
+    per_process = [tree_rss(pid) / 1024**2 for pid in models if pid != runtime_pid]
+    return {
+        "interpreter + model (bare python) MB": bare,
+        "runtime model process, median MB": statistics.median(per_process) if per_process else float("nan"),
+        "runtime gateway MB": (tree_rss(runtime_pid) - sum(tree_rss(pid) for pid in models)) / 1024**2,
+    }
+
+
+def floor(env_python: Path, model_file: Path, repeats: int) -> dict:
+    """In-process model.predict in the model's own environment: the floor every server sits on."""
+    script = f"""
+import pickle, time, statistics, numpy as np, json
+model = pickle.load(open({str(model_file)!r}, "rb"))
+row = np.asarray([{ROW}]); batch = np.asarray([{ROW}] * 100)
+def median(x, n):
+    model.predict(x)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter(); model.predict(x); times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+print(json.dumps({{"row": median(row, {repeats}), "batch100_per_row": median(batch, {max(20, repeats // 10)}) / 100}}))
+"""
+    done = subprocess.run([env_python, "-c", script], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    return json.loads(done.stdout)
+
+
+# ------------------------------------------------------------------ the measurements
+
+
+def measure(results: Results, server: str, model: str, url: str, pid: int, bodies: dict, counts: dict,
+            content_type="application/json"):
+    for label, (concurrency, body, rows) in bodies.items():
+        load(url, body, concurrency, counts["warmup"], content_type)
+        with PeakMemory(pid) as memory:
+            out = load(url, body, concurrency, counts["batch" if rows > 1 else f"c{concurrency}"], content_type)
+        case = Case(server=server, model=model, concurrency=concurrency, rows=rows, requests=out["requests"],
+                    rps=out["rps"], p50_ms=out["p50_ms"], p99_ms=out["p99_ms"], errors=out["errors"],
+                    peak_rss_mb=memory.peak / 1024**2)
+        results.cases.append(case)
+        print(f"  {server:8} {model:3} c{concurrency:<2} rows={rows:<3} {case.rps:8.0f} req/s "
+              f"p50 {case.p50_ms:6.2f} ms p99 {case.p99_ms:6.2f} ms errors {case.errors}", flush=True)
+
+
+def contract_bodies() -> dict:
+    single = json.dumps({"data": ROW}).encode()
+    batch = json.dumps({"instances": [ROW] * 100}).encode()
+    return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
+
+
+def v2_bodies(model_name: str) -> dict:
+    def body(rows):
+        return json.dumps({"inputs": [{"name": "input-0", "shape": [rows, 4], "datatype": "FP64",
+                                       "data": ROW * rows}]}).encode()
+
+    single, batch = body(1), body(100)
+    return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
+
+
+def run_serveml(results: Results, models: dict, requirements: str, counts: dict, deploy_runs: int):
+    data_dir = Path(tempfile.mkdtemp(prefix="serveml-bench-", dir=OUT))
+    try:
+        with serveml_stack(data_dir) as stack:
+            # Deploy pipeline. Cold: each run pins a new set of packages (so a new environment is
+            # built), all already in uv's cache. Warm: the same requirements as an earlier deployment.
+            sklearn_pin = requirements.strip()
+            extras = [f"{n}=={v}" for n, v in installed_versions(["joblib", "threadpoolctl", "numpy", "scipy"])]
+            pin_sets = [[e] for e in extras] + [list(pair) for pair in itertools.combinations(extras, 2)]
+            cold = [deploy(stack, models["lr"], "\n".join([sklearn_pin, *pins]) + "\n")[1]
+                    for pins in pin_sets[:deploy_runs]]
+            deployed = {name: deploy(stack, models[name], requirements)[0] for name in ("rf", "lr")}
+            warm = [deploy(stack, models["lr"], requirements)[1] for _ in range(deploy_runs)]
+            starts = [cold_start(stack, deployed["lr"]) for _ in range(deploy_runs)]
+            results.deploy = {"cold_deploy_s": statistics.median(cold), "warm_deploy_s": statistics.median(warm),
+                              "cold_start_s": statistics.median(starts), "runs": deploy_runs}
+            env_python = next((data_dir / "envs").glob("*/bin/python"))
+            for name in ("rf", "lr"):
+                results.floor_us[name] = floor(env_python, models[name], counts["floor"])
+            pid = stack["runtime"].proc.pid
+            for name in ("rf", "lr"):
+                url = deployed[name]["endpoint_url"]
+                httpx.post(url, json={"data": ROW}).raise_for_status()
+                measure(results, "serveml", name, url, pid, contract_bodies(), counts)
+            results.idle_memory_mb = model_memory(env_python, models["lr"], pid)
+        results.peers["serveml"] = "ok"
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def installed_versions(names: list[str]) -> list[tuple[str, str]]:
+    from importlib.metadata import version
+
+    return [(name, version(name)) for name in names]
+
+
+def run_fastapi(results: Results, models: dict, requirements: str, counts: dict):
+    env = venv("fastapi", ["fastapi", "uvicorn[standard]", requirements.strip().split("==")[0] + "==" +
+                           requirements.strip().split("==")[1]])
+    if env is None:
+        results.peers["fastapi"] = "did not install (see bench/out/logs/install-fastapi.log)"
+        return
+    for name in ("rf", "lr"):
+        port = free_port()
+        server = Server(f"fastapi-{name}", [env / "bin" / "uvicorn", "fastapi_app:app", "--port", port,
+                                            "--workers", "2", "--log-level", "warning", "--no-access-log"],
+                        {"MODEL_PATH": str(models[name])}, cwd=BENCH / "peers")
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            wait_http(url, 60, server, method="POST", json={"data": ROW})
+            measure(results, "fastapi", name, url, server.proc.pid, contract_bodies(), counts)
+        finally:
+            server.stop()
+    results.peers["fastapi"] = "ok: uvicorn --workers 2"
+
+
+def run_mlserver(results: Results, models: dict, requirements: str, counts: dict):
+    env = venv("mlserver", ["mlserver", "mlserver-sklearn", requirements.strip()])
+    if env is None:
+        results.peers["mlserver"] = "did not install (see bench/out/logs/install-mlserver.log)"
+        return
+    for name in ("rf", "lr"):
+        folder = OUT / "mlserver" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copy(models[name], folder / "model.joblib")
+        port, grpc, metrics = free_port(), free_port(), free_port()
+        (folder / "settings.json").write_text(json.dumps({
+            "http_port": port, "grpc_port": grpc, "metrics_port": metrics, "parallel_workers": 2,
+        }))
+        (folder / "model-settings.json").write_text(json.dumps({
+            "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.joblib", "version": "v1"},
+        }))
+        server = Server(f"mlserver-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder)
+        try:
+            url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+            wait_http(f"http://127.0.0.1:{port}/v2/models/{name}/ready", 120, server)
+            measure(results, "mlserver", name, url, server.proc.pid, v2_bodies(name), counts)
+        except RuntimeError as exc:
+            results.peers["mlserver"] = f"failed to start: {exc}"
+            return
+        finally:
+            server.stop()
+    results.peers["mlserver"] = "ok: parallel_workers 2"
+
+
+def run_bentoml(results: Results, models: dict, requirements: str, counts: dict):
+    env = venv("bentoml", ["bentoml", requirements.strip()])
+    if env is None:
+        results.peers["bentoml"] = "did not install here (see bench/out/logs/install-bentoml.log)"
+        return
+    for name in ("rf", "lr"):
+        port = free_port()
+        server = Server(f"bentoml-{name}", [env / "bin" / "bentoml", "serve", "bentoml_service:Classifier",
+                                            "--port", port], {"MODEL_PATH": str(models[name]),
+                                                              "BENTOML_DO_NOT_TRACK": "true"}, cwd=BENCH / "peers")
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            wait_http(url, 120, server, method="POST", json={"data": ROW})
+            measure(results, "bentoml", name, url, server.proc.pid, contract_bodies(), counts)
+        except RuntimeError as exc:
+            results.peers["bentoml"] = f"failed to start: {exc}"
+            return
+        finally:
+            server.stop()
+    results.peers["bentoml"] = "ok: workers=2"
+
+
+# ------------------------------------------------------------------ report
+
+
+def summary_line(results: Results) -> str:
+    def case(server, model, concurrency, rows=1):
+        return next((c for c in results.cases if (c.server, c.model, c.concurrency, c.rows) ==
+                     (server, model, concurrency, rows)), None)
+
+    peers = [name for name in ("fastapi", "mlserver", "bentoml") if results.peers.get(name, "").startswith("ok")]
+
+    def ratio(concurrency):
+        ours = case("serveml", "lr", concurrency)
+        best = max((case(p, "lr", concurrency).rps for p in peers if case(p, "lr", concurrency)), default=0)
+        return ours.rps / best if ours and best else float("nan")
+
+    c1 = case("serveml", "lr", 1)
+    batch = case("serveml", "lr", 1, 100)
+    floor_lr = results.floor_us.get("lr", {})
+    fields = {
+        "c1_p50_over_floor_ms": c1.p50_ms - floor_lr.get("row", 0) / 1000 if c1 else float("nan"),
+        "c8_ratio_vs_best_peer": ratio(8),
+        "c32_ratio_vs_best_peer": ratio(32),
+        "batch100_per_row_vs_floor": (batch.p50_ms * 1000 / 100) / floor_lr["batch100_per_row"]
+        if batch and floor_lr else float("nan"),
+        "warm_deploy_s": results.deploy.get("warm_deploy_s", float("nan")),
+        "cold_deploy_s": results.deploy.get("cold_deploy_s", float("nan")),
+        "cold_start_s": results.deploy.get("cold_start_s", float("nan")),
+    }
+    return "summary: " + " ".join(f"{key}={value:.3f}" for key, value in fields.items())
+
+
+def write_report(results: Results, line: str, smoke: bool) -> None:
+    lines = [
+        "# ServeML benchmark results", "",
+        f"{'Smoke run (few requests: not for comparison)' if smoke else 'Full run'}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores. "
+        "Ratios within this run are what count.", "",
+        "## Servers", "",
+        *[f"- **{name}**: {state}" for name, state in results.peers.items()], "",
+        "## Prediction path", "",
+        "| server | model | concurrency | rows/request | requests | req/s | p50 ms | p99 ms | errors | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {c.server} | {c.model} | {c.concurrency} | {c.rows} | {c.requests} | {c.rps:.0f} | {c.p50_ms:.2f} | "
+          f"{c.p99_ms:.2f} | {c.errors} | {c.peak_rss_mb:.0f} |" for c in results.cases], "",
+        "## Floor: in-process `model.predict` in the model's environment", "",
+        "| model | one row µs | per row in a batch of 100 µs |", "|---|---|---|",
+        *[f"| {m} | {f['row']:.1f} | {f['batch100_per_row']:.2f} |" for m, f in results.floor_us.items()], "",
+        "## Deploy pipeline (local target, median of runs)", "",
+        *[f"- {key}: {value:.2f}" if isinstance(value, float) else f"- {key}: {value}"
+          for key, value in results.deploy.items()], "",
+        "## Memory", "",
+        *[f"- {key}: {value:.0f} MB" for key, value in results.idle_memory_mb.items()], "",
+        "```", line, "```", "",
+    ]
+    (BENCH / ("results-smoke.md" if smoke else "results.md")).write_text("\n".join(lines))
+    (OUT / ("results-smoke.json" if smoke else "results.json")).write_text(json.dumps(asdict(results), indent=1))
+    if not smoke:
+        chart(results)
+
+
+def chart(results: Results) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    servers = list(dict.fromkeys(c.server for c in results.cases))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, model in zip(axes, ("lr", "rf")):
+        for offset, server in enumerate(servers):
+            values = [next((c.rps for c in results.cases if (c.server, c.model, c.concurrency, c.rows) ==
+                            (server, model, conc, 1)), 0) for conc in (1, 8, 32)]
+            axis.bar([i + offset * 0.8 / len(servers) for i in range(3)], values, width=0.8 / len(servers),
+                     label=server)
+        axis.set_xticks([i + 0.4 - 0.4 / len(servers) for i in range(3)], ["c1", "c8", "c32"])
+        axis.set_title(f"{'LogisticRegression' if model == 'lr' else 'RandomForest(10)'}: requests/s, 1 row")
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(BENCH / "results.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="few requests, ServeML and FastAPI only")
+    args = parser.parse_args(argv)
+    counts = ({"warmup": 20, "c1": 50, "c8": 100, "c32": 100, "batch": 20, "floor": 50} if args.smoke else
+              {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000})
+    OUT.mkdir(parents=True, exist_ok=True)
+    import sklearn
+
+    sys.path.insert(0, str(ROOT))
+    from deployments.allowlist import corpus
+
+    requirements = f"scikit-learn=={sklearn.__version__}\n"
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = corpus.iris()
+    models = {}
+    for name, model in {"rf": RandomForestClassifier(n_estimators=10, random_state=0),
+                        "lr": LogisticRegression(max_iter=500)}.items():
+        models[name] = OUT / f"{name}.pkl"
+        models[name].write_bytes(pickle.dumps(model.fit(X, y)))
+
+    results = Results()
+    print("ServeML (local target)", flush=True)
+    run_serveml(results, models, requirements, counts, deploy_runs=2 if args.smoke else 5)
+    print("FastAPI + uvicorn", flush=True)
+    run_fastapi(results, models, requirements, counts)
+    if not args.smoke:
+        print("MLServer + mlserver-sklearn", flush=True)
+        run_mlserver(results, models, requirements, counts)
+        print("BentoML", flush=True)
+        run_bentoml(results, models, requirements, counts)
+    line = summary_line(results)
+    write_report(results, line, args.smoke)
+    for name, state in results.peers.items():
+        print(f"{name}: {state}")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
