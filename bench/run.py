@@ -151,11 +151,12 @@ def load(url: str, body: bytes, concurrency: int, requests: int, content_type="a
 
     Its CSV output has one row per request; latencies have 0.1 ms resolution.
     """
+    requests = -(-max(requests, concurrency) // concurrency) * concurrency  # hey sends n // c per worker
     with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
         body_file.write(body)
         body_file.flush()
         done = subprocess.run(
-            ["hey", "-n", str(max(requests, concurrency)), "-c", str(concurrency), "-m", "POST", "-T", content_type,
+            ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", content_type,
              "-D", body_file.name, "-t", "10", "-o", "csv", url],
             capture_output=True, text=True, timeout=600,
         )
@@ -170,7 +171,7 @@ def load(url: str, body: bytes, concurrency: int, requests: int, content_type="a
         "rps": len(rows) / wall,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-        "errors": len(rows) - len(ok) + (max(requests, concurrency) - len(rows)),
+        "errors": len(rows) - len(ok) + (requests - len(rows)),
     }
 
 
