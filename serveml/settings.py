@@ -157,6 +157,9 @@ SERVEML_RUNTIME_INTERNAL_URL = os.environ.get("SERVEML_RUNTIME_INTERNAL_URL", SE
 SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN", SECRET_KEY)
 SERVEML_MODEL_MEMORY_BYTES = int(os.environ.get("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3))
 SERVEML_PREDICT_TIMEOUT_S = float(os.environ.get("SERVEML_PREDICT_TIMEOUT_S", 30))
+# Model processes of a deployment nobody called for this long are stopped (scale to zero);
+# the next request starts them again (a cold start). 0 keeps them forever.
+SERVEML_MODEL_IDLE_SECONDS = float(os.environ.get("SERVEML_MODEL_IDLE_SECONDS", 900))
 
 # Model environments.
 def _default_env_python() -> str:

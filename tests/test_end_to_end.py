@@ -140,3 +140,21 @@ def test_a_private_endpoint_answers_only_calls_with_a_live_key(stack, live_serve
 
     services.deployment_key_revoke(key=DeploymentKey.objects.get(name="batch-job"))
     assert httpx.post(url, json=row, headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_concurrent_requests_each_get_their_own_prediction(stack, live_server, token):
+    import asyncio
+
+    model = corpus.random_forest()
+    state = wait_ready(stack, token, deploy(live_server, token, model))
+    rows = corpus.iris()[0]
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=60) as client:
+            calls = [client.post(state["endpoint_url"], json={"data": row.tolist()}) for row in rows]
+            calls.append(client.post(state["endpoint_url"], json={"data": [1.0, 2.0]}))
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(fire())
+    assert [a.json()["prediction"] for a in answers[:-1]] == model.predict(rows).tolist()
+    assert answers[-1].status_code == 400

@@ -307,3 +307,19 @@ def test_the_lambda_handler_answers_batches_probabilities_and_bad_input(handler,
     assert bad["statusCode"] == 400 and json.loads(bad["body"]) == {"error": "expected 4 features per row, got 2"}
     garbled = handler.lambda_handler({"body": "%%%", "isBase64Encoded": True}, None)
     assert garbled["statusCode"] == 400
+
+
+def test_requests_answered_together_get_exactly_their_own_answers(handler):
+    import json
+
+    rows = corpus.iris()[0][::10].tolist()
+    bodies = [json.dumps({"data": row}).encode() for row in rows[:5]]
+    bodies += [
+        json.dumps({"instances": rows[5:9]}).encode(),
+        json.dumps({"data": rows[9], "method": "predict_proba"}).encode(),
+        json.dumps({"instances": rows[10:12], "method": "predict_proba"}).encode(),
+        b'{"data": [1, 2, 3]}',  # bad: answered alone, with its own error
+        b"not json",
+        json.dumps({"data": [1, 2, 3, "x"]}).encode(),
+    ]
+    assert handler.handle_many(bodies) == [handler.handle(body) for body in bodies]

@@ -152,3 +152,23 @@ def test_the_key_check_compares_digests_in_constant_time():
     assert not access.allows({}, b"internal")
     assert access.allows({b"x-serveml-internal": b"internal"}, b"internal")
     assert Access(private=False).allows({}, b"internal")
+
+
+def test_the_runtime_stops_model_processes_idle_past_the_timeout(settings):
+    from deployments.runtime.gateway import Runtime
+
+    class Pool:
+        def __init__(self, last_used):
+            self.last_used, self.pending, self.closed = last_used, [], False
+
+        def close(self):
+            self.closed = True
+
+    settings.SERVEML_MODEL_IDLE_SECONDS = 60
+    runtime = Runtime(max_processes=1)
+    busy, idle = Pool(last_used=1000.0), Pool(last_used=900.0)
+    runtime.pools = {"busy": busy, "idle": idle}
+    assert runtime.scale_to_zero(now=1030.0) == ["idle"]
+    assert idle.closed and not busy.closed and list(runtime.pools) == ["busy"]
+    settings.SERVEML_MODEL_IDLE_SECONDS = 0
+    assert runtime.scale_to_zero(now=10**9) == []

@@ -5,9 +5,11 @@ Run by the deployment's environment interpreter inside the sandbox as
 the Lambda image runs, loads the model once, then answers requests for as
 long as the runtime keeps it: no process is started per request.
 
-Frames on stdin: 4-byte big-endian length, then the request body.
-Frames on stdout: 4-byte length, 2-byte HTTP status, then the response body.
-The first frame out is the load result (200 when the model is loaded).
+On stdin, batches: a 4-byte big-endian count, then that many requests, each a
+4-byte length and the body. On stdout, for each request in order: a 4-byte
+length, a 2-byte HTTP status, the body. The first frame out is the load
+result (200 when the model is loaded). Requests that arrive together are
+answered together (handler.handle_many vectorises compatible ones).
 Only stdlib here: the environment holds nothing but the model's requirements.
 """
 
@@ -37,15 +39,20 @@ def main(build_dir: str) -> None:
         send(503, f"the model failed to load: {type(exc).__name__}: {exc}".encode())
         return
     send(200, b"ready")
-    handle = handler.handle
+    handle_many = handler.handle_many
     read = requests.read
+    unpack, pack = struct.unpack, struct.pack
     while True:
         header = read(4)
         if len(header) < 4:
             return
-        (size,) = struct.unpack(">I", header)
-        status, body = handle(read(size))
-        send(status, body)
+        (count,) = unpack(">I", header)
+        bodies = []
+        for _ in range(count):
+            (size,) = unpack(">I", read(4))
+            bodies.append(read(size))
+        out = [pack(">IH", len(body), status) + body for status, body in handle_many(bodies)]
+        channel.write(b"".join(out))
 
 
 if __name__ == "__main__":

@@ -150,10 +150,14 @@ class ModelProcess:
         size, status = struct.unpack(">IH", await self.proc.stdout.readexactly(6))
         return status, await self.proc.stdout.readexactly(size)
 
-    async def call(self, body: bytes) -> tuple[int, bytes]:
-        self.proc.stdin.write(struct.pack(">I", len(body)) + body)
+    async def call_many(self, bodies: list[bytes]) -> list[tuple[int, bytes]]:
+        frames = [struct.pack(">I", len(bodies))]
+        for body in bodies:
+            frames.append(struct.pack(">I", len(body)))
+            frames.append(body)
+        self.proc.stdin.write(b"".join(frames))
         await self.proc.stdin.drain()
-        return await self._read()
+        return [await self._read() for _ in bodies]
 
     def stop(self) -> int | None:
         if self.proc is not None and self.proc.returncode is None:
@@ -164,14 +168,23 @@ class ModelProcess:
 
 
 class ModelPool:
-    """The processes serving one deployment; grows to max_size while requests wait."""
+    """The processes serving one deployment.
+
+    Requests that arrive while every process is busy wait in `pending`; a process
+    that frees up takes all of them (up to MAX_BATCH) in one frame, so under load
+    the model predicts many rows per call instead of one. The pool grows to
+    max_size processes while requests wait.
+    """
+
+    MAX_BATCH = 64
 
     def __init__(self, spec: Spec, access: Access, max_size: int):
         self.spec = spec
         self.access = access
         self.max_size = max_size
         self.processes: list[ModelProcess] = []
-        self.free: asyncio.Queue[ModelProcess] = asyncio.Queue()
+        self.idle: list[ModelProcess] = []
+        self.pending: list[tuple[bytes, asyncio.Future]] = []
         self.starting = 0
         self.last_used = time.monotonic()
 
@@ -181,49 +194,76 @@ class ModelPool:
             process = ModelProcess(self.spec)
             await process.start()
             self.processes.append(process)
-            self.free.put_nowait(process)
+            self.idle.append(process)
         finally:
             self.starting -= 1
+        self._dispatch()
 
     async def warm(self) -> None:
         if not self.processes:
             await self.add_process()
 
-    def _grow_in_background(self) -> None:
-        if self.free.empty() and len(self.processes) + self.starting < self.max_size:
-            task = asyncio.get_running_loop().create_task(self.add_process())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
     async def predict(self, body: bytes) -> tuple[int, bytes]:
         self.last_used = time.monotonic()
         if not self.processes and not self.starting:
             await self.add_process()
-        self._grow_in_background()
-        process = await self.free.get()
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((body, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending and self.idle:
+            batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
+            loop.create_task(self._run(self.idle.pop(), batch))
+        if self.pending and len(self.processes) + self.starting < self.max_size:
+            task = loop.create_task(self.add_process())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
         try:
             if not process.alive:
-                # It crashed or timed out on an earlier request: restart it for this one.
+                # It crashed or timed out on an earlier request: restart it for these.
                 process.stop()
                 await process.start()
-            return await asyncio.wait_for(process.call(body), timeout=settings.SERVEML_PREDICT_TIMEOUT_S)
+            answers = await asyncio.wait_for(
+                process.call_many([body for body, _ in batch]), timeout=settings.SERVEML_PREDICT_TIMEOUT_S
+            )
         except asyncio.TimeoutError:
             process.stop()
-            raise ModelUnavailable(
+            error = ModelUnavailable(
                 504, f"the model took longer than {settings.SERVEML_PREDICT_TIMEOUT_S:g} s to answer; "
                 "its process is restarted on the next request"
-            ) from None
+            )
+            answers = None
         except (asyncio.IncompleteReadError, BrokenPipeError, ConnectionResetError):
             code = process.stop()
-            raise ModelUnavailable(
+            error = ModelUnavailable(
                 502, f"the model process crashed while answering (exit code {code}); it is restarted on the next request"
-            ) from None
+            )
+            answers = None
+        except ModelUnavailable as exc:  # the restart failed
+            error, answers = exc, None
         finally:
-            self.free.put_nowait(process)
+            self.idle.append(process)
+        for index, (_, future) in enumerate(batch):
+            if not future.done():
+                if answers is None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(answers[index])
+        self._dispatch()
 
     def close(self) -> None:
         for process in self.processes:
             process.stop()
         self.processes.clear()
+        self.idle.clear()
+        for _, future in self.pending:
+            if not future.done():
+                future.set_exception(ModelUnavailable(404, "the deployment was stopped"))
+        self.pending.clear()
 
 
 class Runtime:
@@ -271,10 +311,23 @@ class Runtime:
                 log.info("unloading %s: no longer servable", deployment_id)
                 self.unload(deployment_id)
 
+    def scale_to_zero(self, now: float | None = None) -> list[str]:
+        """Stop the model processes of deployments idle for longer than the idle timeout."""
+        idle_seconds = settings.SERVEML_MODEL_IDLE_SECONDS
+        if not idle_seconds:
+            return []
+        now = time.monotonic() if now is None else now
+        idle = [d for d, pool in self.pools.items() if not pool.pending and now - pool.last_used > idle_seconds]
+        for deployment_id in idle:
+            log.info("stopping the model processes of %s: idle for %g s", deployment_id, idle_seconds)
+            self.unload(deployment_id)
+        return idle
+
     async def sweep(self) -> None:
         """Catch changes the runtime was not told about (it was down, or a call failed)."""
         while True:
             await asyncio.sleep(self.sweep_seconds)
+            self.scale_to_zero()
             if self.pools:
                 try:
                     await self.refresh(list(self.pools))
