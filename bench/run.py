@@ -104,8 +104,8 @@ def wait_http(url: str, timeout: float, server: Server, method="GET", **kwargs) 
     raise RuntimeError(f"{server.name} did not answer at {url}; see {server.log}")
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
+def descendants(pid: int) -> list[int]:
+    """A process and all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -114,17 +114,27 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        found.append(current)
         todo.extend(children.get(current, []))
-    return total
+    return found
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    return sum(rss(p) for p in descendants(pid))
 
 
 class PeakMemory:
@@ -268,7 +278,7 @@ def cold_start(stack, deployment: dict) -> float:
     return time.monotonic() - started
 
 
-def model_memory(env_python: Path, model_file: Path, runtime_pid: int) -> dict:
+def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
     """Idle memory: each model process of the runtime, against a bare interpreter holding the same model."""
     baseline = subprocess.Popen(
         [env_python, "-c", f"import pickle, sys, time; m = pickle.load(open({str(model_file)!r}, 'rb')); "
@@ -278,13 +288,13 @@ def model_memory(env_python: Path, model_file: Path, runtime_pid: int) -> dict:
     baseline.stdout.readline()
     bare = tree_rss(baseline.pid) / 1024**2
     baseline.kill()
-    models = [int(pid) for pid in subprocess.run(["pgrep", "-f", "model_server.py"], capture_output=True,
-                                                 text=True).stdout.split()]
-    per_process = [tree_rss(pid) / 1024**2 for pid in models if pid != runtime_pid]
+    # The model processes of this deployment: their command line carries its id as a label.
+    models = [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    per_process = [rss(pid) / 1024**2 for pid in models]
     return {
         "interpreter + model (bare python) MB": bare,
         "runtime model process, median MB": statistics.median(per_process) if per_process else float("nan"),
-        "runtime gateway MB": (tree_rss(runtime_pid) - sum(tree_rss(pid) for pid in models)) / 1024**2,
+        "runtime gateway MB": rss(runtime_pid) / 1024**2,
     }
 
 
@@ -363,7 +373,7 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
                 url = deployed[name]["endpoint_url"]
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
-            results.idle_memory_mb = model_memory(env_python, models["lr"], pid)
+            results.idle_memory_mb = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
         results.peers["serveml"] = "ok"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -396,7 +406,8 @@ def run_fastapi(results: Results, models: dict, requirements: str, counts: dict)
 
 
 def run_mlserver(results: Results, models: dict, requirements: str, counts: dict):
-    env = venv("mlserver", ["mlserver", "mlserver-sklearn", requirements.strip()])
+    # MLServer 1.7's workers call asyncio.get_event_loop(), which uvloop 0.21+ refuses outside a loop.
+    env = venv("mlserver", ["mlserver", "mlserver-sklearn", "uvloop<0.21", requirements.strip()])
     if env is None:
         results.peers["mlserver"] = "did not install (see bench/out/logs/install-mlserver.log)"
         return
@@ -423,7 +434,7 @@ def run_mlserver(results: Results, models: dict, requirements: str, counts: dict
             return
         finally:
             server.stop()
-    results.peers["mlserver"] = "ok: parallel_workers 2"
+    results.peers["mlserver"] = "ok: parallel_workers 2 (uvloop<0.21, which MLServer 1.7 needs)"
 
 
 def run_bentoml(results: Results, models: dict, requirements: str, counts: dict):

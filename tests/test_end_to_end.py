@@ -158,3 +158,6 @@ def test_concurrent_requests_each_get_their_own_prediction(stack, live_server, t
     answers = asyncio.run(fire())
     assert [a.json()["prediction"] for a in answers[:-1]] == model.predict(rows).tolist()
     assert answers[-1].status_code == 400
+    # A burst never starts more model processes than the pool allows (one per core).
+    pids = subprocess.run(["pgrep", "-f", f"model_server.py . {state['id']}"], capture_output=True, text=True)
+    assert 1 <= len(pids.stdout.split()) <= (os.cpu_count() or 1)

@@ -215,7 +215,7 @@ def validate(deployment: Deployment) -> str:
 # ------------------------------------------------------------------ package
 
 
-def render_context(deployment: Deployment, directory: Path, *, base_image: str = "") -> list[str]:
+def render_context(deployment: Deployment, directory: Path) -> list[str]:
     """Write the build context (handler.py, Dockerfile, model, requirements) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     values = {
@@ -225,7 +225,7 @@ def render_context(deployment: Deployment, directory: Path, *, base_image: str =
         "model_filename": deployment.model_basename(),
         "model_format": deployment.model_format,
         "trusted_types": deployment.signature.get("trusted_types", []),
-        "base_image": base_image or getattr(settings, "SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11"),
+        "base_image": settings.SERVEML_LAMBDA_BASE_IMAGE,
     }
     (directory / "handler.py").write_text(jinja.get_template("handler.py.j2").render(values))
     (directory / "Dockerfile").write_text(jinja.get_template("Dockerfile.j2").render(values))

@@ -4,9 +4,11 @@ Each deployment gets a pool of long-lived model processes (model_server.py,
 run by the deployment's environment interpreter inside the sandbox) that are
 started once and then fed requests over pipes: no process is started per
 request, and the request body reaches the handler exactly as the client sent
-it. A process that crashes is replaced on the next request; a deployment that
-stops being servable is unloaded by a periodic sweep, so a stopped URL
-answers 404 even when the worker could not reach the runtime.
+it. Requests that arrive while the processes are busy are handed over together
+and predicted in one vectorised call. A process that crashes is replaced on
+the next request; a deployment that stops being servable is unloaded by a
+periodic sweep, so a stopped URL answers 404 even when the worker could not
+reach the runtime; a deployment nobody calls scales to zero.
 """
 
 import asyncio
@@ -63,8 +65,8 @@ class Access:
 
 
 def _access(deployment) -> Access:
-    digests = deployment.keys.filter(revoked_at__isnull=True).values_list("key_sha256", flat=True)
-    return Access(deployment.is_private, frozenset(d.encode() for d in digests))
+    digests = [key.key_sha256.encode() for key in deployment.keys.all() if key.revoked_at is None]
+    return Access(deployment.is_private, frozenset(digests))
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,12 @@ class ModelPool:
         self.last_used = time.monotonic()
 
     async def add_process(self) -> None:
+        # Counted as starting from the moment it is asked for, so that requests arriving
+        # meanwhile do not ask for more processes than max_size.
         self.starting += 1
+        await self._start_process()
+
+    async def _start_process(self) -> None:
         try:
             process = ModelProcess(self.spec)
             await process.start()
@@ -218,7 +225,8 @@ class ModelPool:
             batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
             loop.create_task(self._run(self.idle.pop(), batch))
         if self.pending and len(self.processes) + self.starting < self.max_size:
-            task = loop.create_task(self.add_process())
+            self.starting += 1
+            task = loop.create_task(self._start_process())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _run(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
