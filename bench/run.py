@@ -96,7 +96,7 @@ def wait_http(url: str, timeout: float, server: Server, method="GET", **kwargs) 
         if server.proc.poll() is not None:
             break
         try:
-            if httpx.request(method, url, timeout=2, **kwargs).status_code < 500:
+            if httpx.request(method, url, timeout=2, **kwargs).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -281,8 +281,9 @@ def cold_start(stack, deployment: dict) -> float:
 def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
     """Idle memory: each model process of the runtime, against a bare interpreter holding the same model."""
     baseline = subprocess.Popen(
-        [env_python, "-c", f"import pickle, sys, time; m = pickle.load(open({str(model_file)!r}, 'rb')); "
-                           "print('ok', flush=True); time.sleep(60)"],
+        # Loaded and used once, as a model process is after its first request.
+        [env_python, "-c", f"import pickle, time, numpy; m = pickle.load(open({str(model_file)!r}, 'rb')); "
+                           f"m.predict(numpy.asarray([{ROW}])); print('ok', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
     )
     baseline.stdout.readline()
@@ -427,7 +428,9 @@ def run_mlserver(results: Results, models: dict, requirements: str, counts: dict
         server = Server(f"mlserver-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder)
         try:
             url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
-            wait_http(f"http://127.0.0.1:{port}/v2/models/{name}/ready", 120, server)
+            # Ready only once an inference answers: MLServer's workers load the model after /ready.
+            wait_http(url, 180, server, method="POST", content=v2_bodies(name)["c1"][1],
+                      headers={"Content-Type": "application/json"})
             measure(results, "mlserver", name, url, server.proc.pid, v2_bodies(name), counts)
         except RuntimeError as exc:
             results.peers["mlserver"] = f"failed to start: {exc}"
