@@ -23,6 +23,7 @@ import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 SANDBOX_USER = "nobody"
@@ -56,16 +57,24 @@ def _readable_by_others(path: Path) -> bool:
     return True
 
 
+@lru_cache(maxsize=1)
+def network_namespaces_work() -> bool:
+    """Root is not enough: a container without CAP_SYS_ADMIN cannot make namespaces."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "--net", "--", "true"], capture_output=True).returncode == 0
+
+
 def isolation_for(*, python: Path, memory_bytes: int, cpu_seconds: int | None) -> Isolation:
     """What this host allows. The files a sandbox reads are copied into its private
     folder (see private_workdir), so only the interpreter must be readable by nobody."""
     iso = Isolation()
     is_root = os.geteuid() == 0
-    if is_root and shutil.which("unshare"):
+    if network_namespaces_work():
         iso.prefix += ["unshare", "--net", "--"]
         iso.applied.append("no network (unshare --net)")
     else:
-        iso.missing.append("network namespace (needs root and unshare)")
+        iso.missing.append("network namespace (needs root with CAP_SYS_ADMIN and unshare)")
     if is_root and shutil.which("setpriv"):
         try:
             user = pwd.getpwnam(SANDBOX_USER)
