@@ -56,6 +56,8 @@ obtain_token = TokenView.as_view()
 
 class DeployView(APIView):
     def post(self, request):
+        # The form reads Django's own request: its upload handlers enforce the size limit
+        # while the body streams in, before DRF's parsers would have read it whole.
         form = bound_form(request._request)
         if not form.is_valid():
             errors = {field: [str(e) for e in errs] for field, errs in form.errors.items()}
