@@ -280,7 +280,9 @@ class Runtime:
     def __init__(self, max_processes: int | None = None, sweep_seconds: float = 2.0):
         self.pools: dict[str, ModelPool] = {}
         self.loading: dict[str, asyncio.Lock] = {}
-        self.max_processes = max_processes or max(1, os.cpu_count() or 1)
+        # One core stays with this gateway process: on 2 cores, one model process that
+        # takes whole batches beat two that each took half of them (bench/README.md).
+        self.max_processes = max_processes or max(1, (os.cpu_count() or 1) - 1)
         self.sweep_seconds = sweep_seconds
         self.token = settings.SERVEML_RUNTIME_TOKEN.encode()
 

@@ -12,7 +12,7 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=settings.SERVEML_RUNTIME_HOST)
         parser.add_argument("--port", type=int, default=settings.SERVEML_RUNTIME_PORT)
         parser.add_argument("--processes-per-model", type=int, default=None,
-                            help="most model processes one busy deployment may use (default: CPU count)")
+                            help="most model processes one busy deployment may use (default: CPU count - 1)")
 
     def handle(self, *args, host, port, processes_per_model, **options):
         self.stdout.write(f"ServeML runtime answering prediction URLs on http://{host}:{port}")
