@@ -359,10 +359,15 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
             sklearn_pin = requirements.strip()
             extras = [f"{n}=={v}" for n, v in installed_versions(["joblib", "threadpoolctl", "numpy", "scipy"])]
             pin_sets = [[e] for e in extras] + [list(pair) for pair in itertools.combinations(extras, 2)]
-            cold = [deploy(stack, models["lr"], "\n".join([sklearn_pin, *pins]) + "\n")[1]
-                    for pins in pin_sets[:deploy_runs]]
+            cold_runs = [deploy(stack, models["lr"], "\n".join([sklearn_pin, *pins]) + "\n")
+                         for pins in pin_sets[:deploy_runs]]
             deployed = {name: deploy(stack, models[name], requirements)[0] for name in ("rf", "lr")}
-            warm = [deploy(stack, models["lr"], requirements)[1] for _ in range(deploy_runs)]
+            warm_runs = [deploy(stack, models["lr"], requirements) for _ in range(deploy_runs)]
+            cold, warm = [s for _, s in cold_runs], [s for _, s in warm_runs]
+            # Only the two measured deployments stay loaded, so memory figures are theirs.
+            for state, _ in cold_runs + warm_runs:
+                httpx.delete(state["status_url"], headers={"Authorization": f"Token {stack['token']}"},
+                             timeout=60).raise_for_status()
             starts = [cold_start(stack, deployed["lr"]) for _ in range(deploy_runs)]
             results.deploy = {"cold_deploy_s": statistics.median(cold), "warm_deploy_s": statistics.median(warm),
                               "cold_start_s": statistics.median(starts), "runs": deploy_runs}
@@ -502,6 +507,7 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         "## Servers", "",
         *[f"- **{name}**: {state}" for name, state in results.peers.items()], "",
         "## Prediction path", "",
+        "Peak RSS is the whole server process tree; ServeML's is its runtime with both models loaded.", "",
         "| server | model | concurrency | rows/request | requests | req/s | p50 ms | p99 ms | errors | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {c.server} | {c.model} | {c.concurrency} | {c.rows} | {c.requests} | {c.rps:.0f} | {c.p50_ms:.2f} | "
