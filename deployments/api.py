@@ -63,14 +63,7 @@ class DeployView(APIView):
             errors = {field: [str(e) for e in errs] for field, errs in form.errors.items()}
             first = next(iter(errors.values()))[0]
             return Response({"error": first, "fields": errors}, status=status.HTTP_400_BAD_REQUEST)
-        deployment = services.deployment_create(
-            owner=request.user,
-            name=form.deployment_name(),
-            target=form.cleaned_data["target"],
-            model_format=form.model_format,
-            model_upload=form.cleaned_data["model_file"],
-            requirements_upload=form.cleaned_data["requirements_file"],
-        )
+        deployment = form.create_deployment(owner=request.user)
         return Response(DeploymentSerializer(deployment, context={"request": request}).data, status=202)
 
 

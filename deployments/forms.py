@@ -6,7 +6,7 @@ from django.template.defaultfilters import filesizeformat
 from deployments.inspection import InspectionError, scan_model_file, sniff_format
 from deployments.models import Deployment
 from deployments.pipeline import aws
-from deployments.services import display_name
+from deployments.services import deployment_create, display_name
 from deployments.requirements import RequirementsError, parse_requirements
 
 
@@ -84,6 +84,17 @@ class DeploymentForm(forms.Form):
 
     def clean_name(self):
         return self.cleaned_data.get("name", "").strip()
+
+    def create_deployment(self, *, owner) -> Deployment:
+        """Hand the validated upload to the service that stores it and queues the pipeline."""
+        return deployment_create(
+            owner=owner,
+            name=self.deployment_name(),
+            target=self.cleaned_data["target"],
+            model_format=self.model_format,
+            model_upload=self.cleaned_data["model_file"],
+            requirements_upload=self.cleaned_data["requirements_file"],
+        )
 
     def deployment_name(self) -> str:
         if self.cleaned_data.get("name"):

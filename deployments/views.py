@@ -70,14 +70,7 @@ def deployment_new(request):
     if request.method == "POST":
         form = bound_form(request)
         if form.is_valid():
-            deployment = services.deployment_create(
-                owner=request.user,
-                name=form.deployment_name(),
-                target=form.cleaned_data["target"],
-                model_format=form.model_format,
-                model_upload=form.cleaned_data["model_file"],
-                requirements_upload=form.cleaned_data["requirements_file"],
-            )
+            deployment = form.create_deployment(owner=request.user)
             return redirect(deployment)
     return render(request, "deployments/new.html", {"form": form, "max_upload": settings.SERVEML_MAX_UPLOAD_BYTES})
 

@@ -19,7 +19,7 @@ from deployments import services
 from deployments.environments import uv_binary, uv_env
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError, TransientStageError
-from deployments.pipeline.stages import build_dir, requirements_of
+from deployments.pipeline.stages import build_dir
 
 # What a Lambda function never needs at run time.
 TRIM_DIRS = {"tests", "__pycache__"}  # not "testing": numpy.testing is imported at run time
