@@ -122,6 +122,9 @@ def _build(staging: Path, requirements: Requirements) -> str:
         [
             uv, "pip", "install", "--python", str(staging / "bin" / "python"),
             "--only-binary", ":all:", "--no-progress", "-r", str(staging / "requirements.txt"),
+            # Model processes run as nobody with -B and cannot write bytecode: compiled once
+            # here, a model process starts in 0.7 s instead of 1.7 s.
+            "--compile-bytecode",
         ],
     ]
     logs = []
