@@ -106,5 +106,5 @@ class DeploymentKeysView(APIView):
 
     def get(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        keys = deployment.keys.filter(revoked_at__isnull=True)
+        keys = deployment.active_keys()
         return Response([{"id": k.pk, "name": k.name, "hint": k.hint, "created_at": k.created_at} for k in keys])

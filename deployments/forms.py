@@ -3,7 +3,7 @@ from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 from django.template.defaultfilters import filesizeformat
 
-from deployments.inspection import InspectionError, scan_model_file, sniff_format
+from deployments.inspection import InspectionError, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline import aws
 from deployments.services import deployment_create, display_name
@@ -47,8 +47,6 @@ class DeploymentForm(forms.Form):
         if upload.size == 0:
             raise forms.ValidationError("The model file is empty. Upload the file your training code saved.")
         try:
-            self.model_format = sniff_format(upload.read(16))
-            upload.seek(0)
             # Structure only (complete, well-formed, no hidden trailing payload);
             # the allowlist and versions are checked by the pipeline's inspect stage.
             self.model_format = scan_model_file(upload).format

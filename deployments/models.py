@@ -105,6 +105,9 @@ class Deployment(models.Model):
     def model_basename(self) -> str:
         return f"model.{MODEL_EXTENSIONS[self.model_format]}"
 
+    def active_keys(self):
+        return self.keys.filter(revoked_at__isnull=True)
+
     @property
     def model_type(self) -> str:
         return self.signature.get("model_type", "")

@@ -1,12 +1,13 @@
 """Run untrusted model code in a separate, restricted process.
 
 Every process that unpickles a user's model (the validate probe and the
-runtime's model processes) is started through `sandboxed_command` and
-`sandbox_popen_kwargs`:
+runtime's model processes) is started with `isolation_for`, `private_workdir`
+and `sandbox_popen_kwargs` (`run_sandboxed` puts them together):
 
-- no network: a fresh network namespace (`unshare --net`) when we are root;
+- no network: a fresh network namespace (`unshare --net`) when the host allows it;
 - an unprivileged user (`setpriv` to nobody) when we are root and that user
-  can read the interpreter and the model;
+  can read the environment's interpreter; the model and the script that loads
+  it are copied, read-only, into the private folder;
 - address-space (memory) and CPU-time limits (setrlimit), and a wall-clock
   limit enforced by the caller;
 - a scrubbed environment: no AWS keys, Django secret or database URL, only

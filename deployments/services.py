@@ -159,7 +159,7 @@ def _runtime_refresh(deployment: Deployment) -> None:
 def deployment_key_create(*, deployment: Deployment, name: str) -> tuple[DeploymentKey, str]:
     """Create an API key; returns the row and the key itself, which is never stored or shown again."""
     raw = DeploymentKey.PREFIX + secrets.token_urlsafe(32)
-    first = not deployment.keys.filter(revoked_at__isnull=True).exists()
+    first = not deployment.active_keys().exists()
     key = DeploymentKey.objects.create(
         deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=key_digest(raw)
     )

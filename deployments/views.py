@@ -110,7 +110,7 @@ def detail_context(deployment: Deployment, **extra) -> dict:
     return {
         **extra,
         "deployment": deployment,
-        "keys": deployment.keys.filter(revoked_at__isnull=True),
+        "keys": deployment.active_keys(),
         "events": deployment.events.all(),
         "timeline": timeline(deployment),
         "curl": curl_example(deployment),
@@ -192,7 +192,7 @@ def deployment_key_revoke(request, public_id, key_id):
 def deployment_access(request, public_id):
     deployment = own_deployment(request, public_id)
     private = request.POST.get("private") == "1"
-    if private and not deployment.keys.filter(revoked_at__isnull=True).exists():
+    if private and not deployment.active_keys().exists():
         messages.error(request, "Create an API key first: a private endpoint with no keys answers nobody.")
     else:
         services.deployment_set_private(deployment=deployment, private=private)
