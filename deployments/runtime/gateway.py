@@ -17,9 +17,11 @@ import hmac
 import logging
 import os
 import shutil
+import signal
 import struct
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from deployments import buildkit
-from deployments.sandbox import isolation_for, kill_group, private_workdir, sandbox_popen_kwargs
+from deployments.sandbox import isolation_for, private_workdir, sandbox_popen_kwargs
 
 log = logging.getLogger("serveml.runtime")
 MAX_BODY = 10 * 1024 * 1024
@@ -107,15 +109,64 @@ def servable_access(ids: list[str]) -> dict[str, Access]:
     return {str(row.public_id): _access(row) for row in rows}
 
 
+FRAME = struct.Struct(">IH")  # an answer from a model process: body length, HTTP status
+
+
+class _Channel(asyncio.SubprocessProtocol):
+    """Splits a model process's stdout into answer frames as the bytes arrive.
+
+    A protocol rather than a StreamReader: each answer resolves its request's future
+    right here, with no task, timeout wrapper or read coroutine per request."""
+
+    def __init__(self, process: "ModelProcess"):
+        self.process = process
+        self.buffer = bytearray()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1 or self.process.channel is not self:
+            return
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= FRAME.size:
+            size, status = FRAME.unpack_from(buffer, offset)
+            end = offset + FRAME.size + size
+            if len(buffer) < end:
+                break
+            self.process.answered(status, bytes(buffer[offset + FRAME.size : end]))
+            offset = end
+        del buffer[:offset]
+
+    def process_exited(self) -> None:
+        if self.process.channel is self:  # not a process that was already replaced
+            self.process.exited()
+
+
 class ModelProcess:
-    def __init__(self, spec: Spec):
+    """One long-lived model process and the requests it is answering.
+
+    `send` writes a batch in one frame; answers come back in order and resolve the
+    requests' futures; once all are in, `on_free` hands the process back to its pool.
+    """
+
+    def __init__(self, spec: Spec, on_free=lambda process: None):
         self.spec = spec
-        self.proc: asyncio.subprocess.Process | None = None
+        self.on_free = on_free
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.channel: _Channel | None = None
+        self.stopped = True
+        self.loaded: asyncio.Future | None = None
+        self.waiting: deque[asyncio.Future] = deque()
+        self.timer: asyncio.TimerHandle | None = None
         self.workdir: Path | None = None
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return not self.stopped and self.transport.get_returncode() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.transport.get_returncode() if self.transport else None
 
     async def start(self) -> None:
         iso = isolation_for(
@@ -130,43 +181,98 @@ class ModelProcess:
         })
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self.loaded = loop.create_future()
+        self.channel = channel = _Channel(self)
         with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
-            self.proc = await asyncio.create_subprocess_exec(
+            self.transport, _ = await loop.subprocess_exec(
+                lambda: channel,
                 # The id is only a label, so operators can tell model processes apart in `ps`.
                 *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                limit=2 * MAX_BODY,
                 **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
             )
+        self.stopped = False
         try:
-            status, body = await asyncio.wait_for(self._read(), timeout=settings.SERVEML_SANDBOX_WALL_SECONDS)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-            code = self.stop()
-            raise ModelUnavailable(503, f"the model process did not start (exit code {code})") from None
+            async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
+                status, body = await self.loaded
+        except TimeoutError:
+            self.stop()
+            raise ModelUnavailable(503, "the model process did not load the model in "
+                                        f"{settings.SERVEML_SANDBOX_WALL_SECONDS} s") from None
+        except ModelUnavailable:  # it exited while loading
+            self.stop()
+            raise
         if status != 200:
             self.stop()
             raise ModelUnavailable(503, body.decode(errors="replace"))
-        log.info("model process %s started for %s (%s)", self.proc.pid, self.spec.deployment_id, iso.describe())
+        log.info("model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id,
+                 iso.describe())
 
-    async def _read(self) -> tuple[int, bytes]:
-        size, status = struct.unpack(">IH", await self.proc.stdout.readexactly(6))
-        return status, await self.proc.stdout.readexactly(size)
-
-    async def call_many(self, bodies: list[bytes]) -> list[tuple[int, bytes]]:
-        frames = [struct.pack(">I", len(bodies))]
-        for body in bodies:
+    def send(self, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+        frames = [struct.pack(">I", len(batch))]
+        for body, future in batch:
             frames.append(struct.pack(">I", len(body)))
             frames.append(body)
-        self.proc.stdin.write(b"".join(frames))
-        await self.proc.stdin.drain()
-        return [await self._read() for _ in bodies]
+            self.waiting.append(future)
+        self.transport.get_pipe_transport(0).write(b"".join(frames))
+        self.timer = asyncio.get_running_loop().call_later(settings.SERVEML_PREDICT_TIMEOUT_S, self.fail, ModelUnavailable(
+            504, f"the model took longer than {settings.SERVEML_PREDICT_TIMEOUT_S:g} s to answer; "
+            "its process is restarted on the next request"
+        ))
+
+    def answered(self, status: int, body: bytes) -> None:
+        if not self.loaded.done():
+            self.loaded.set_result((status, body))
+            return
+        if not self.waiting:
+            return  # answers to requests already failed (timed out)
+        future = self.waiting.popleft()
+        if not future.done():  # its client may have gone away
+            future.set_result((status, body))
+        if not self.waiting:
+            self._free()
+
+    def exited(self) -> None:
+        code = self.returncode
+        if not self.loaded.done():
+            self.loaded.set_exception(ModelUnavailable(
+                503, f"the model process exited before it loaded the model (exit code {code})"
+            ))
+        elif self.waiting:
+            self.fail(ModelUnavailable(
+                502, f"the model process crashed while answering (exit code {code}); "
+                "it is restarted on the next request"
+            ))
+
+    def fail(self, error: ModelUnavailable) -> None:
+        """Answer every request in flight with `error` and stop the process."""
+        waiting, self.waiting = self.waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+        self.stop()
+        if waiting:
+            self._free()
+
+    def _free(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.on_free(self)
 
     def stop(self) -> int | None:
-        if self.proc is not None and self.proc.returncode is None:
-            kill_group(self.proc)
+        if self.transport is not None and not self.stopped:
+            self.stopped = True
+            try:
+                os.killpg(self.transport.get_pid(), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.transport.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return self.proc.returncode if self.proc else None
+            self.workdir = None
+        return self.returncode
 
 
 class ModelPool:
@@ -188,6 +294,7 @@ class ModelPool:
         self.idle: list[ModelProcess] = []
         self.pending: list[tuple[bytes, asyncio.Future]] = []
         self.starting = 0
+        self.closed = False
         self.last_used = time.monotonic()
 
     async def add_process(self) -> None:
@@ -197,14 +304,21 @@ class ModelPool:
         await self._start_process()
 
     async def _start_process(self) -> None:
+        process = ModelProcess(self.spec, on_free=self._free)
         try:
-            process = ModelProcess(self.spec)
             await process.start()
-            self.processes.append(process)
-            self.idle.append(process)
-        finally:
+        except BaseException as exc:
             self.starting -= 1
-        self._dispatch()
+            if isinstance(exc, ModelUnavailable) and not self.processes and not self.starting:
+                # No process will ever take the requests that wait: tell them why.
+                self._fail_pending(exc)
+            raise
+        self.starting -= 1
+        if self.closed:
+            process.stop()
+            return
+        self.processes.append(process)
+        self._free(process)
 
     async def warm(self) -> None:
         if not self.processes:
@@ -219,59 +333,54 @@ class ModelPool:
         self._dispatch()
         return await future
 
+    def _free(self, process: ModelProcess) -> None:
+        if not self.closed:
+            self.idle.append(process)
+            self._dispatch()
+
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending and self.idle:
             batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
-            loop.create_task(self._run(self.idle.pop(), batch))
+            process = self.idle.pop()
+            if process.alive:
+                process.send(batch)
+            else:  # it crashed or timed out on an earlier request: restart it for these
+                loop.create_task(self._restart(process, batch))
         if self.pending and len(self.processes) + self.starting < self.max_size:
             self.starting += 1
             task = loop.create_task(self._start_process())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _run(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+    async def _restart(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+        process.stop()
         try:
-            if not process.alive:
-                # It crashed or timed out on an earlier request: restart it for these.
-                process.stop()
-                await process.start()
-            answers = await asyncio.wait_for(
-                process.call_many([body for body, _ in batch]), timeout=settings.SERVEML_PREDICT_TIMEOUT_S
-            )
-        except asyncio.TimeoutError:
+            await process.start()
+        except ModelUnavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            self._free(process)
+            return
+        if self.closed:
             process.stop()
-            error = ModelUnavailable(
-                504, f"the model took longer than {settings.SERVEML_PREDICT_TIMEOUT_S:g} s to answer; "
-                "its process is restarted on the next request"
-            )
-            answers = None
-        except (asyncio.IncompleteReadError, BrokenPipeError, ConnectionResetError):
-            code = process.stop()
-            error = ModelUnavailable(
-                502, f"the model process crashed while answering (exit code {code}); it is restarted on the next request"
-            )
-            answers = None
-        except ModelUnavailable as exc:  # the restart failed
-            error, answers = exc, None
-        finally:
-            self.idle.append(process)
-        for index, (_, future) in enumerate(batch):
-            if not future.done():
-                if answers is None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(answers[index])
-        self._dispatch()
+        else:
+            process.send(batch)
 
     def close(self) -> None:
+        self.closed = True
+        stopped = ModelUnavailable(404, "the deployment was stopped")
         for process in self.processes:
-            process.stop()
+            process.fail(stopped)
         self.processes.clear()
         self.idle.clear()
-        for _, future in self.pending:
+        self._fail_pending(stopped)
+
+    def _fail_pending(self, error: ModelUnavailable) -> None:
+        pending, self.pending = self.pending, []
+        for _, future in pending:
             if not future.done():
-                future.set_exception(ModelUnavailable(404, "the deployment was stopped"))
-        self.pending.clear()
+                future.set_exception(error)
 
 
 class Runtime:
@@ -355,7 +464,7 @@ class Runtime:
         parts = path.strip("/").split("/")
         if path == "/health":
             return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
-        if len(parts) != 2 or not _is_uuid(parts[1]):
+        if len(parts) != 2 or (parts[1] not in self.pools and not _is_uuid(parts[1])):
             return await respond(send, 404, _error("no deployment answers at this URL"))
         if parts[0] == "predict":
             if method != "POST":

@@ -19,4 +19,5 @@ class Command(BaseCommand):
         uvicorn.run(
             Runtime(max_processes=processes_per_model),
             host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+            proxy_headers=False,  # nothing here reads the client's address
         )

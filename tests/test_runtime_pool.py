@@ -1,0 +1,117 @@
+"""The runtime's model pool against real sandboxed model processes (model_server.py), with a
+stand-in handler whose answers show how requests were batched and which can hang or crash."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from deployments.runtime.gateway import ModelPool, ModelUnavailable, Spec, Access
+
+HANDLER = '''
+import os, time
+
+def model():
+    if os.path.exists("model.broken"):
+        raise RuntimeError("cannot read this model")
+
+def handle_many(bodies):
+    answers = []
+    for body in bodies:
+        if body == b"hang":
+            time.sleep(60)
+        if body == b"crash":
+            os._exit(7)
+        answers.append((200, b"%d:%s" % (len(bodies), body)))
+    return answers
+'''
+
+
+def pool_for(tmp_path: Path, max_size: int = 1, broken: bool = False) -> ModelPool:
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "handler.py").write_text(HANDLER)
+    model = build / ("model.broken" if broken else "model.pkl")
+    model.write_bytes(b"")
+    spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", Path(settings.SERVEML_ENV_PYTHON), build, model)
+    return ModelPool(spec, Access(), max_size=max_size)
+
+
+def run(coroutine, timeout=60):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(tmp_path):
+    async def scenario():
+        pool = pool_for(tmp_path)
+        try:
+            await pool.warm()
+            bodies = [b"row-%d" % n for n in range(40)]
+            return bodies, await asyncio.gather(*(pool.predict(body) for body in bodies))
+        finally:
+            pool.close()
+
+    bodies, answers = run(scenario())
+    assert [answer.split(b":")[1] for _, answer in answers] == bodies
+    assert {status for status, _ in answers} == {200}
+    batch_sizes = [int(answer.split(b":")[0]) for _, answer in answers]
+    assert max(batch_sizes) > 1  # they arrived together, so the process took them together
+    assert max(batch_sizes) <= ModelPool.MAX_BATCH
+
+
+def test_a_request_that_hangs_answers_504_and_the_process_is_replaced(tmp_path, settings):
+    settings.SERVEML_PREDICT_TIMEOUT_S = 1
+
+    async def scenario():
+        pool = pool_for(tmp_path)
+        try:
+            with pytest.raises(ModelUnavailable) as hung:
+                await pool.predict(b"hang")
+            return hung.value, await pool.predict(b"after")
+        finally:
+            pool.close()
+
+    error, after = run(scenario())
+    assert error.status == 504 and "longer than 1 s" in error.message and "restarted" in error.message
+    assert after == (200, b"1:after")
+
+
+def test_a_process_that_crashes_answers_502_with_its_exit_code_and_is_restarted(tmp_path):
+    async def scenario():
+        pool = pool_for(tmp_path)
+        try:
+            with pytest.raises(ModelUnavailable) as crashed:
+                await pool.predict(b"crash")
+            return crashed.value, await pool.predict(b"after")
+        finally:
+            pool.close()
+
+    error, after = run(scenario())
+    assert error.status == 502 and "exit code 7" in error.message
+    assert after == (200, b"1:after")
+
+
+def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging(tmp_path):
+    async def scenario():
+        pool = pool_for(tmp_path, broken=True)
+        return await asyncio.gather(pool.predict(b"first"), pool.predict(b"second"), return_exceptions=True)
+
+    first, second = run(scenario(), timeout=30)
+    for error in (first, second):
+        assert isinstance(error, ModelUnavailable) and error.status == 503
+        assert "RuntimeError: cannot read this model" in error.message
+
+
+def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(tmp_path):
+    async def scenario():
+        pool = pool_for(tmp_path)
+        await pool.warm()
+        in_flight = asyncio.ensure_future(pool.predict(b"hang"))
+        await asyncio.sleep(0.3)
+        pool.close()
+        with pytest.raises(ModelUnavailable) as stopped:
+            await in_flight
+        return stopped.value
+
+    assert run(scenario()).status == 404
