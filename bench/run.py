@@ -4,9 +4,10 @@ servers a user would pick instead, in one run on this machine.
     python bench/run.py            # the full benchmark (several minutes)
     python bench/run.py --smoke    # a few requests per case: what `make test` runs
 
-Each server runs alone while it is measured; the load comes from `hey` in its
-own process, a fixed number of requests per case after a warm-up. Ratios between servers of the same run are what count: absolute
-numbers on a shared 2-core machine move from run to run.
+Each server runs alone while it is measured; the load comes from `wrk` in its
+own process, a fixed number of requests per case after a warm-up. Ratios between
+servers of the same run are what count: absolute numbers on a shared 2-core
+machine move from run to run.
 """
 
 import argparse
@@ -56,6 +57,7 @@ class Case:
 class Results:
     cases: list[Case] = field(default_factory=list)
     floor_us: dict = field(default_factory=dict)  # model -> {"row": µs, "batch100_per_row": µs}
+    transport_ms: dict = field(default_factory=dict)  # rows per request -> p50 of a constant answer
     deploy: dict = field(default_factory=dict)
     idle_memory_mb: dict = field(default_factory=dict)
     peers: dict = field(default_factory=dict)  # server -> "ok" or why it did not run
@@ -157,31 +159,31 @@ class PeakMemory:
 
 
 def load(url: str, body: bytes, concurrency: int, requests: int, content_type="application/json") -> dict:
-    """`hey` sends exactly `requests` POSTs from `concurrency` workers, from its own process.
+    """`wrk` sends `requests` POSTs over `concurrency` keep-alive connections, from its own process.
 
-    Its CSV output has one row per request; latencies have 0.1 ms resolution.
+    One wrk thread: it is written in C and needs far less CPU than the servers it drives,
+    which matters on two cores. Latencies come from its histogram, in microseconds.
     """
-    requests = -(-max(requests, concurrency) // concurrency) * concurrency  # hey sends n // c per worker
+    requests = max(requests, concurrency)
     with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
         body_file.write(body)
         body_file.flush()
         done = subprocess.run(
-            ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", content_type,
-             "-D", body_file.name, "-t", "10", "-o", "csv", url],
-            capture_output=True, text=True, timeout=600,
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(60, requests // 50)}s", "--timeout", "10s", "-s", BENCH / "fixed_requests.lua",
+             url, "--", str(requests), body_file.name, content_type],
+            capture_output=True, text=True, timeout=max(60, requests // 50) + 60,
         )
-    rows = [line.split(",") for line in done.stdout.splitlines()[1:] if line and line[0].isdigit()]
-    if not rows:
-        raise RuntimeError(f"hey failed: {done.stdout[-500:]} {done.stderr[-500:]}")
-    latencies = sorted(float(row[0]) for row in rows)
-    ok = [row for row in rows if row[6] == "200"]
-    wall = max(float(row[7]) + float(row[0]) for row in rows)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+    out = json.loads(line.removeprefix("RESULT "))
     return {
-        "requests": len(rows),
-        "rps": len(rows) / wall,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-        "errors": len(rows) - len(ok) + (requests - len(rows)),
+        "requests": out["requests"],
+        "rps": out["requests"] / (out["duration_us"] / 1e6),
+        "p50_ms": out["p50_us"] / 1000,
+        "p99_ms": out["p99_us"] / 1000,
+        # Requests that never completed (the run hit wrk's time limit) count as errors too.
+        "errors": out["errors"] + max(0, requests - out["requests"]),
     }
 
 
@@ -293,9 +295,9 @@ def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deploymen
     models = [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
     per_process = [rss(pid) / 1024**2 for pid in models]
     return {
-        "interpreter + model (bare python) MB": bare,
-        "runtime model process, median MB": statistics.median(per_process) if per_process else float("nan"),
-        "runtime gateway MB": rss(runtime_pid) / 1024**2,
+        "interpreter + model (bare python)": bare,
+        "runtime model process at rest, median": statistics.median(per_process) if per_process else float("nan"),
+        "runtime gateway": rss(runtime_pid) / 1024**2,
     }
 
 
@@ -372,14 +374,19 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
             results.deploy = {"cold_deploy_s": statistics.median(cold), "warm_deploy_s": statistics.median(warm),
                               "cold_start_s": statistics.median(starts), "runs": deploy_runs}
             env_python = next((data_dir / "envs").glob("*/bin/python"))
+            # At rest: the lr process has just started and answered the cold-start request.
+            pid = stack["runtime"].proc.pid
+            results.idle_memory_mb = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
             for name in ("rf", "lr"):
                 results.floor_us[name] = floor(env_python, models[name], counts["floor"])
-            pid = stack["runtime"].proc.pid
             for name in ("rf", "lr"):
                 url = deployed[name]["endpoint_url"]
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
-            results.idle_memory_mb = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
+            # And once it has served the load tests: what its working memory grew to.
+            after = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
+            results.idle_memory_mb["runtime model process after the load tests, median"] = \
+                after["runtime model process at rest, median"]
         results.peers["serveml"] = "ok"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -389,6 +396,23 @@ def installed_versions(names: list[str]) -> list[tuple[str, str]]:
     from importlib.metadata import version
 
     return [(name, version(name)) for name in names]
+
+
+def run_http_floor(results: Results, counts: dict):
+    """p50 of a bare uvicorn app that answers a constant: what HTTP alone costs here, at concurrency 1."""
+    port = free_port()
+    server = Server("http-floor", [ROOT / ".venv" / "bin" / "uvicorn", "http_floor:app", "--port", port,
+                                   "--log-level", "warning", "--no-access-log"], cwd=BENCH / "peers")
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url, 30, server, method="POST", json={"data": ROW})
+        for label, (concurrency, body, rows) in contract_bodies().items():
+            if concurrency == 1:
+                load(url, body, 1, counts["warmup"])
+                results.transport_ms[rows] = load(url, body, 1, counts["c1"])["p50_ms"]
+                print(f"  constant answer, {rows} row(s) sent: p50 {results.transport_ms[rows]:.3f} ms", flush=True)
+    finally:
+        server.stop()
 
 
 def run_fastapi(results: Results, models: dict, requirements: str, counts: dict):
@@ -498,6 +522,18 @@ def summary_line(results: Results) -> str:
     return "summary: " + " ".join(f"{key}={value:.3f}" for key, value in fields.items())
 
 
+def batch_rows(results: Results) -> list[str]:
+    rows = []
+    for c in results.cases:
+        floor_row = results.floor_us.get(c.model, {}).get("batch100_per_row")
+        if c.rows != 100 or not floor_row:
+            continue
+        per_row = c.p50_ms * 1000 / 100
+        bound = (results.transport_ms.get(100, float("nan")) * 1000 + floor_row * 100) / (floor_row * 100)
+        rows.append(f"| {c.server} | {c.model} | {per_row:.2f} | {per_row / floor_row:.2f} | {bound:.2f} |")
+    return rows
+
+
 def write_report(results: Results, line: str, smoke: bool) -> None:
     lines = [
         "# ServeML benchmark results", "",
@@ -515,6 +551,15 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         "## Floor: in-process `model.predict` in the model's environment", "",
         "| model | one row µs | per row in a batch of 100 µs |", "|---|---|---|",
         *[f"| {m} | {f['row']:.1f} | {f['batch100_per_row']:.2f} |" for m, f in results.floor_us.items()], "",
+        "## Transport floor: uvicorn answering a constant, concurrency 1", "",
+        "What HTTP alone costs here, whatever the server does with the request.", "",
+        "| rows/request | p50 ms |", "|---|---|",
+        *[f"| {rows} | {ms:.3f} |" for rows, ms in results.transport_ms.items()], "",
+        "## Batch of 100 rows, per row", "",
+        "A server's p50 per row of a 100-row request, against the in-process `predict` per row; the last "
+        "column is the ratio no HTTP server could beat: transport floor plus `predict`, nothing else.", "",
+        "| server | model | per row µs | × floor | transport + predict, × floor |", "|---|---|---|---|---|",
+        *batch_rows(results), "",
         "## Deploy pipeline (local target, median of runs)", "",
         *[f"- {key}: {value:.2f}" if isinstance(value, float) else f"- {key}: {value}"
           for key, value in results.deploy.items()], "",
@@ -577,6 +622,8 @@ def main(argv=None) -> int:
     results = Results()
     print("ServeML (local target)", flush=True)
     run_serveml(results, models, requirements, counts, deploy_runs=2 if args.smoke else 5)
+    print("Transport floor (uvicorn answering a constant)", flush=True)
+    run_http_floor(results, counts)
     print("FastAPI + uvicorn", flush=True)
     run_fastapi(results, models, requirements, counts)
     if not args.smoke:

@@ -32,3 +32,9 @@ def test_the_benchmark_runs_end_to_end_in_smoke_mode():
     results = json.loads((ROOT / "bench" / "out" / "results-smoke.json").read_text())
     assert {case["errors"] for case in results["cases"]} == {0}
     assert {case["server"] for case in results["cases"]} == {"serveml", "fastapi"}
+    # wrk stopped after the number of requests the smoke run asks for (a few more may land at c8/c32).
+    asked = {(1, 1): 50, (8, 1): 100, (32, 1): 100, (1, 100): 20}
+    for case in results["cases"]:
+        assert asked[case["concurrency"], case["rows"]] <= case["requests"] < asked[case["concurrency"], case["rows"]] + 32
+    assert set(results["transport_ms"]) == {"1", "100"} and all(v > 0 for v in results["transport_ms"].values())
+    assert "| serveml | lr |" in report.split("## Batch of 100 rows, per row")[1]
