@@ -36,7 +36,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     def redeploy(self, request, queryset):
         count = 0
         for deployment in queryset:
-            if deployment.status != Deployment.Status.DEPLOYING:
+            if deployment.status not in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
                 services.deployment_redeploy(deployment=deployment)
                 count += 1
         self.message_user(request, f"{count} deployment(s) queued again.", messages.SUCCESS)
@@ -47,11 +47,12 @@ class DeploymentAdmin(admin.ModelAdmin):
         for deployment in queryset:
             if deployment.can_stop():
                 try:
-                    services.deployment_stop(deployment=deployment)
+                    services.deployment_request_stop(deployment=deployment)
                     count += 1
                 except StageError as exc:
                     self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
-        self.message_user(request, f"{count} deployment(s) stopped.", messages.SUCCESS)
+        self.message_user(request, f"{count} deployment(s) stopped (aws ones once a worker has deleted their "
+                                   "resources: their status is 'stopping' until then).", messages.SUCCESS)
 
 
 @admin.register(DeploymentEvent)

@@ -88,12 +88,14 @@ class DeploymentDetailView(APIView):
                 {"error": "This deployment is still deploying; stop it once it is ready or failed."},
                 status=status.HTTP_409_CONFLICT,
             )
-        if deployment.status != Deployment.Status.STOPPED:
+        if deployment.can_stop():
             try:
-                services.deployment_stop(deployment=deployment)
+                services.deployment_request_stop(deployment=deployment)
             except StageError as exc:
                 return Response({"error": f"Stopping failed: {exc}"}, status=status.HTTP_502_BAD_GATEWAY)
-        return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)
+        # An aws deployment is `stopping` while a worker deletes its resources: poll status_url.
+        code = status.HTTP_202_ACCEPTED if deployment.status == Deployment.Status.STOPPING else status.HTTP_200_OK
+        return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data, status=code)
 
 
 class DeploymentKeysView(APIView):

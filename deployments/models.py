@@ -27,6 +27,7 @@ class Deployment(models.Model):
         DEPLOYING = "deploying", "Deploying"
         READY = "ready", "Ready"
         FAILED = "failed", "Failed"
+        STOPPING = "stopping", "Stopping"
         STOPPED = "stopped", "Stopped"
 
     class Stage(models.TextChoices):
@@ -38,6 +39,7 @@ class Deployment(models.Model):
         PUSH = "push", "Push"
         PROVISION = "provision", "Provision"
         VERIFY = "verify", "Verify"
+        TEARDOWN = "teardown", "Teardown"  # stopping an aws deployment; not a pipeline stage
 
     class Target(models.TextChoices):
         LOCAL = "local", "Local (this host)"

@@ -108,6 +108,39 @@ def deployment_requeue(*, deployment: Deployment, reason: str) -> None:
     deployment_record_event(deployment=deployment, stage=deployment.stage, level="warning", message=reason)
 
 
+def deployment_request_stop(*, deployment: Deployment) -> str:
+    """Stop a deployment as its target allows, and say what happened.
+
+    Local: at once (the runtime unloads it). AWS: the deployment becomes `stopping`
+    and a task deletes its API, function and repository, which takes AWS seconds
+    and may need retries: no web request waits on it. Raises StageError only for
+    a local stop that failed.
+    """
+    if deployment.target == Deployment.Target.LOCAL:
+        return deployment_stop(deployment=deployment)
+    from deployments.tasks import stop
+
+    with transaction.atomic():
+        # Conditional, so two clicks queue one teardown.
+        moved = Deployment.objects.filter(
+            pk=deployment.pk, status__in=[Deployment.Status.READY, Deployment.Status.FAILED]
+        ).update(status=Deployment.Status.STOPPING, updated_at=timezone.now())
+        if moved:
+            deployment.status = Deployment.Status.STOPPING
+            deployment_record_event(deployment=deployment, stage="", message="stop requested: deleting its AWS resources")
+            transaction.on_commit(lambda: stop.delay(deployment.pk))
+    return "its AWS resources are being deleted; its page shows when that is done"
+
+
+@transaction.atomic
+def deployment_stop_failed(*, deployment: Deployment, message: str) -> None:
+    """The teardown gave up: the deployment shows why, and can be stopped again."""
+    error = f"Stopping failed: {message} Some of its AWS resources may remain; stop it again once this is fixed."
+    deployment_update(deployment=deployment, status=Deployment.Status.FAILED, stage=Deployment.Stage.TEARDOWN,
+                      error=error)
+    deployment_record_event(deployment=deployment, stage=Deployment.Stage.TEARDOWN, level="error", message=error)
+
+
 def deployment_stop(*, deployment: Deployment) -> str:
     """Tear down what serves the deployment, then mark it stopped.
 
@@ -131,8 +164,8 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
     """Run the whole pipeline again from the stored files (operators, from the admin)."""
     from deployments.pipeline import local
 
-    if deployment.status == Deployment.Status.DEPLOYING:
-        return
+    if deployment.status in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
+        return  # a task owns it
     if deployment.target == Deployment.Target.LOCAL:
         local.teardown(deployment)  # the runtime must not keep serving the old build
     deployment_update(

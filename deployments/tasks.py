@@ -1,8 +1,10 @@
+import random
+
 from celery import shared_task
 
 from deployments import pipeline, services
 from deployments.models import Deployment
-from deployments.pipeline.errors import TransientStageError
+from deployments.pipeline.errors import StageError, TransientStageError
 
 
 @shared_task(bind=True, max_retries=4, acks_late=True)
@@ -15,8 +17,28 @@ def deploy(self, deployment_id: int) -> None:
             services.deployment_fail(deployment=deployment, stage=deployment.stage, message=str(exc))
             return
         services.deployment_requeue(deployment=deployment, reason=f"{exc} — retrying")
-        # Exponential backoff with jitter, capped at five minutes.
-        import random
+        raise self.retry(countdown=backoff(self.request.retries)) from exc
 
-        countdown = min(300, 5 * 2**self.request.retries) * random.uniform(0.5, 1.0)
-        raise self.retry(countdown=countdown) from exc
+
+@shared_task(bind=True, max_retries=4, acks_late=True)
+def stop(self, deployment_id: int) -> None:
+    """Tear down a deployment on its cloud (services.deployment_request_stop queues this)."""
+    deployment = Deployment.objects.get(pk=deployment_id)
+    if deployment.status != Deployment.Status.STOPPING:
+        return  # already stopped by an earlier delivery of this task
+    try:
+        services.deployment_stop(deployment=deployment)
+    except TransientStageError as exc:
+        if self.request.retries >= self.max_retries:
+            services.deployment_stop_failed(deployment=deployment, message=str(exc))
+            return
+        services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.TEARDOWN, level="warning",
+                                         message=f"{exc} — retrying")
+        raise self.retry(countdown=backoff(self.request.retries)) from exc
+    except StageError as exc:
+        services.deployment_stop_failed(deployment=deployment, message=str(exc))
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with jitter, capped at five minutes."""
+    return min(300, 5 * 2**retries) * random.uniform(0.5, 1.0)

@@ -138,11 +138,14 @@ def deployment_stop(request, public_id):
     deployment = own_deployment(request, public_id)
     if deployment.can_stop():
         try:
-            summary = services.deployment_stop(deployment=deployment)
+            summary = services.deployment_request_stop(deployment=deployment)
         except StageError as exc:
             messages.error(request, f"Stopping failed, nothing was marked stopped: {exc}")
         else:
-            messages.success(request, f"The deployment was stopped; its URL no longer answers ({summary}).")
+            if deployment.status == Deployment.Status.STOPPING:
+                messages.info(request, f"Stopping: {summary}.")
+            else:
+                messages.success(request, f"The deployment was stopped; its URL no longer answers ({summary}).")
     return redirect(deployment)
 
 

@@ -135,15 +135,76 @@ def test_teardown_leaves_nothing_behind_and_says_what_it_deleted(cloud, pushed):
     assert aws.teardown(pushed) == "nothing was left on AWS to delete"
 
 
-def test_stopping_an_aws_deployment_tears_it_down(cloud, pushed):
-    from deployments import services
-
+def ready_on_aws(pushed) -> Deployment:
     aws.provision(pushed)
     pushed.refresh_from_db()
     pushed.status = Deployment.Status.READY
-    summary = services.deployment_stop(deployment=pushed)
-    assert "deleted HTTP API" in summary
-    assert Deployment.objects.get(pk=pushed.pk).status == Deployment.Status.STOPPED
+    pushed.save()
+    return pushed
+
+
+def test_stopping_an_aws_deployment_queues_its_teardown_and_the_task_deletes_everything(
+    cloud, pushed, django_capture_on_commit_callbacks
+):
+    from deployments import services, tasks
+
+    deployment = ready_on_aws(pushed)
+    with django_capture_on_commit_callbacks() as queued:
+        said = services.deployment_request_stop(deployment=deployment)
+    assert "being deleted" in said
+    assert Deployment.objects.get(pk=deployment.pk).status == Deployment.Status.STOPPING
+    assert counts(cloud, deployment) == ONE_OF_EACH  # nothing deleted in the request itself
+    assert len(queued) == 1
+    with django_capture_on_commit_callbacks() as again:
+        services.deployment_request_stop(deployment=Deployment.objects.get(pk=deployment.pk))
+    assert again == []  # a second click queues no second teardown
+
+    tasks.stop.apply(args=[deployment.pk]).get()
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.STOPPED and deployment.stopped_at is not None
+    assert counts(cloud, deployment) == {"apis": 0, "functions": 0}
+    assert "deleted HTTP API" in deployment.events.last().message
+    tasks.stop.apply(args=[deployment.pk]).get()  # a redelivered task finds it stopped and does nothing
+    assert Deployment.objects.get(pk=deployment.pk).status == Deployment.Status.STOPPED
+
+
+def test_the_api_answers_202_while_an_aws_deployment_is_stopping(cloud, pushed, client, user):
+    from rest_framework.authtoken.models import Token
+
+    deployment = ready_on_aws(pushed)
+    token = Token.objects.create(user=user).key
+    url = reverse("api-deployment", args=[deployment.public_id])
+    answer = client.delete(url, HTTP_AUTHORIZATION=f"Token {token}")
+    assert answer.status_code == 202 and answer.json()["status"] == "stopping"
+    client.force_login(user)
+    fragment = client.get(reverse("deployment-status", args=[deployment.public_id])).content.decode()
+    assert 'data-status="stopping"' in fragment and "Deleting its AWS resources" in fragment
+    assert 'hx-trigger="every 1s"' in fragment  # the page keeps polling until it is stopped
+
+
+def test_a_teardown_that_keeps_failing_marks_the_deployment_failed_with_why(cloud, pushed, monkeypatch):
+    from deployments import services, tasks
+
+    deployment = ready_on_aws(pushed)
+    services.deployment_request_stop(deployment=deployment)
+
+    def throttled(deployment):
+        raise TransientStageError("AWS is throttling requests (TooManyRequestsException).")
+
+    monkeypatch.setattr(aws, "teardown", throttled)
+    tasks.stop.apply(args=[deployment.pk])  # eager: each retry runs at once, up to max_retries
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED and deployment.can_stop()
+    assert deployment.error.startswith("Stopping failed: AWS is throttling") and deployment.stage == "teardown"
+    assert "stop it again" in deployment.error
+    assert deployment.events.filter(level="warning", message__contains="retrying").count() == tasks.stop.max_retries
+
+    monkeypatch.setattr(aws, "teardown", lambda deployment: (_ for _ in ()).throw(
+        StageError("AWS refused: AccessDeniedException. Allow lambda:DeleteFunction to ServeML's IAM user.")))
+    services.deployment_request_stop(deployment=deployment)
+    tasks.stop.apply(args=[deployment.pk])
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED and "lambda:DeleteFunction" in deployment.error
 
 
 def test_push_reuses_an_image_already_in_the_repository(cloud, user, make_deployment):
