@@ -59,7 +59,7 @@ class Results:
     floor_us: dict = field(default_factory=dict)  # model -> {"row": µs, "batch100_per_row": µs}
     transport_ms: dict = field(default_factory=dict)  # rows per request -> p50 of a constant answer
     deploy: dict = field(default_factory=dict)
-    idle_memory_mb: dict = field(default_factory=dict)
+    memory_mb: dict = field(default_factory=dict)  # "at rest" / "after the load tests" -> process -> RSS, private
     peers: dict = field(default_factory=dict)  # server -> "ok" or why it did not run
 
 
@@ -280,8 +280,20 @@ def cold_start(stack, deployment: dict) -> float:
     return time.monotonic() - started
 
 
+def private(pid: int) -> int:
+    """Memory only this process holds (USS), in bytes: what one more model process costs.
+
+    RSS also counts pages of shared libraries that every process of an environment maps
+    from the same files; which of those pages happen to be resident varies by a few MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_ = line.split()
+        fields[name.rstrip(":")] = int(value) * 1024
+    return fields["Private_Clean"] + fields["Private_Dirty"]
+
+
 def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
-    """Idle memory: each model process of the runtime, against a bare interpreter holding the same model."""
+    """A deployment's model processes against a bare interpreter holding the same model, in MB."""
     baseline = subprocess.Popen(
         # Loaded and used once, as a model process is after its first request.
         [env_python, "-c", f"import pickle, time, numpy; m = pickle.load(open({str(model_file)!r}, 'rb')); "
@@ -289,15 +301,18 @@ def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deploymen
         stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
     )
     baseline.stdout.readline()
-    bare = tree_rss(baseline.pid) / 1024**2
+    bare = {"RSS": rss(baseline.pid) / 1024**2, "private": private(baseline.pid) / 1024**2}
     baseline.kill()
     # The model processes of this deployment: their command line carries its id as a label.
     models = [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
-    per_process = [rss(pid) / 1024**2 for pid in models]
+
+    def median(measure):
+        return statistics.median(measure(pid) / 1024**2 for pid in models) if models else float("nan")
+
     return {
         "interpreter + model (bare python)": bare,
-        "runtime model process at rest, median": statistics.median(per_process) if per_process else float("nan"),
-        "runtime gateway": rss(runtime_pid) / 1024**2,
+        "runtime model process (median)": {"RSS": median(rss), "private": median(private)},
+        "runtime gateway": {"RSS": rss(runtime_pid) / 1024**2, "private": private(runtime_pid) / 1024**2},
     }
 
 
@@ -376,7 +391,7 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
             env_python = next((data_dir / "envs").glob("*/bin/python"))
             # At rest: the lr process has just started and answered the cold-start request.
             pid = stack["runtime"].proc.pid
-            results.idle_memory_mb = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
+            results.memory_mb["at rest"] = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
             for name in ("rf", "lr"):
                 results.floor_us[name] = floor(env_python, models[name], counts["floor"])
             for name in ("rf", "lr"):
@@ -384,9 +399,8 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
             # And once it has served the load tests: what its working memory grew to.
-            after = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
-            results.idle_memory_mb["runtime model process after the load tests, median"] = \
-                after["runtime model process at rest, median"]
+            results.memory_mb["after the load tests"] = model_memory(env_python, models["lr"], pid,
+                                                                     deployed["lr"]["id"])
         results.peers["serveml"] = "ok"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -564,7 +578,14 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         *[f"- {key}: {value:.2f}" if isinstance(value, float) else f"- {key}: {value}"
           for key, value in results.deploy.items()], "",
         "## Memory", "",
-        *[f"- {key}: {value:.0f} MB" for key, value in results.idle_memory_mb.items()], "",
+        "The LogisticRegression's model process against a bare interpreter of its environment holding the same "
+        "model. *Private* is what only that process holds (USS); RSS adds resident pages of shared libraries, "
+        "mapped from the same files by every process of the environment.", "",
+        "| process | at rest: RSS MB | private MB | after the load tests: RSS MB | private MB |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | " + " | ".join(f"{results.memory_mb[when][name][kind]:.1f}" for when in results.memory_mb
+                                      for kind in ("RSS", "private")) + " |"
+          for name in next(iter(results.memory_mb.values()), {})], "",
         "```", line, "```", "",
     ]
     (BENCH / ("results-smoke.md" if smoke else "results.md")).write_text("\n".join(lines))
