@@ -165,13 +165,14 @@ def load(url: str, body: bytes, concurrency: int, requests: int, content_type="a
     which matters on two cores. Latencies come from its histogram, in microseconds.
     """
     requests = max(requests, concurrency)
+    limit = max(60, requests // 50)  # seconds; only a server that drops connections gets near it
     with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
         body_file.write(body)
         body_file.flush()
         done = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(60, requests // 50)}s", "--timeout", "10s", "-s", BENCH / "fixed_requests.lua",
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{limit}s", "--timeout", "10s", "-s", BENCH / "fixed_requests.lua",
              url, "--", str(requests), body_file.name, content_type],
-            capture_output=True, text=True, timeout=max(60, requests // 50) + 60,
+            capture_output=True, text=True, timeout=limit + 60,
         )
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:

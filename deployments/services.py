@@ -127,7 +127,9 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
         ).update(status=Deployment.Status.STOPPING, updated_at=timezone.now())
         if moved:
             deployment.status = Deployment.Status.STOPPING
-            deployment_record_event(deployment=deployment, stage="", message="stop requested: deleting its AWS resources")
+            deployment_record_event(
+                deployment=deployment, stage="", message="stop requested: deleting its AWS resources"
+            )
             transaction.on_commit(lambda: stop.delay(deployment.pk))
     return "its AWS resources are being deleted; its page shows when that is done"
 

@@ -15,6 +15,8 @@ import os, time
 def model():
     if os.path.exists("model.broken"):
         raise RuntimeError("cannot read this model")
+    if os.path.exists("model.slow"):
+        time.sleep(1)
 
 def handle_many(bodies):
     answers = []
@@ -28,11 +30,12 @@ def handle_many(bodies):
 '''
 
 
-def pool_for(tmp_path: Path, max_size: int = 1, broken: bool = False) -> ModelPool:
+def pool_for(tmp_path: Path, max_size: int = 1, model_file: str = "model.pkl") -> ModelPool:
+    """`model.broken` fails to load; `model.slow` takes a second to."""
     build = tmp_path / "build"
     build.mkdir()
     (build / "handler.py").write_text(HANDLER)
-    model = build / ("model.broken" if broken else "model.pkl")
+    model = build / model_file
     model.write_bytes(b"")
     spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", Path(settings.SERVEML_ENV_PYTHON), build, model)
     return ModelPool(spec, Access(), max_size=max_size)
@@ -64,7 +67,7 @@ def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(tmp_pa
     (b"hang", 504, "longer than 1 s"),  # the timeout kills it
     (b"crash", 502, "exit code 7"),  # it exits on its own
 ])
-def test_a_process_that_hangs_or_crashes_fails_only_that_request_and_is_replaced(tmp_path, settings, body, status, says):
+def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(tmp_path, settings, body, status, says):
     settings.SERVEML_PREDICT_TIMEOUT_S = 1
 
     async def scenario():
@@ -83,7 +86,7 @@ def test_a_process_that_hangs_or_crashes_fails_only_that_request_and_is_replaced
 
 def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging(tmp_path):
     async def scenario():
-        pool = pool_for(tmp_path, broken=True)
+        pool = pool_for(tmp_path, model_file="model.broken")
         return await asyncio.gather(pool.predict(b"first"), pool.predict(b"second"), return_exceptions=True)
 
     first, second = run(scenario(), timeout=30)
@@ -104,3 +107,21 @@ def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(tmp_path)
         return stopped.value
 
     assert run(scenario()).status == 404
+
+
+@pytest.mark.parametrize("crash_first", [False, True], ids=["first-start", "restart"])
+def test_stopping_a_deployment_while_its_process_starts_answers_404_not_a_load_error(tmp_path, crash_first):
+    async def scenario():
+        pool = pool_for(tmp_path, model_file="model.slow")
+        if crash_first:
+            with pytest.raises(ModelUnavailable):
+                await pool.predict(b"crash")
+        waiting = asyncio.ensure_future(pool.predict(b"after"))
+        await asyncio.sleep(0.3)  # its model process is loading the model
+        pool.close()
+        with pytest.raises(ModelUnavailable) as stopped:
+            await waiting
+        return stopped.value
+
+    error = run(scenario())
+    assert error.status == 404 and "stopped" in error.message

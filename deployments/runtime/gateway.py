@@ -154,7 +154,7 @@ class ModelProcess:
         self.on_free = on_free
         self.transport: asyncio.SubprocessTransport | None = None
         self.channel: _Channel | None = None
-        self.stopped = True
+        self.stopped = False
         self.loaded: asyncio.Future | None = None
         self.waiting: deque[asyncio.Future] = deque()
         self.timer: asyncio.TimerHandle | None = None
@@ -162,13 +162,14 @@ class ModelProcess:
 
     @property
     def alive(self) -> bool:
-        return not self.stopped and self.transport.get_returncode() is None
+        return self.transport is not None and not self.stopped and self.transport.get_returncode() is None
 
     @property
     def returncode(self) -> int | None:
         return self.transport.get_returncode() if self.transport else None
 
     async def start(self) -> None:
+        self.stopped, self.transport = False, None
         iso = isolation_for(
             python=self.spec.python,
             memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
@@ -184,15 +185,21 @@ class ModelProcess:
         loop = asyncio.get_running_loop()
         self.loaded = loop.create_future()
         self.channel = channel = _Channel(self)
-        with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
-            self.transport, _ = await loop.subprocess_exec(
-                lambda: channel,
-                # The id is only a label, so operators can tell model processes apart in `ps`.
-                *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
-            )
-        self.stopped = False
+        try:
+            with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
+                self.transport, _ = await loop.subprocess_exec(
+                    lambda: channel,
+                    # The id is only a label, so operators can tell model processes apart in `ps`.
+                    *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                    **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
+                )
+        except OSError as exc:  # e.g. its environment was deleted: redeploy it
+            self.stop()
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        if self.stopped:  # stop() came while it was being spawned
+            self.stop()
+            raise ModelUnavailable(503, "the model process was stopped while it started")
         try:
             async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
                 status, body = await self.loaded
@@ -216,9 +223,9 @@ class ModelProcess:
             frames.append(body)
             self.waiting.append(future)
         self.transport.get_pipe_transport(0).write(b"".join(frames))
-        self.timer = asyncio.get_running_loop().call_later(settings.SERVEML_PREDICT_TIMEOUT_S, self.fail, ModelUnavailable(
-            504, f"the model took longer than {settings.SERVEML_PREDICT_TIMEOUT_S:g} s to answer; "
-            "its process is restarted on the next request"
+        timeout = settings.SERVEML_PREDICT_TIMEOUT_S
+        self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, ModelUnavailable(
+            504, f"the model took longer than {timeout:g} s to answer; its process is restarted on the next request"
         ))
 
     def answered(self, status: int, body: bytes) -> None:
@@ -262,12 +269,14 @@ class ModelProcess:
         self.on_free(self)
 
     def stop(self) -> int | None:
-        if self.transport is not None and not self.stopped:
-            self.stopped = True
+        self.stopped = True
+        # Only while it is not reaped: after that its pid, which is its group's id, may be reused.
+        if self.transport is not None and self.transport.get_returncode() is None:
             try:
                 os.killpg(self.transport.get_pid(), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if self.transport is not None:
             self.transport.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -293,41 +302,42 @@ class ModelPool:
         self.processes: list[ModelProcess] = []
         self.idle: list[ModelProcess] = []
         self.pending: list[tuple[bytes, asyncio.Future]] = []
-        self.starting = 0
         self.closed = False
         self.last_used = time.monotonic()
 
-    async def add_process(self) -> None:
-        # Counted as starting from the moment it is asked for, so that requests arriving
-        # meanwhile do not ask for more processes than max_size.
-        self.starting += 1
-        await self._start_process()
-
-    async def _start_process(self) -> None:
+    def _new_process(self) -> ModelProcess:
+        # Counted from the moment it is asked for, so that requests arriving while it loads
+        # do not ask for more than max_size processes, and close() can stop it.
         process = ModelProcess(self.spec, on_free=self._free)
+        self.processes.append(process)
+        return process
+
+    async def _start(self, process: ModelProcess) -> None:
         try:
             await process.start()
         except BaseException as exc:
-            self.starting -= 1
-            if isinstance(exc, ModelUnavailable) and not self.processes and not self.starting:
-                # No process will ever take the requests that wait: tell them why.
-                self._fail_pending(exc)
+            if process in self.processes:
+                self.processes.remove(process)
+            if isinstance(exc, ModelUnavailable):
+                if self.closed:
+                    raise stopped() from None  # it was killed because the deployment was stopped
+                if not self.processes:
+                    # No process will ever take the requests that wait: tell them why.
+                    self._fail_pending(exc)
             raise
-        self.starting -= 1
         if self.closed:
             process.stop()
-            return
-        self.processes.append(process)
+            raise stopped()
         self._free(process)
 
     async def warm(self) -> None:
         if not self.processes:
-            await self.add_process()
+            await self._start(self._new_process())
 
     async def predict(self, body: bytes) -> tuple[int, bytes]:
         self.last_used = time.monotonic()
-        if not self.processes and not self.starting:
-            await self.add_process()
+        if not self.processes:
+            await self._start(self._new_process())
         future = asyncio.get_running_loop().create_future()
         self.pending.append((body, future))
         self._dispatch()
@@ -347,9 +357,8 @@ class ModelPool:
                 process.send(batch)
             else:  # it crashed or timed out on an earlier request: restart it for these
                 loop.create_task(self._restart(process, batch))
-        if self.pending and len(self.processes) + self.starting < self.max_size:
-            self.starting += 1
-            task = loop.create_task(self._start_process())
+        if self.pending and len(self.processes) < self.max_size:
+            task = loop.create_task(self._start(self._new_process()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _restart(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
@@ -357,30 +366,38 @@ class ModelPool:
         try:
             await process.start()
         except ModelUnavailable as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            self._free(process)
-            return
-        if self.closed:
-            process.stop()
+            failure = exc
         else:
-            process.send(batch)
+            if not self.closed:
+                process.send(batch)
+                return
+        if self.closed:  # the deployment was stopped while its process restarted
+            process.stop()
+            failure = stopped()
+        _fail(batch, failure)
+        self._free(process)
 
     def close(self) -> None:
         self.closed = True
-        stopped = ModelUnavailable(404, "the deployment was stopped")
         for process in self.processes:
-            process.fail(stopped)
+            process.fail(stopped())
         self.processes.clear()
         self.idle.clear()
-        self._fail_pending(stopped)
+        self._fail_pending(stopped())
 
     def _fail_pending(self, error: ModelUnavailable) -> None:
         pending, self.pending = self.pending, []
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(error)
+        _fail(pending, error)
+
+
+def stopped() -> ModelUnavailable:
+    return ModelUnavailable(404, "the deployment was stopped")
+
+
+def _fail(batch: list[tuple[bytes, asyncio.Future]], error: ModelUnavailable) -> None:
+    for _, future in batch:
+        if not future.done():  # its client may have gone away
+            future.set_exception(error)
 
 
 class Runtime:
