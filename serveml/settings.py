@@ -5,6 +5,8 @@ localhost, files under ./var). Production sets the variables documented in
 README.md ("Configuration").
 """
 
+import hashlib
+import hmac
 import os
 import sys
 from pathlib import Path
@@ -153,8 +155,11 @@ SERVEML_RUNTIME_URL = os.environ.get(
 # Where ServeML's own processes reach the runtime (control calls, verify, try-it);
 # differs from the public URL only when they run in separate containers.
 SERVEML_RUNTIME_INTERNAL_URL = os.environ.get("SERVEML_RUNTIME_INTERNAL_URL", SERVEML_RUNTIME_URL).rstrip("/")
-# Shared secret for the worker → runtime control calls (register, stop).
-SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN", SECRET_KEY)
+# Shared secret for the worker → runtime control calls (register, stop). By default derived
+# from SECRET_KEY, never SECRET_KEY itself: it travels in a header that a proxy may log.
+SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN") or hmac.new(
+    SECRET_KEY.encode(), b"serveml.runtime.token", hashlib.sha256
+).hexdigest()
 SERVEML_MODEL_MEMORY_BYTES = int(os.environ.get("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3))
 SERVEML_PREDICT_TIMEOUT_S = float(os.environ.get("SERVEML_PREDICT_TIMEOUT_S", 30))
 # Model processes of a deployment nobody called for this long are stopped (scale to zero);

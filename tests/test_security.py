@@ -185,6 +185,23 @@ def test_check_deploy_is_clean_with_production_settings():
     assert "System check identified no issues" in done.stdout
 
 
+def test_the_runtime_token_is_never_the_secret_key_itself(monkeypatch):
+    import importlib
+
+    import serveml.settings
+
+    monkeypatch.delenv("SERVEML_RUNTIME_TOKEN", raising=False)
+    monkeypatch.setenv("DJANGO_SECRET_KEY", "a-secret-that-must-not-travel-in-headers")
+    fresh = importlib.reload(serveml.settings)
+    try:
+        assert fresh.SERVEML_RUNTIME_TOKEN and "a-secret" not in fresh.SERVEML_RUNTIME_TOKEN
+        monkeypatch.setenv("SERVEML_RUNTIME_TOKEN", "chosen-by-the-operator")
+        assert importlib.reload(serveml.settings).SERVEML_RUNTIME_TOKEN == "chosen-by-the-operator"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(serveml.settings)
+
+
 def test_forms_carry_csrf_protection(client, user):
     client.force_login(user)
     client.handler.enforce_csrf_checks = True
