@@ -572,7 +572,8 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         *[f"| {rows} | {ms:.3f} |" for rows, ms in results.transport_ms.items()], "",
         "## Batch of 100 rows, per row", "",
         "A server's p50 per row of a 100-row request, against the in-process `predict` per row; the last "
-        "column is the ratio no HTTP server could beat: transport floor plus `predict`, nothing else.", "",
+        "column is what a server on the same HTTP stack could at best reach: transport floor plus `predict`, "
+        "nothing else.", "",
         "| server | model | per row µs | × floor | transport + predict, × floor |", "|---|---|---|---|---|",
         *batch_rows(results), "",
         "## Deploy pipeline (local target, median of runs)", "",
