@@ -293,6 +293,18 @@ def private(pid: int) -> int:
     return fields["Private_Clean"] + fields["Private_Dirty"]
 
 
+def model_processes(runtime_pid: int, deployment_id: str) -> list[int]:
+    """The runtime's processes for one deployment: their command line carries its id as a label."""
+    return [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def environment_python(runtime_pid: int, deployment_id: str) -> Path:
+    """The interpreter of the deployment's own environment: what its model process runs."""
+    pid = model_processes(runtime_pid, deployment_id)[0]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[0].decode())
+
+
 def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
     """A deployment's model processes against a bare interpreter holding the same model, in MB."""
     baseline = subprocess.Popen(
@@ -304,8 +316,7 @@ def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deploymen
     baseline.stdout.readline()
     bare = {"RSS": rss(baseline.pid) / 1024**2, "private": private(baseline.pid) / 1024**2}
     baseline.kill()
-    # The model processes of this deployment: their command line carries its id as a label.
-    models = [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    models = model_processes(runtime_pid, deployment_id)
 
     def median(measure):
         return statistics.median(measure(pid) / 1024**2 for pid in models) if models else float("nan")
@@ -389,9 +400,9 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
             starts = [cold_start(stack, deployed["lr"]) for _ in range(deploy_runs)]
             results.deploy = {"cold_deploy_s": statistics.median(cold), "warm_deploy_s": statistics.median(warm),
                               "cold_start_s": statistics.median(starts), "runs": deploy_runs}
-            env_python = next((data_dir / "envs").glob("*/bin/python"))
             # At rest: the lr process has just started and answered the cold-start request.
             pid = stack["runtime"].proc.pid
+            env_python = environment_python(pid, deployed["lr"]["id"])
             results.memory_mb["at rest"] = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
             for name in ("rf", "lr"):
                 results.floor_us[name] = floor(env_python, models[name], counts["floor"])
