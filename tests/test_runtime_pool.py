@@ -125,3 +125,25 @@ def test_stopping_a_deployment_while_its_process_starts_answers_404_not_a_load_e
 
     error = run(scenario())
     assert error.status == 404 and "stopped" in error.message
+
+
+def test_answers_split_across_pipe_reads_are_put_back_together():
+    from deployments.runtime.gateway import FRAME, _Channel
+
+    class Process:
+        def __init__(self):
+            self.answers = []
+            self.channel = None
+
+        def answered(self, status, body):
+            self.answers.append((status, body))
+
+    bodies = [(200, b'{"prediction":0}'), (400, b'{"error":"expected 4 features per row, got 2"}'), (200, b"x" * 70000)]
+    stream = b"".join(FRAME.pack(len(body), status) + body for status, body in bodies)
+    for chunk_size in (1, 5, 6, 7, 4096, len(stream)):
+        process = Process()
+        process.channel = channel = _Channel(process)
+        for start in range(0, len(stream), chunk_size):
+            channel.pipe_data_received(1, stream[start:start + chunk_size])
+        assert process.answers == bodies, chunk_size
+        assert channel.buffer == b""
