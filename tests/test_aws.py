@@ -199,8 +199,10 @@ def test_a_teardown_that_keeps_failing_marks_the_deployment_failed_with_why(clou
     assert "stop it again" in deployment.error
     assert deployment.events.filter(level="warning", message__contains="retrying").count() == tasks.stop.max_retries
 
-    monkeypatch.setattr(aws, "teardown", lambda deployment: (_ for _ in ()).throw(
-        StageError("AWS refused: AccessDeniedException. Allow lambda:DeleteFunction to ServeML's IAM user.")))
+    def refused(deployment):
+        raise StageError("AWS refused: AccessDeniedException. Allow lambda:DeleteFunction to ServeML's IAM user.")
+
+    monkeypatch.setattr(aws, "teardown", refused)
     services.deployment_request_stop(deployment=deployment)
     tasks.stop.apply(args=[deployment.pk])
     deployment.refresh_from_db()
