@@ -99,8 +99,10 @@ def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(tmp_path)
     async def scenario():
         pool = pool_for(tmp_path)
         await pool.warm()
+        assert not pool.busy
         in_flight = asyncio.ensure_future(pool.predict(b"hang"))
         await asyncio.sleep(0.3)
+        assert pool.busy and not pool.pending  # answering: scale-to-zero must leave it alone
         pool.close()
         with pytest.raises(ModelUnavailable) as stopped:
             await in_flight

@@ -158,17 +158,18 @@ def test_the_runtime_stops_model_processes_idle_past_the_timeout(settings):
     from deployments.runtime.gateway import Runtime
 
     class Pool:
-        def __init__(self, last_used):
-            self.last_used, self.pending, self.closed = last_used, [], False
+        def __init__(self, last_used, busy=False):
+            self.last_used, self.busy, self.closed = last_used, busy, False
 
         def close(self):
             self.closed = True
 
     settings.SERVEML_MODEL_IDLE_SECONDS = 60
     runtime = Runtime(max_processes=1)
-    busy, idle = Pool(last_used=1000.0), Pool(last_used=900.0)
-    runtime.pools = {"busy": busy, "idle": idle}
+    recent, idle, answering = Pool(last_used=1000.0), Pool(last_used=900.0), Pool(last_used=900.0, busy=True)
+    runtime.pools = {"recent": recent, "idle": idle, "answering": answering}
     assert runtime.scale_to_zero(now=1030.0) == ["idle"]
-    assert idle.closed and not busy.closed and list(runtime.pools) == ["busy"]
+    assert idle.closed and not recent.closed and not answering.closed
+    assert list(runtime.pools) == ["recent", "answering"]
     settings.SERVEML_MODEL_IDLE_SECONDS = 0
     assert runtime.scale_to_zero(now=10**9) == []

@@ -305,6 +305,11 @@ class ModelPool:
         self.closed = False
         self.last_used = time.monotonic()
 
+    @property
+    def busy(self) -> bool:
+        """Requests wait for a process, or a process is answering some (they may outlast the idle timeout)."""
+        return bool(self.pending) or any(process.waiting for process in self.processes)
+
     def _new_process(self) -> ModelProcess:
         # Counted from the moment it is asked for, so that requests arriving while it loads
         # do not ask for more than max_size processes, and close() can stop it.
@@ -453,7 +458,7 @@ class Runtime:
         if not idle_seconds:
             return []
         now = time.monotonic() if now is None else now
-        idle = [d for d, pool in self.pools.items() if not pool.pending and now - pool.last_used > idle_seconds]
+        idle = [d for d, pool in self.pools.items() if not pool.busy and now - pool.last_used > idle_seconds]
         for deployment_id in idle:
             log.info("stopping the model processes of %s: idle for %g s", deployment_id, idle_seconds)
             self.unload(deployment_id)
