@@ -178,7 +178,7 @@ def run_sandboxed(
             out, err = proc.communicate(timeout=wall_seconds)
             timed_out = False
         except subprocess.TimeoutExpired:
-            kill_group(proc)
+            kill_group(proc.pid)
             out, err = proc.communicate()
             timed_out = True
         return SandboxResult(proc.returncode, out, err, timed_out, iso)
@@ -186,8 +186,10 @@ def run_sandboxed(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def kill_group(proc) -> None:
+def kill_group(pid: int) -> None:
+    """Kill a sandboxed process and all it started (it leads its own group: see _limits).
+    Only call it before the process is reaped: after that its pid may belong to another."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

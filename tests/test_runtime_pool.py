@@ -84,6 +84,24 @@ def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(tmp_
     assert after == (200, b"1:after")
 
 
+def test_a_request_sent_to_a_process_that_died_while_idle_is_answered_by_a_fresh_one(tmp_path):
+    import os
+    import signal
+
+    async def scenario():
+        pool = pool_for(tmp_path)
+        try:
+            await pool.warm()
+            (process,) = pool.processes
+            os.kill(process.transport.get_pid(), signal.SIGKILL)
+            # Sent at once: the runtime has not yet heard that the process is gone.
+            return await pool.predict(b"after")
+        finally:
+            pool.close()
+
+    assert run(scenario()) == (200, b"1:after")
+
+
 def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging(tmp_path):
     async def scenario():
         pool = pool_for(tmp_path, model_file="model.broken")

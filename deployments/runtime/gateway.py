@@ -17,7 +17,6 @@ import hmac
 import logging
 import os
 import shutil
-import signal
 import struct
 import time
 import uuid
@@ -31,7 +30,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from deployments import buildkit
-from deployments.sandbox import isolation_for, private_workdir, sandbox_popen_kwargs
+from deployments.sandbox import isolation_for, kill_group, private_workdir, sandbox_popen_kwargs
 
 log = logging.getLogger("serveml.runtime")
 MAX_BODY = 10 * 1024 * 1024
@@ -67,7 +66,7 @@ class Access:
 
 
 def _access(deployment) -> Access:
-    digests = [key.key_sha256.encode() for key in deployment.keys.all() if key.revoked_at is None]
+    digests = [key.key_sha256.encode() for key in deployment.keys.all() if key.is_active()]
     return Access(deployment.is_private, frozenset(digests))
 
 
@@ -112,6 +111,13 @@ def servable_access(ids: list[str]) -> dict[str, Access]:
 FRAME = struct.Struct(">IH")  # an answer from a model process: body length, HTTP status
 
 
+@dataclass(slots=True)
+class Request:
+    body: bytes
+    future: asyncio.Future
+    retried: bool = False  # a process died holding it once already
+
+
 class _Channel(asyncio.SubprocessProtocol):
     """Splits a model process's stdout into answer frames as the bytes arrive.
 
@@ -147,16 +153,18 @@ class ModelProcess:
 
     `send` writes a batch in one frame; answers come back in order and resolve the
     requests' futures; once all are in, `on_free` hands the process back to its pool.
+    If it dies before answering them all, `on_lost` gets the rest back.
     """
 
-    def __init__(self, spec: Spec, on_free=lambda process: None):
+    def __init__(self, spec: Spec, on_free=lambda process: None, on_lost=None):
         self.spec = spec
         self.on_free = on_free
+        self.on_lost = on_lost or (lambda requests, error: _fail(requests, error))
         self.transport: asyncio.SubprocessTransport | None = None
         self.channel: _Channel | None = None
         self.stopped = False
         self.loaded: asyncio.Future | None = None
-        self.waiting: deque[asyncio.Future] = deque()
+        self.waiting: deque[Request] = deque()
         self.timer: asyncio.TimerHandle | None = None
         self.workdir: Path | None = None
 
@@ -216,12 +224,12 @@ class ModelProcess:
         log.info("model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id,
                  iso.describe())
 
-    def send(self, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+    def send(self, batch: list[Request]) -> None:
         frames = [struct.pack(">I", len(batch))]
-        for body, future in batch:
-            frames.append(struct.pack(">I", len(body)))
-            frames.append(body)
-            self.waiting.append(future)
+        for request in batch:
+            frames.append(struct.pack(">I", len(request.body)))
+            frames.append(request.body)
+        self.waiting.extend(batch)
         self.transport.get_pipe_transport(0).write(b"".join(frames))
         timeout = settings.SERVEML_PREDICT_TIMEOUT_S
         self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, ModelUnavailable(
@@ -234,7 +242,7 @@ class ModelProcess:
             return
         if not self.waiting:
             return  # answers to requests already failed (timed out)
-        future = self.waiting.popleft()
+        future = self.waiting.popleft().future
         if not future.done():  # its client may have gone away
             future.set_result((status, body))
         if not self.waiting:
@@ -250,15 +258,17 @@ class ModelProcess:
             self.fail(ModelUnavailable(
                 502, f"the model process crashed while answering (exit code {code}); "
                 "it is restarted on the next request"
-            ))
+            ), lost=True)
 
-    def fail(self, error: ModelUnavailable) -> None:
-        """Answer every request in flight with `error` and stop the process."""
-        waiting, self.waiting = self.waiting, deque()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
+    def fail(self, error: ModelUnavailable, lost: bool = False) -> None:
+        """Stop the process and answer every request in flight with `error`, or, when it
+        died on its own (`lost`), hand them to `on_lost`."""
+        waiting, self.waiting = list(self.waiting), deque()
         self.stop()
+        if lost:
+            self.on_lost(waiting, error)
+        else:
+            _fail(waiting, error)
         if waiting:
             self._free()
 
@@ -270,13 +280,9 @@ class ModelProcess:
 
     def stop(self) -> int | None:
         self.stopped = True
-        # Only while it is not reaped: after that its pid, which is its group's id, may be reused.
-        if self.transport is not None and self.transport.get_returncode() is None:
-            try:
-                os.killpg(self.transport.get_pid(), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         if self.transport is not None:
+            if self.transport.get_returncode() is None:  # not reaped yet, so its pid is still its own
+                kill_group(self.transport.get_pid())
             self.transport.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -301,7 +307,7 @@ class ModelPool:
         self.max_size = max_size
         self.processes: list[ModelProcess] = []
         self.idle: list[ModelProcess] = []
-        self.pending: list[tuple[bytes, asyncio.Future]] = []
+        self.pending: list[Request] = []
         self.closed = False
         self.last_used = time.monotonic()
 
@@ -313,7 +319,7 @@ class ModelPool:
     def _new_process(self) -> ModelProcess:
         # Counted from the moment it is asked for, so that requests arriving while it loads
         # do not ask for more than max_size processes, and close() can stop it.
-        process = ModelProcess(self.spec, on_free=self._free)
+        process = ModelProcess(self.spec, on_free=self._free, on_lost=self._lost)
         self.processes.append(process)
         return process
 
@@ -343,15 +349,27 @@ class ModelPool:
         self.last_used = time.monotonic()
         if not self.processes:
             await self._start(self._new_process())
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((body, future))
+        request = Request(body, asyncio.get_running_loop().create_future())
+        self.pending.append(request)
         self._dispatch()
-        return await future
+        return await request.future
 
     def _free(self, process: ModelProcess) -> None:
         if not self.closed:
             self.idle.append(process)
             self._dispatch()
+
+    def _lost(self, requests: list[Request], error: ModelUnavailable) -> None:
+        """A process died holding these. It may have died before it read them (killed while
+        idle, say): each goes once more to a fresh process; a second death answers `error`."""
+        if self.closed:
+            _fail(requests, stopped())
+            return
+        again = [request for request in requests if not request.retried]
+        _fail([request for request in requests if request.retried], error)
+        for request in again:
+            request.retried = True
+        self.pending[:0] = again
 
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,7 +384,7 @@ class ModelPool:
             task = loop.create_task(self._start(self._new_process()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _restart(self, process: ModelProcess, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+    async def _restart(self, process: ModelProcess, batch: list[Request]) -> None:
         process.stop()
         try:
             await process.start()
@@ -399,10 +417,10 @@ def stopped() -> ModelUnavailable:
     return ModelUnavailable(404, "the deployment was stopped")
 
 
-def _fail(batch: list[tuple[bytes, asyncio.Future]], error: ModelUnavailable) -> None:
-    for _, future in batch:
-        if not future.done():  # its client may have gone away
-            future.set_exception(error)
+def _fail(requests: list[Request], error: ModelUnavailable) -> None:
+    for request in requests:
+        if not request.future.done():  # its client may have gone away
+            request.future.set_exception(error)
 
 
 class Runtime:
