@@ -62,9 +62,10 @@ def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
     if done.returncode != 0:
         raise StageError(
             f"Installing requirements.txt for Lambda ({architecture}) failed: every package needs a binary wheel "
-            f"for Python {settings.SERVEML_LAMBDA_PYTHON_VERSION} on {platform}. Recent releases (scikit-learn 1.8 and later, say) publish no "
-            "manylinux2014 wheels for the python:3.11 image's Amazon Linux 2: pin an older release, or have an "
-            "operator use an Amazon Linux 2023 base image with SERVEML_LAMBDA_MANYLINUX=manylinux_2_28.\n"
+            f"for Python {settings.SERVEML_LAMBDA_PYTHON_VERSION} on {platform}. Recent releases (scikit-learn "
+            "1.8 and later, say) publish no manylinux2014 wheels for the python:3.11 image's Amazon Linux 2: "
+            "pin an older release, or have an operator use an Amazon Linux 2023 base image with "
+            "SERVEML_LAMBDA_MANYLINUX=manylinux_2_28.\n"
             + "\n".join(done.stderr.strip().splitlines()[-6:])
         )
     trimmed = trim(target)

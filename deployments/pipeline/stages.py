@@ -51,8 +51,8 @@ def inspect(deployment: Deployment) -> str:
     except InspectionError as exc:
         raise StageError(str(exc)) from None
     refused = disallowed(scan.globals)
+    names = ", ".join(str(g) for g in refused[:20])
     if refused and all(g.module.split(".")[0] == "sklearn" for g in refused):
-        names = ", ".join(str(g) for g in refused[:20])
         raise StageError(
             f"The model refers to scikit-learn names that ServeML does not know: {names}. Such paths usually "
             "come from an old scikit-learn (sklearn.svm.classes, for one, became sklearn.svm._classes in 0.22). "
@@ -60,7 +60,6 @@ def inspect(deployment: Deployment) -> str:
             "allow these names."
         )
     if refused:
-        names = ", ".join(str(g) for g in refused[:20])
         raise StageError(
             f"The model file would import {len(refused)} name(s) that are not on ServeML's allowlist of what "
             f"scikit-learn models need: {names}. Such imports can run arbitrary code, so ServeML refuses the file. "
