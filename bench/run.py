@@ -352,7 +352,7 @@ print(json.dumps({{"row": median(row, {repeats}), "batch100_per_row": median(bat
 
 def measure(results: Results, server: str, model: str, url: str, pid: int, bodies: dict, counts: dict,
             content_type="application/json"):
-    for label, (concurrency, body, rows) in bodies.items():
+    for concurrency, body, rows in bodies.values():
         load(url, body, concurrency, counts["warmup"], content_type)
         with PeakMemory(pid) as memory:
             out = load(url, body, concurrency, counts["batch" if rows > 1 else f"c{concurrency}"], content_type)
@@ -370,7 +370,7 @@ def contract_bodies() -> dict:
     return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
 
 
-def v2_bodies(model_name: str) -> dict:
+def v2_bodies() -> dict:
     def body(rows):
         return json.dumps({"inputs": [{"name": "input-0", "shape": [rows, 4], "datatype": "FP64",
                                        "data": ROW * rows}]}).encode()
@@ -432,7 +432,7 @@ def run_http_floor(results: Results, counts: dict):
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_http(url, 30, server, method="POST", json={"data": ROW})
-        for label, (concurrency, body, rows) in contract_bodies().items():
+        for concurrency, body, rows in contract_bodies().values():
             if concurrency == 1:
                 load(url, body, 1, counts["warmup"])
                 results.transport_ms[rows] = load(url, body, 1, counts["c1"])["p50_ms"]
@@ -441,9 +441,23 @@ def run_http_floor(results: Results, counts: dict):
         server.stop()
 
 
+def measure_peer(results: Results, peer: str, model: str, server: Server, url: str, bodies: dict, counts: dict,
+                 ready_seconds: int, **ready_request) -> bool:
+    """Wait until the peer answers at `url`, measure it, stop it. False, and why in
+    results.peers, when it never answered or the load could not run."""
+    try:
+        wait_http(url, ready_seconds, server, method="POST", **ready_request)
+        measure(results, peer, model, url, server.proc.pid, bodies, counts)
+        return True
+    except RuntimeError as exc:
+        results.peers[peer] = f"failed: {exc}"
+        return False
+    finally:
+        server.stop()
+
+
 def run_fastapi(results: Results, models: dict, requirements: str, counts: dict):
-    env = venv("fastapi", ["fastapi", "uvicorn[standard]", requirements.strip().split("==")[0] + "==" +
-                           requirements.strip().split("==")[1]])
+    env = venv("fastapi", ["fastapi", "uvicorn[standard]", requirements.strip()])
     if env is None:
         results.peers["fastapi"] = "did not install (see bench/out/logs/install-fastapi.log)"
         return
@@ -452,12 +466,9 @@ def run_fastapi(results: Results, models: dict, requirements: str, counts: dict)
         server = Server(f"fastapi-{name}", [env / "bin" / "uvicorn", "fastapi_app:app", "--port", port,
                                             "--workers", "2", "--log-level", "warning", "--no-access-log"],
                         {"MODEL_PATH": str(models[name])}, cwd=BENCH / "peers")
-        try:
-            url = f"http://127.0.0.1:{port}/predict"
-            wait_http(url, 60, server, method="POST", json={"data": ROW})
-            measure(results, "fastapi", name, url, server.proc.pid, contract_bodies(), counts)
-        finally:
-            server.stop()
+        url = f"http://127.0.0.1:{port}/predict"
+        if not measure_peer(results, "fastapi", name, server, url, contract_bodies(), counts, 60, json={"data": ROW}):
+            return
     results.peers["fastapi"] = "ok: uvicorn --workers 2"
 
 
@@ -481,17 +492,12 @@ def run_mlserver(results: Results, models: dict, requirements: str, counts: dict
             "parameters": {"uri": "./model.joblib", "version": "v1"},
         }))
         server = Server(f"mlserver-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder)
-        try:
-            url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
-            # Ready only once an inference answers: MLServer's workers load the model after /ready.
-            wait_http(url, 180, server, method="POST", content=v2_bodies(name)["c1"][1],
-                      headers={"Content-Type": "application/json"})
-            measure(results, "mlserver", name, url, server.proc.pid, v2_bodies(name), counts)
-        except RuntimeError as exc:
-            results.peers["mlserver"] = f"failed to start: {exc}"
+        url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+        bodies = v2_bodies()
+        # Ready only once an inference answers: MLServer's workers load the model after /ready.
+        if not measure_peer(results, "mlserver", name, server, url, bodies, counts, 180, content=bodies["c1"][1],
+                            headers={"Content-Type": "application/json"}):
             return
-        finally:
-            server.stop()
     results.peers["mlserver"] = "ok: parallel_workers 2 (uvloop<0.21, which MLServer 1.7 needs)"
 
 
@@ -505,15 +511,9 @@ def run_bentoml(results: Results, models: dict, requirements: str, counts: dict)
         server = Server(f"bentoml-{name}", [env / "bin" / "bentoml", "serve", "bentoml_service:Classifier",
                                             "--port", port], {"MODEL_PATH": str(models[name]),
                                                               "BENTOML_DO_NOT_TRACK": "true"}, cwd=BENCH / "peers")
-        try:
-            url = f"http://127.0.0.1:{port}/predict"
-            wait_http(url, 120, server, method="POST", json={"data": ROW})
-            measure(results, "bentoml", name, url, server.proc.pid, contract_bodies(), counts)
-        except RuntimeError as exc:
-            results.peers["bentoml"] = f"failed to start: {exc}"
+        url = f"http://127.0.0.1:{port}/predict"
+        if not measure_peer(results, "bentoml", name, server, url, contract_bodies(), counts, 120, json={"data": ROW}):
             return
-        finally:
-            server.stop()
     results.peers["bentoml"] = "ok: workers=2"
 
 
