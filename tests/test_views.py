@@ -142,7 +142,7 @@ def test_the_owner_switches_between_public_and_private(client, user, make_deploy
 def test_the_key_check_compares_digests_in_constant_time():
     import hashlib
 
-    from deployments.runtime.gateway import Access
+    from deployments.runtime.access import Access
 
     digest = hashlib.sha256(b"sml_right").hexdigest().encode()
     access = Access(private=True, key_digests=frozenset({digest}))
@@ -155,7 +155,7 @@ def test_the_key_check_compares_digests_in_constant_time():
 
 
 def test_the_runtime_stops_model_processes_idle_past_the_timeout(settings):
-    from deployments.runtime.gateway import Runtime
+    from deployments.runtime.app import Runtime
 
     class Pool:
         def __init__(self, last_used, busy=False):

@@ -2,7 +2,7 @@ import uvicorn
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from deployments.runtime.gateway import Runtime
+from deployments.runtime.app import Runtime
 
 
 class Command(BaseCommand):

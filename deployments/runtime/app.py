@@ -1,0 +1,283 @@
+"""The local runtime: an ASGI app that answers prediction URLs.
+
+Each deployment gets a pool of long-lived model processes (pool.py, process.py)
+that are started once and then fed requests over pipes: no process is started
+per request, and the request body reaches the handler exactly as the client sent
+it, once the runtime has checked that it is JSON of sane depth. A process that
+crashes is replaced on the next request; a deployment that stops being servable
+is unloaded by a periodic sweep, so a stopped URL answers 404 even when the
+worker could not reach the runtime; a deployment nobody calls scales to zero.
+
+Besides `/predict/<id>` and `/health`, the worker drives `/_load`, `/_unload`
+and `/_refresh` (runtime/client.py), with the runtime token.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from itertools import chain
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from deployments.runtime.pool import ModelPool
+from deployments.runtime.process import ModelUnavailable
+from deployments.runtime.registry import RecentMisses, lookup, servable_access
+
+log = logging.getLogger("serveml.runtime")
+MAX_BODY = 10 * 1024 * 1024
+MAX_DEPTH = 32  # no prediction input nests this deep; a hostile one nests far deeper
+CONTAINERS = frozenset({list, dict})
+JSON = [(b"content-type", b"application/json")]
+
+
+class KeyedLocks:
+    """One lock per deployment id being loaded, dropped when the last holder or waiter
+    lets go: anyone may ask for any UUID, so no lock may outlive its requests."""
+
+    def __init__(self):
+        self.entries: dict[str, list] = {}  # id -> [lock, how many hold or wait for it]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @asynccontextmanager
+    async def hold(self, key: str):
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self.entries[key]
+
+
+class Runtime:
+    """The ASGI application."""
+
+    def __init__(self, max_processes: int | None = None, sweep_seconds: float = 2.0):
+        self.pools: dict[str, ModelPool] = {}
+        self.loading = KeyedLocks()
+        self.misses = RecentMisses()
+        # One core stays with this gateway process: on 2 cores, one model process that
+        # takes whole batches beat two that each took half of them (bench/README.md).
+        self.max_processes = max_processes or max(1, (os.cpu_count() or 1) - 1)
+        self.sweep_seconds = sweep_seconds
+        self.token = settings.SERVEML_RUNTIME_TOKEN.encode()
+
+    async def pool_for(self, deployment_id: str, fresh: bool = False) -> ModelPool | None:
+        """The deployment's pool, loaded on first use; None when it may not be served.
+        `fresh` asks the database even about an id it just did not know (the worker's _load)."""
+        pool = self.pools.get(deployment_id)
+        if pool is not None:
+            return pool
+        if fresh:
+            self.misses.forget(deployment_id)
+        elif deployment_id in self.misses:
+            return None
+        async with self.loading.hold(deployment_id):
+            if deployment_id in self.pools:
+                return self.pools[deployment_id]
+            if not fresh and deployment_id in self.misses:  # a request ahead of this one just asked
+                return None
+            return await self._load(deployment_id)
+
+    async def _load(self, deployment_id: str) -> ModelPool | None:
+        found = await sync_to_async(lookup)(deployment_id)
+        if found is None:
+            self.misses.add(deployment_id)
+            return None
+        pool = ModelPool(*found, self.max_processes)
+        await pool.warm()
+        self.pools[deployment_id] = pool
+        return pool
+
+    def unload(self, deployment_id: str) -> bool:
+        pool = self.pools.pop(deployment_id, None)
+        if pool:
+            pool.close()
+        return pool is not None
+
+    async def refresh(self, ids: list[str]) -> None:
+        """Re-read access rules, and unload deployments that may no longer be served."""
+        keep = await sync_to_async(servable_access)(ids)
+        for deployment_id in ids:
+            pool = self.pools.get(deployment_id)
+            if pool is None:
+                continue
+            if deployment_id in keep:
+                pool.access = keep[deployment_id]
+            else:
+                log.info("unloading %s: no longer servable", deployment_id)
+                self.unload(deployment_id)
+
+    def scale_to_zero(self, now: float | None = None) -> list[str]:
+        """Stop the model processes of deployments idle for longer than the idle timeout."""
+        idle_seconds = settings.SERVEML_MODEL_IDLE_SECONDS
+        if not idle_seconds:
+            return []
+        now = time.monotonic() if now is None else now
+        idle = [d for d, pool in self.pools.items() if not pool.busy and now - pool.last_used > idle_seconds]
+        for deployment_id in idle:
+            log.info("stopping the model processes of %s: idle for %g s", deployment_id, idle_seconds)
+            self.unload(deployment_id)
+        return idle
+
+    async def sweep(self) -> None:
+        """Catch changes the runtime was not told about (it was down, or a call failed)."""
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            self.scale_to_zero()
+            if self.pools:
+                try:
+                    await self.refresh(list(self.pools))
+                except Exception:
+                    log.exception("sweep failed")
+
+    # ------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        parts = path.strip("/").split("/")
+        if path == "/health":
+            return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
+        if len(parts) != 2 or (parts[1] not in self.pools and not _is_uuid(parts[1])):
+            return await respond(send, 404, _error("no deployment answers at this URL"))
+        if parts[0] == "predict":
+            if method != "POST":
+                return await respond(send, 405, _error("send predictions with POST and a JSON body"))
+            return await self.predict(parts[1], dict(scope["headers"]), receive, send)
+        if parts[0] in ("_load", "_unload", "_refresh") and method == "POST":
+            return await self.control(parts[0], parts[1], scope, send)
+        return await respond(send, 404, _error("no deployment answers at this URL"))
+
+    async def predict(self, deployment_id: str, headers: dict, receive, send):
+        body = await read_body(receive)
+        if body is None:
+            return await respond(send, 413, _error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
+        try:
+            pool = await self.pool_for(deployment_id)
+            if pool is None:
+                return await respond(
+                    send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
+                )
+            if not pool.access.allows(headers, self.token):
+                return await respond(send, 401, _error(
+                    "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+                    "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
+                ))
+            if problem := body_problem(body):
+                return await respond(send, 400, _error(problem))
+            status, answer = await pool.predict(body)
+        except ModelUnavailable as exc:
+            return await respond(send, exc.status, _error(exc.message))
+        await respond(send, status, answer)
+
+    async def control(self, action: str, deployment_id: str, scope, send):
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(auth, b"Bearer " + self.token):
+            return await respond(send, 403, _error("bad runtime token"))
+        if action == "_unload":
+            return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
+        if action == "_refresh":
+            await self.refresh([deployment_id])
+            return await respond(send, 200, orjson.dumps({"refreshed": deployment_id in self.pools}))
+        try:
+            pool = await self.pool_for(deployment_id, fresh=True)  # it may have become servable just now
+        except ModelUnavailable as exc:
+            return await respond(send, exc.status, _error(exc.message))
+        if pool is None:
+            return await respond(send, 404, _error("the deployment is not ready to be served"))
+        return await respond(send, 200, orjson.dumps({"loaded": deployment_id, "processes": len(pool.processes)}))
+
+    async def lifespan(self, receive, send):
+        sweeper = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                sweeper = asyncio.get_running_loop().create_task(self.sweep())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if sweeper:
+                    sweeper.cancel()
+                for deployment_id in list(self.pools):
+                    self.unload(deployment_id)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def body_problem(body: bytes) -> str | None:
+    """Why a prediction body must not reach the model, or None. Parsed here once, so a
+    body no handler could take costs the model process nothing (it still gets the raw bytes)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"request body is not valid JSON: {exc}"
+    if nested_deeper_than(value, MAX_DEPTH):
+        return f"request body is nested deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def nested_deeper_than(value, limit: int) -> bool:
+    """True when lists and objects nest more than `limit` deep. Level by level rather than
+    recursively, so no input can exhaust the stack, and in C where it can: rows of numbers
+    cost a type() per number and no Python loop over them."""
+    level = [value]  # the values inside as many lists and objects as rounds so far
+    for _ in range(limit):
+        kinds = set(map(type, level))
+        if kinds.isdisjoint(CONTAINERS):
+            return False
+        if not kinds <= CONTAINERS:
+            level = [item for item in level if type(item) in CONTAINERS]
+        if dict in kinds:
+            level = [item.values() if type(item) is dict else item for item in level]
+        level = list(chain.from_iterable(level))
+    # `limit` levels down, a list or an object still there nests one level deeper.
+    return not CONTAINERS.isdisjoint(map(type, level))
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+async def read_body(receive) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(send, status: int, body: bytes) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": JSON + [(b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

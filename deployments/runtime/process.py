@@ -1,0 +1,250 @@
+"""One long-lived model process and the pipe the runtime talks to it through.
+
+A model process is model_server.py, run by the deployment's environment
+interpreter inside the sandbox. It is started once and then fed batches of
+request bodies, exactly as clients sent them; its answers come back in order
+(deployments/runtime/protocol.py has the frame format).
+"""
+
+import asyncio
+import logging
+import shutil
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from deployments import buildkit
+from deployments.runtime import protocol
+from deployments.runtime.registry import Spec
+from deployments.sandbox import isolation_for, kill_group, private_workdir, sandbox_popen_kwargs
+
+log = logging.getLogger("serveml.runtime")
+# What a model process's private folder holds besides its deployment's handler and
+# model: the server loop and the frame format it shares with this side.
+MODEL_SERVER_FILES = {"model_server.py": buildkit.MODEL_SERVER, "protocol.py": Path(protocol.__file__)}
+
+
+class ModelUnavailable(Exception):
+    """Why a request got no answer from the model; `status` is what the client is told."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def stopped() -> ModelUnavailable:
+    return ModelUnavailable(404, "the deployment was stopped")
+
+
+@dataclass(slots=True)
+class Request:
+    body: bytes
+    future: asyncio.Future
+    retried: bool = False  # a process died holding it once already
+
+
+def fail_requests(requests: list[Request], error: ModelUnavailable) -> None:
+    for request in requests:
+        if not request.future.done():  # its client may have gone away
+            request.future.set_exception(error)
+
+
+class _Channel(asyncio.SubprocessProtocol):
+    """Splits a model process's stdout into answer frames as the bytes arrive.
+
+    A protocol rather than a StreamReader: each answer resolves its request's future
+    right here, with no task, timeout wrapper or read coroutine per request."""
+
+    def __init__(self, process: "ModelProcess"):
+        self.process = process
+        self.buffer = bytearray()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1 or self.process.channel is not self:
+            return
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        try:
+            while (answer := protocol.decode_answer(buffer, offset)) is not None:
+                status, body, offset = answer
+                self.process.answered(status, body)
+        except protocol.AnswerTooLarge as exc:
+            buffer.clear()
+            self.process.channel = None  # whatever else it writes is dropped, not buffered
+            self.process.answer_too_large(exc.size)
+            return
+        del buffer[:offset]
+
+    def process_exited(self) -> None:
+        if self.process.channel is self:  # not a process that was already replaced
+            self.process.exited()
+
+
+class ModelProcess:
+    """One long-lived model process and the requests it is answering.
+
+    `send` writes a batch in one frame; answers come back in order and resolve the
+    requests' futures; once all are in, `on_free` hands the process back to its pool.
+    If it dies before answering them all, `on_lost` gets the rest back.
+    """
+
+    def __init__(self, spec: Spec, on_free=lambda process: None, on_lost=None):
+        self.spec = spec
+        self.on_free = on_free
+        self.on_lost = on_lost or (lambda requests, error: fail_requests(requests, error))
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.channel: _Channel | None = None
+        self.stopped = False
+        self.loaded: asyncio.Future | None = None
+        self.waiting: deque[Request] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.workdir: Path | None = None
+        self.isolation = ""  # how the sandbox held it, for the log
+
+    @property
+    def alive(self) -> bool:
+        return self.transport is not None and not self.stopped and self.transport.get_returncode() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.transport.get_returncode() if self.transport else None
+
+    async def start(self) -> None:
+        self.stopped, self.transport = False, None
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await self._spawn(loop)
+        except ModelUnavailable:
+            self.stop()
+            raise
+        if self.stopped:  # stop() came while it was being spawned
+            self.stop()
+            raise ModelUnavailable(503, "the model process was stopped while it started")
+        try:
+            await self._until_loaded()
+        except ModelUnavailable:
+            self.stop()
+            raise
+        log.info("model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id,
+                 self.isolation)
+
+    async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
+        """Start model_server.py in the sandbox: the one place that knows how."""
+        iso = isolation_for(
+            python=self.spec.python,
+            memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
+            cpu_seconds=None,  # long-lived: a per-request wall-clock limit applies instead
+        )
+        self.workdir = private_workdir(iso, {
+            **MODEL_SERVER_FILES,
+            "handler.py": self.spec.build_dir / "handler.py",
+            self.spec.model_path.name: self.spec.model_path,
+        })
+        logs = settings.DATA_DIR / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.loaded = loop.create_future()
+        self.channel = channel = _Channel(self)
+        self.isolation = iso.describe()
+        try:
+            with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
+                transport, _ = await loop.subprocess_exec(
+                    lambda: channel,
+                    # The id is only a label, so operators can tell model processes apart in `ps`.
+                    *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                    **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
+                )
+        except OSError as exc:  # e.g. its environment was deleted: redeploy it
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        return transport
+
+    async def _until_loaded(self) -> None:
+        """Wait for the first frame: the model is loaded (200), or why it is not."""
+        try:
+            async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
+                status, body = await self.loaded
+        except TimeoutError:
+            raise ModelUnavailable(503, "the model process did not load the model in "
+                                        f"{settings.SERVEML_SANDBOX_WALL_SECONDS} s") from None
+        if status != 200:
+            raise ModelUnavailable(503, body.decode(errors="replace"))
+
+    def send(self, batch: list[Request]) -> None:
+        self.waiting.extend(batch)
+        self.transport.get_pipe_transport(0).write(protocol.encode_requests([request.body for request in batch]))
+        timeout = settings.SERVEML_PREDICT_TIMEOUT_S
+        self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, ModelUnavailable(
+            504, f"the model took longer than {timeout:g} s to answer; its process is restarted on the next request"
+        ))
+
+    def answered(self, status: int, body: bytes) -> None:
+        if not self.loaded.done():
+            self.loaded.set_result((status, body))
+            return
+        if not self.waiting:
+            return  # answers to requests already failed (timed out)
+        future = self.waiting.popleft().future
+        if not future.done():  # its client may have gone away
+            future.set_result((status, body))
+        if not self.waiting:
+            self._free()
+
+    def answer_too_large(self, size: int) -> None:
+        """It announced an answer over protocol.MAX_ANSWER_BYTES: treated as a crash, so the
+        process is killed before any of that answer is buffered."""
+        limit = protocol.MAX_ANSWER_BYTES // 1024**2
+        if not self.loaded.done():
+            self.stop()
+            self.loaded.set_exception(ModelUnavailable(
+                503, f"the model process wrote more than {limit} MB while it loaded the model"
+            ))
+            return
+        self.fail(ModelUnavailable(
+            502, f"the model's answer was larger than {limit} MB ({size} bytes); "
+            "its process is restarted on the next request"
+        ))
+
+    def exited(self) -> None:
+        code = self.returncode
+        if not self.loaded.done():
+            self.loaded.set_exception(ModelUnavailable(
+                503, f"the model process exited before it loaded the model (exit code {code})"
+            ))
+        elif self.waiting:
+            self.fail(ModelUnavailable(
+                502, f"the model process crashed while answering (exit code {code}); "
+                "it is restarted on the next request"
+            ), lost=True)
+
+    def fail(self, error: ModelUnavailable, lost: bool = False) -> None:
+        """Stop the process and answer every request in flight with `error`, or, when it
+        died on its own (`lost`), hand them to `on_lost`."""
+        waiting, self.waiting = list(self.waiting), deque()
+        self.stop()
+        if lost:
+            self.on_lost(waiting, error)
+        else:
+            fail_requests(waiting, error)
+        if waiting:
+            self._free()
+
+    def _free(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.on_free(self)
+
+    def stop(self) -> int | None:
+        self.stopped = True
+        if self.transport is not None:
+            if self.transport.get_returncode() is None:  # not reaped yet, so its pid is still its own
+                kill_group(self.transport.get_pid())
+            self.transport.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        return self.returncode
