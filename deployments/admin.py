@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from deployments import services
-from deployments.models import AllowedGlobal, Deployment, DeploymentEvent
+from deployments.models import AllowedGlobal, AllowedPackage, Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
 
 
@@ -69,6 +69,20 @@ class AllowedGlobalAdmin(admin.ModelAdmin):
 
     list_display = ["module", "name", "note", "added_by", "created_at"]
     search_fields = ["module", "name", "note"]
+    readonly_fields = ["added_by", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.added_by = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(AllowedPackage)
+class AllowedPackageAdmin(admin.ModelAdmin):
+    """Packages allowed beyond SERVEML_ALLOWED_PACKAGES. Each one's code runs in models' sandboxes: review first."""
+
+    list_display = ["name", "note", "added_by", "created_at"]
+    search_fields = ["name", "note"]
     readonly_fields = ["added_by", "created_at"]
 
     def save_model(self, request, obj, form, change):

@@ -3,6 +3,7 @@ from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 from django.template.defaultfilters import filesizeformat
 
+from deployments.allowlist import allowed_packages
 from deployments.inspection import InspectionError, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline import aws
@@ -69,7 +70,7 @@ class DeploymentForm(forms.Form):
         except UnicodeDecodeError:
             raise forms.ValidationError("requirements.txt is not UTF-8 text. Upload the plain text file.") from None
         try:
-            parse_requirements(text, allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+            parse_requirements(text, allowed_packages=allowed_packages())
         except RequirementsError as exc:
             raise forms.ValidationError(str(exc)) from None
         return upload

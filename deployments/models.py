@@ -68,6 +68,9 @@ class Deployment(models.Model):
     requirements_filename = models.CharField(max_length=255)
 
     environment_key = models.CharField(max_length=64, blank=True)
+    # [module, name] pairs the inspect stage found, all on the allowlist: the restricted
+    # loader imports exactly these (skops: builds exactly these types), nothing else.
+    allowed_globals = models.JSONField(default=list, blank=True)
     # What the pipeline learnt about the model (see pipeline.stages.validate).
     signature = models.JSONField(default=dict, blank=True)
     example_request = models.JSONField(null=True, blank=True)
@@ -150,6 +153,21 @@ class AllowedGlobal(models.Model):
 
     def __str__(self):
         return f"{self.module}.{self.name}"
+
+
+class AllowedPackage(models.Model):
+    """A package a requirements.txt may name beyond SERVEML_ALLOWED_PACKAGES. Its code runs in models' sandboxes."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="The package's name on the index (PEP 503).")
+    note = models.CharField(max_length=300, blank=True, help_text="Why it is safe to install, for the next operator.")
+    added_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
 
 
 class DeploymentKey(models.Model):

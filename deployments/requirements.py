@@ -90,9 +90,10 @@ def _refusal(line: str) -> str:
 
 
 def parse_requirements(text: str, *, allowed_packages: list[str] | None = None) -> Requirements:
-    """Parse requirements.txt text or raise RequirementsError saying which line is wrong and why."""
+    """Parse requirements.txt text or raise RequirementsError saying which line is wrong and why.
+    `allowed_packages` None allows any name."""
     seen: dict[str, Requirement] = {}
-    allowed = {canonicalize_name(name) for name in allowed_packages or []}
+    allowed = None if allowed_packages is None else {canonicalize_name(name) for name in allowed_packages}
     for number, raw in enumerate(text.splitlines(), start=1):
         if "\x00" in raw:
             raise RequirementsError(f"line {number}: contains a NUL byte; requirements.txt must be plain text.")
@@ -114,10 +115,11 @@ def parse_requirements(text: str, *, allowed_packages: list[str] | None = None) 
         name = canonicalize_name(match["name"])
         if name in seen:
             raise RequirementsError(f"line {number}: {name} is listed twice; keep one line per package.")
-        if allowed and name not in allowed:
+        if allowed is not None and name not in allowed:
             raise RequirementsError(
-                f"line {number}: {name} is not on this ServeML's list of allowed packages. "
-                "Ask an operator to add it, or remove it if the model does not need it."
+                f"line {number}: {name} is not on this ServeML's list of reviewed packages, and every package "
+                "runs code when the model loads. Remove it if the model does not need it, or ask an operator "
+                "to review it and add it (Django admin: Allowed packages, or SERVEML_ALLOWED_PACKAGES)."
             )
         extras = tuple(sorted(canonicalize_name(e) for e in (match["extras"] or "").split(",") if e.strip()))
         seen[name] = Requirement(name=name, extras=extras, version=version)

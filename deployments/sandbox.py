@@ -1,112 +1,160 @@
-"""Run untrusted model code in a separate, restricted process.
+"""The one way to start anything from a user's environment: a bubblewrap sandbox.
 
-Every process that unpickles a user's model (the validate probe and the
-runtime's model processes) is started with `isolation_for`, `private_workdir`
-and `sandbox_popen_kwargs` (`run_sandboxed` puts them together):
+Every process that runs a user's code or packages (the validate probe, every
+runtime model process, the bytecode compilation of a new environment) starts
+through `launch`. The command it builds, from the outside in:
 
-- no network: a fresh network namespace (`unshare --net`) when the host allows it;
-- an unprivileged user (`setpriv` to nobody) when we are root and that user
-  can read the environment's interpreter; the model and the script that loads
-  it are copied, read-only, into the private folder;
-- address-space (memory) and CPU-time limits (setrlimit), and a wall-clock
-  limit enforced by the caller;
-- a scrubbed environment: no AWS keys, Django secret or database URL, only
-  what Python needs, and a private temporary working directory.
+    bwrap      new PID, network, IPC, UTS, cgroup and mount namespaces; a root made
+               only of read-only binds (/usr, the environment at /env, the files
+               at /work) plus a private /tmp and its own /proc and /dev; it dies
+               with its parent, and every process inside dies with it
+    prlimit    address space, CPU time, processes, file size, open files, no cores
+    setpriv    the deployment's own unprivileged uid on the host (never 0), no
+               groups, no capabilities, no new privileges
+    unshare    a user namespace of its own, created by that uid
+    python -I  the environment's interpreter, with a scrubbed environment
 
-`Isolation.describe()` says which of these applied, for the event log.
+bwrap runs as root so that it can bind what lies under a 0700 folder (a
+checkout in `mktemp -d`) without making anything on the host readable by
+others; the process itself then runs as a uid nobody else has.
+
+If any of this cannot be built, `launch` raises SandboxUnavailable with what is
+missing and how to fix it: nothing falls back silently. An operator can switch
+the sandbox off on a development machine (SERVEML_SANDBOX=off); every page and
+the admin then say so, and processes run only with limits and a scrubbed
+environment.
 """
 
 import os
-import pwd
-import resource
 import shutil
 import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-SANDBOX_USER = "nobody"
+from django.conf import settings
+
 # Passed through because some CPUs need them for OpenBLAS to compute correctly.
 PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LANG", "TZ")
+TOOLS = ("bwrap", "prlimit", "setpriv", "unshare")
+INSIDE_ENV = Path("/env")
+INSIDE_WORK = Path("/work")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot be built on this host; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    cpu_seconds: int | None
+    processes: int = 64
+    file_bytes: int = 64 * 1024**2
+    open_files: int = 256
+    tmp_bytes: int = 64 * 1024**2
 
 
 @dataclass
-class Isolation:
-    prefix: list[str] = field(default_factory=list)
-    applied: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    uid: int | None = None
-    gid: int | None = None
+class Launch:
+    """A command ready for Popen or asyncio's subprocess_exec, and the files it holds open."""
 
-    def describe(self) -> str:
-        text = "isolation: " + ", ".join(self.applied)
-        if self.missing:
-            text += "; not applied: " + ", ".join(self.missing)
-        return text
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    pass_fds: tuple[int, ...] = ()
+    cleanup: list[Path] = field(default_factory=list)
+    isolated: bool = True
 
+    def popen_kwargs(self) -> dict:
+        # start_new_session instead of a preexec_fn: it is applied by the C child code,
+        # safe with threads, and makes the whole box one process group for kill_group.
+        return {"env": self.env, "cwd": self.cwd, "pass_fds": self.pass_fds, "close_fds": True,
+                "start_new_session": True}
 
-def _readable_by_others(path: Path) -> bool:
-    """True when an unprivileged user can reach and read `path`, through its links too."""
-    for candidate in {path.absolute(), path.resolve()}:
-        for parent in candidate.parents:
-            if not os.stat(parent).st_mode & 0o001:
-                return False
-        if not os.stat(candidate).st_mode & 0o004:
-            return False
-    return True
+    def started(self) -> None:
+        """The child has its copies of the descriptors: close ours."""
+        for fd in self.pass_fds:
+            os.close(fd)
+        self.pass_fds = ()
 
-
-@lru_cache(maxsize=1)
-def network_namespaces_work() -> bool:
-    """Root is not enough: a container without CAP_SYS_ADMIN cannot make namespaces."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return False
-    return subprocess.run(["unshare", "--net", "--", "true"], capture_output=True).returncode == 0
+    def close(self) -> None:
+        self.started()
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self.cleanup = []
 
 
-def isolation_for(*, python: Path, memory_bytes: int, cpu_seconds: int | None) -> Isolation:
-    """What this host allows. The files a sandbox reads are copied into its private
-    folder (see private_workdir), so only the interpreter must be readable by nobody."""
-    iso = Isolation()
-    is_root = os.geteuid() == 0
-    if network_namespaces_work():
-        iso.prefix += ["unshare", "--net", "--"]
-        iso.applied.append("no network (unshare --net)")
-    else:
-        iso.missing.append("network namespace (needs root with CAP_SYS_ADMIN and unshare)")
-    if is_root and shutil.which("setpriv"):
-        try:
-            user = pwd.getpwnam(SANDBOX_USER)
-        except KeyError:
-            user = None
-        environment = python.parent.parent  # the venv: its site-packages must be readable too
-        unreadable = [str(p) for p in (python, environment / "pyvenv.cfg") if p.exists() and not _readable_by_others(p)]
-        if user and not unreadable:
-            iso.uid, iso.gid = user.pw_uid, user.pw_gid
-            iso.prefix += [
-                "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
-                "--inh-caps=-all", "--",
-            ]
-            iso.applied.append(f"unprivileged user ({SANDBOX_USER})")
-        else:
-            reason = f"{', '.join(unreadable)} not readable by {SANDBOX_USER}" if user else f"no user {SANDBOX_USER}"
-            iso.missing.append(f"unprivileged user ({reason})")
-    else:
-        iso.missing.append("unprivileged user (needs root and setpriv)")
-    iso.applied.append(f"memory limit {memory_bytes // 1024**2} MiB")
-    if cpu_seconds:
-        iso.applied.append(f"CPU limit {cpu_seconds} s")
-    iso.applied.append("scrubbed environment, private temporary directory")
-    return iso
+def is_disabled() -> bool:
+    return settings.SERVEML_SANDBOX == "off"
 
 
-def scrubbed_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+def uid_for(deployment_pk: int) -> int:
+    """Each deployment's processes run as a uid of their own: no tenant can signal,
+    trace or read another's processes even if it escaped its namespaces."""
+    return settings.SERVEML_SANDBOX_UID_BASE + deployment_pk
+
+
+def builder_uid() -> int:
+    """The uid that compiles a new environment's bytecode (no deployment has it)."""
+    return settings.SERVEML_SANDBOX_UID_BASE
+
+
+def check() -> None:
+    """Raise SandboxUnavailable unless this host can build the sandbox (or it is switched off)."""
+    if is_disabled():
+        return
+    problem = _probe()
+    if problem:
+        raise SandboxUnavailable(problem)
+
+
+# Remembered only on success: a host that gets fixed is picked up without a restart.
+_verified = False
+
+
+def _probe() -> str:
+    global _verified
+    if _verified:
+        return ""
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        return (
+            f"ServeML's sandbox cannot start: {', '.join(missing)} not found. Install bubblewrap and util-linux "
+            "(Debian: apt-get install bubblewrap util-linux) on the host that runs the worker and the runtime. "
+            "Models are never loaded without the sandbox."
+        )
+    if os.geteuid() != 0:
+        return (
+            "ServeML's sandbox cannot start: the worker and the runtime must run as root so that each deployment "
+            "runs as an unprivileged user of its own (run them in a container or VM as root). "
+            "Models are never loaded without the sandbox; on a development machine an operator may set "
+            "SERVEML_SANDBOX=off."
+        )
+    trial = _argv(
+        uid=builder_uid(), environment=None, work=None, binds={}, data={}, writable_environment=False,
+        limits=Limits(memory_bytes=256 * 1024**2, cpu_seconds=5), command=["/usr/bin/true"],
+    )
+    try:
+        done = subprocess.run(trial, capture_output=True, text=True, timeout=20, env=_scrubbed_env())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"ServeML's sandbox cannot start: bubblewrap did not run ({exc})."
+    if done.returncode != 0:
+        return (
+            "ServeML's sandbox cannot start on this host: bubblewrap failed with "
+            f"{done.stderr.strip()[-300:]!r}. It needs namespaces (a container must allow them: CAP_SYS_ADMIN, "
+            "or --privileged, and no seccomp profile that blocks unshare). Models are never loaded without it."
+        )
+    _verified = True
+    return ""
+
+
+def _scrubbed_env(extra: dict[str, str] | None = None, home: str = "/tmp") -> dict[str, str]:
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
+        "HOME": home,
+        "TMPDIR": home,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         # One thread per process: the runtime scales with processes, not threads.
@@ -119,36 +167,114 @@ def scrubbed_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def private_workdir(iso: Isolation, files: dict[str, Path]) -> Path:
-    """A fresh folder only the sandbox user may use, holding read-only copies of `files`."""
-    workdir = Path(tempfile.mkdtemp(prefix="serveml-sandbox-"))
+def _interpreter_home(environment: Path) -> Path | None:
+    """The prefix of the interpreter a venv was made from, when it is not under /usr (pyenv, say)."""
+    config = environment / "pyvenv.cfg"
+    if not config.exists():
+        return None
+    for line in config.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home":
+            prefix = Path(value.strip()).resolve().parent
+            return None if prefix == Path("/usr") or Path("/usr") in prefix.parents else prefix
+    return None
+
+
+def _prlimit(limits: Limits) -> list[str]:
+    argv = [
+        "prlimit", f"--as={limits.memory_bytes}", f"--nproc={limits.processes}",
+        f"--fsize={limits.file_bytes}", f"--nofile={limits.open_files}", "--core=0",
+    ]
+    if limits.cpu_seconds:
+        argv.append(f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}")
+    return argv + ["--"]
+
+
+def _argv(*, uid, environment, work, binds, data, writable_environment, limits, command) -> list[str]:
+    argv = [
+        "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+        "--proc", "/proc", "--dev", "/dev",
+        "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
+    ]
+    if environment is not None:
+        home = _interpreter_home(environment)
+        if home is not None:
+            argv += ["--ro-bind", str(home), str(home)]
+        argv += ["--bind" if writable_environment else "--ro-bind", str(environment), str(INSIDE_ENV)]
+    argv += ["--perms", "0755", "--dir", str(INSIDE_WORK)]
+    for name, source in binds.items():
+        argv += ["--ro-bind", str(source), str(INSIDE_WORK / name)]
+    for name, fd in data.items():
+        argv += ["--perms", "0444", "--ro-bind-data", str(fd), str(INSIDE_WORK / name)]
+    argv += ["--chdir", str(INSIDE_WORK), "--"]
+    argv += _prlimit(limits)
+    argv += [
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+        "--bounding-set=-all", "--no-new-privs", "--",
+        "unshare", "--user", "--",
+    ]
+    return argv + command
+
+
+def _check_name(name: str) -> None:
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"sandbox file names are plain names, not {name!r}")
+
+
+def launch(
+    *,
+    uid: int,
+    environment: Path,
+    args: list[str],
+    limits: Limits,
+    files: dict[str, Path] | None = None,
+    binds: dict[str, Path] | None = None,
+    writable_environment: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> Launch:
+    """Run `<environment>/bin/python -I -B *args` in a fresh sandbox, in /work holding `files`
+    (copied in through a descriptor, so they may be private to ServeML) and `binds` (bound
+    read-only, no copy: they must be world-readable, as build contexts are).
+
+    Raises SandboxUnavailable when the sandbox cannot be built."""
+    files, binds = files or {}, binds or {}
+    for name in [*files, *binds]:
+        _check_name(name)
+    for name, path in binds.items():
+        if not os.stat(path).st_mode & 0o004:
+            raise ValueError(f"{path} is bound into a sandbox without a copy, so it must be world-readable")
+    if is_disabled():
+        return _launch_unsandboxed(environment, args, limits, {**files, **binds}, extra_env)
+    check()
+    fds = {name: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for name, path in files.items()}
+    command = [str(INSIDE_ENV / "bin" / "python"), "-I", "-B", *args]
+    argv = _argv(uid=uid, environment=environment, work=INSIDE_WORK, binds=binds, data=fds,
+                 writable_environment=writable_environment, limits=limits, command=command)
+    return Launch(argv=argv, env=_scrubbed_env(extra_env), cwd="/", pass_fds=tuple(fds.values()))
+
+
+def _launch_unsandboxed(environment, args, limits, files, extra_env) -> Launch:
+    """SERVEML_SANDBOX=off: limits and a scrubbed environment only, in a private folder."""
+    workdir = Path(tempfile.mkdtemp(prefix="serveml-unsandboxed-"))
     for name, source in files.items():
-        target = workdir / name
-        shutil.copyfile(source, target)
-        target.chmod(0o444)
-    if iso.uid is not None:
-        os.chown(workdir, iso.uid, iso.gid)
-    return workdir
+        shutil.copyfile(source, workdir / name)
+    argv = [*_prlimit(limits), str(environment / "bin" / "python"), "-I", "-B", *args]
+    return Launch(argv=argv, env=_scrubbed_env(extra_env, home=str(workdir)), cwd=str(workdir),
+                  cleanup=[workdir], isolated=False)
 
 
-def _limits(memory_bytes: int, cpu_seconds: int | None):
-    def apply():
-        os.setsid()  # own process group, so a timeout kills everything it started
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        if cpu_seconds:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
-def sandbox_popen_kwargs(iso: Isolation, workdir: Path, memory_bytes: int, cpu_seconds: int | None, env=None):
-    return {
-        "cwd": workdir,
-        "env": scrubbed_env(workdir, env),
-        "preexec_fn": _limits(memory_bytes, cpu_seconds),
-        "close_fds": True,
-    }
+def describe(limits: Limits) -> str:
+    """For the event log: what the process ran under."""
+    if is_disabled():
+        return "SANDBOX OFF (SERVEML_SANDBOX=off): limits and a scrubbed environment only"
+    cpu = f", CPU {limits.cpu_seconds} s" if limits.cpu_seconds else ""
+    return (
+        "bubblewrap: own uid, user, PID, network, IPC and mount namespaces, read-only binds only; "
+        f"memory {limits.memory_bytes // 1024**2} MiB{cpu}, {limits.processes} processes"
+    )
 
 
 @dataclass
@@ -157,37 +283,31 @@ class SandboxResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool
-    isolation: Isolation
 
 
-def run_sandboxed(
-    python: Path, args: list[str], *, files: dict[str, Path], memory_bytes: int, cpu_seconds: int, wall_seconds: int
-) -> SandboxResult:
-    """Run `python -I -B *args` in the sandbox, in a private folder holding copies of `files`."""
-    iso = isolation_for(python=python, memory_bytes=memory_bytes, cpu_seconds=cpu_seconds)
-    workdir = private_workdir(iso, files)
+def run(launched: Launch, *, wall_seconds: float, stdin: bytes | None = None) -> SandboxResult:
+    """Run a prepared sandbox to completion under a wall-clock limit."""
     try:
         proc = subprocess.Popen(
-            iso.prefix + [str(python), "-I", "-B", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            **sandbox_popen_kwargs(iso, workdir, memory_bytes, cpu_seconds),
+            launched.argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **launched.popen_kwargs(),
         )
+        launched.started()
         try:
-            out, err = proc.communicate(timeout=wall_seconds)
+            out, err = proc.communicate(stdin, timeout=wall_seconds)
             timed_out = False
         except subprocess.TimeoutExpired:
             kill_group(proc.pid)
             out, err = proc.communicate()
             timed_out = True
-        return SandboxResult(proc.returncode, out, err, timed_out, iso)
+        return SandboxResult(proc.returncode, out, err, timed_out)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        launched.close()
 
 
 def kill_group(pid: int) -> None:
-    """Kill a sandboxed process and all it started (it leads its own group: see _limits).
+    """Kill a sandbox and all it started: bwrap leads its own process group, and when it
+    dies the kernel kills everything in its PID namespace, setsid grandchildren included.
     Only call it before the process is reaped: after that its pid may belong to another."""
     try:
         os.killpg(pid, signal.SIGKILL)

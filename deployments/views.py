@@ -18,7 +18,7 @@ from deployments.runtime import client
 
 
 def site_context(request):
-    return {"allow_signup": settings.SERVEML_ALLOW_SIGNUP}
+    return {"allow_signup": settings.SERVEML_ALLOW_SIGNUP, "sandbox_off": settings.SERVEML_SANDBOX == "off"}
 
 
 def health(request):

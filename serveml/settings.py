@@ -12,15 +12,39 @@ import sys
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 def env_bool(name: str, default: bool) -> bool:
+    """A typo must not read as False: `SERVEML_SANDBOX=of` switching a protection off is worse than an error."""
     value = os.environ.get(name)
     if value is None:
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    if value.strip().lower() in TRUE:
+        return True
+    if value.strip().lower() in FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off.")
+
+
+def env_number(name: str, default, kind=int):
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}.") from None
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={value!r} must be one of: {', '.join(choices)}.")
+    return value
 
 
 def env_list(name: str, default: str = "") -> list[str]:
@@ -79,8 +103,8 @@ TEMPLATES = [
 ]
 
 # All runtime state lives under one folder outside the source packages.
+# Created, private to ServeML's user (0700), by deployments.apps at start-up, not here.
 DATA_DIR = Path(os.environ.get("SERVEML_DATA_DIR", BASE_DIR / "var")).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 DATABASES = {
     "default": dj_database_url.parse(
@@ -113,7 +137,6 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "staticfiles"  # filled by collectstatic for production
-STATIC_ROOT.mkdir(exist_ok=True)
 
 # Uploads are kept under DATA_DIR/media, which no URL pattern serves: model
 # files are only ever read by the pipeline, never handed out by the web server.
@@ -136,7 +159,7 @@ if not AWS_STORAGE_BUCKET_NAME:
 
 # Uploads larger than this never reach memory: they are streamed to a
 # temporary file and cut off as soon as they pass SERVEML_MAX_UPLOAD_BYTES.
-SERVEML_MAX_UPLOAD_BYTES = int(os.environ.get("SERVEML_MAX_UPLOAD_BYTES", 200 * 1024 * 1024))
+SERVEML_MAX_UPLOAD_BYTES = env_number("SERVEML_MAX_UPLOAD_BYTES", 200 * 1024 * 1024)
 SERVEML_MAX_REQUIREMENTS_BYTES = 64 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_HANDLERS = [
@@ -148,7 +171,7 @@ SERVEML_ALLOW_SIGNUP = env_bool("SERVEML_ALLOW_SIGNUP", True)
 
 # The local runtime that answers prediction URLs.
 SERVEML_RUNTIME_HOST = os.environ.get("SERVEML_RUNTIME_HOST", "127.0.0.1")
-SERVEML_RUNTIME_PORT = int(os.environ.get("SERVEML_RUNTIME_PORT", 8001))
+SERVEML_RUNTIME_PORT = env_number("SERVEML_RUNTIME_PORT", 8001)
 SERVEML_RUNTIME_URL = os.environ.get(
     "SERVEML_RUNTIME_URL", f"http://{SERVEML_RUNTIME_HOST}:{SERVEML_RUNTIME_PORT}"
 ).rstrip("/")
@@ -160,11 +183,11 @@ SERVEML_RUNTIME_INTERNAL_URL = os.environ.get("SERVEML_RUNTIME_INTERNAL_URL", SE
 SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN") or hmac.new(
     SECRET_KEY.encode(), b"serveml.runtime.token", hashlib.sha256
 ).hexdigest()
-SERVEML_MODEL_MEMORY_BYTES = int(os.environ.get("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3))
-SERVEML_PREDICT_TIMEOUT_S = float(os.environ.get("SERVEML_PREDICT_TIMEOUT_S", 30))
+SERVEML_MODEL_MEMORY_BYTES = env_number("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3)
+SERVEML_PREDICT_TIMEOUT_S = env_number("SERVEML_PREDICT_TIMEOUT_S", 30.0, float)
 # Model processes of a deployment nobody called for this long are stopped (scale to zero);
 # the next request starts them again (a cold start). 0 keeps them forever.
-SERVEML_MODEL_IDLE_SECONDS = float(os.environ.get("SERVEML_MODEL_IDLE_SECONDS", 900))
+SERVEML_MODEL_IDLE_SECONDS = env_number("SERVEML_MODEL_IDLE_SECONDS", 900.0, float)
 
 # Model environments.
 def _default_env_python() -> str:
@@ -177,13 +200,27 @@ def _default_env_python() -> str:
 
 SERVEML_ENV_PYTHON = os.environ.get("SERVEML_ENV_PYTHON") or _default_env_python()
 SERVEML_PACKAGE_INDEX_URL = os.environ.get("SERVEML_PACKAGE_INDEX_URL", "")
-SERVEML_ALLOWED_PACKAGES = env_list("SERVEML_ALLOWED_PACKAGES")
-SERVEML_ENV_INSTALL_TIMEOUT_S = int(os.environ.get("SERVEML_ENV_INSTALL_TIMEOUT_S", 900))
+# The packages a requirements.txt may name (operators add more in the admin, or here).
+# Every package runs code in the model's sandbox: review before adding. "*" allows any.
+SERVEML_ALLOWED_PACKAGES = env_list(
+    "SERVEML_ALLOWED_PACKAGES",
+    "scikit-learn,numpy,scipy,pandas,joblib,threadpoolctl,skops,lz4,python-dateutil,pytz,tzdata,six,"
+    "packaging,prettytable,wcwidth",
+)
+SERVEML_ENV_INSTALL_TIMEOUT_S = env_number("SERVEML_ENV_INSTALL_TIMEOUT_S", 900)
 
-# The validate stage's sandbox.
-SERVEML_SANDBOX_CPU_SECONDS = int(os.environ.get("SERVEML_SANDBOX_CPU_SECONDS", 60))
-SERVEML_SANDBOX_WALL_SECONDS = int(os.environ.get("SERVEML_SANDBOX_WALL_SECONDS", 120))
-SERVEML_SANDBOX_MEMORY_BYTES = int(os.environ.get("SERVEML_SANDBOX_MEMORY_BYTES", 2 * 1024**3))
+# The sandbox every user process runs in (deployments/sandbox.py). "off" is for a development
+# machine only: models then run with limits but no isolation, and every page says so.
+SERVEML_SANDBOX = env_choice("SERVEML_SANDBOX", "on", ("on", "off"))
+# Deployment N's processes run as uid SERVEML_SANDBOX_UID_BASE + N on the host; the base itself
+# compiles environments. Pick a range no account on the host uses.
+SERVEML_SANDBOX_UID_BASE = env_number("SERVEML_SANDBOX_UID_BASE", 2_000_000)
+# A model process is recycled after this much CPU time (its requests go to a fresh one).
+SERVEML_MODEL_CPU_SECONDS = env_number("SERVEML_MODEL_CPU_SECONDS", 3600)
+# The validate stage's probe.
+SERVEML_SANDBOX_CPU_SECONDS = env_number("SERVEML_SANDBOX_CPU_SECONDS", 60)
+SERVEML_SANDBOX_WALL_SECONDS = env_number("SERVEML_SANDBOX_WALL_SECONDS", 120)
+SERVEML_SANDBOX_MEMORY_BYTES = env_number("SERVEML_SANDBOX_MEMORY_BYTES", 2 * 1024**3)
 # Extra (module, name) pairs a model may import, as "module:name" entries,
 # for operators whose users ship their own classes.
 SERVEML_EXTRA_ALLOWED_GLOBALS = env_list("SERVEML_EXTRA_ALLOWED_GLOBALS")
@@ -194,8 +231,8 @@ SERVEML_AWS_REGION = os.environ.get("SERVEML_AWS_REGION") or os.environ.get("AWS
     "AWS_DEFAULT_REGION", ""
 )
 SERVEML_LAMBDA_ROLE_ARN = os.environ.get("SERVEML_LAMBDA_ROLE_ARN", "")
-SERVEML_LAMBDA_MEMORY_MB = int(os.environ.get("SERVEML_LAMBDA_MEMORY_MB", 1024))
-SERVEML_LAMBDA_TIMEOUT_S = int(os.environ.get("SERVEML_LAMBDA_TIMEOUT_S", 30))
+SERVEML_LAMBDA_MEMORY_MB = env_number("SERVEML_LAMBDA_MEMORY_MB", 1024)
+SERVEML_LAMBDA_TIMEOUT_S = env_number("SERVEML_LAMBDA_TIMEOUT_S", 30)
 SERVEML_LAMBDA_ARCHITECTURE = os.environ.get("SERVEML_LAMBDA_ARCHITECTURE", "x86_64")  # or arm64
 SERVEML_LAMBDA_BASE_IMAGE = os.environ.get("SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11")
 # The wheel platform of that image's glibc: python:3.11 runs on Amazon Linux 2 (manylinux2014);
@@ -235,7 +272,7 @@ if not DEBUG:
     SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", 60 * 60 * 24 * 30))
+    SECURE_HSTS_SECONDS = env_number("DJANGO_SECURE_HSTS_SECONDS", 60 * 60 * 24 * 30)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -247,6 +284,6 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }
 
-# Model files must be readable by the sandbox's unprivileged user, never writable by it.
-FILE_UPLOAD_PERMISSIONS = 0o644
-FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o755
+# Uploads are ServeML's alone: a sandbox gets its own copy through a file descriptor.
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700

@@ -41,6 +41,15 @@ def touch(canary) -> str:
     return f"touch {canary}"
 
 
+# Every callable the payloads below import: what an operator would have to allow for them to load.
+DANGEROUS = [
+    ("os", "system"), ("posix", "system"), ("subprocess", "Popen"), ("builtins", "exec"), ("builtins", "eval"),
+    ("builtins", "__import__"), ("builtins", "getattr"), ("pip", "main"), ("pkgutil", "resolve_name"),
+    ("importlib", "import_module"), ("runpy", "_run_code"), ("numpy.testing._private.utils", "runstring"),
+    ("__main__", "Reduce"),
+]
+
+
 def payloads(canary) -> dict[str, bytes]:
     cmd = touch(canary)
     hidden_after_model = pickle.dumps(corpus.logistic_regression()) + call("os", "system", cmd)

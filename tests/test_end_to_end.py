@@ -47,9 +47,14 @@ def token(user):
     return Token.objects.create(user=user).key
 
 
+def model_pids(deployment_id: str) -> list[int]:
+    """The deployment's model processes (the interpreters inside the sandboxes, not bubblewrap)."""
+    pattern = f"^/env/bin/python -I -B model_server.py /work {deployment_id}"
+    return [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+
+
 def model_pid(deployment_id: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"model_server.py .*{deployment_id}"], capture_output=True, text=True)
-    return int(out.stdout.split()[0])
+    return model_pids(deployment_id)[0]
 
 
 def test_models_deployed_through_the_api_answer_exactly_like_model_predict(stack, live_server, token):
@@ -159,5 +164,4 @@ def test_concurrent_requests_each_get_their_own_prediction(stack, live_server, t
     assert [a.json()["prediction"] for a in answers[:-1]] == model.predict(rows).tolist()
     assert answers[-1].status_code == 400
     # A burst never starts more model processes than the pool allows (one per core).
-    pids = subprocess.run(["pgrep", "-f", f"model_server.py . {state['id']}"], capture_output=True, text=True)
-    assert 1 <= len(pids.stdout.split()) <= (os.cpu_count() or 1)
+    assert 1 <= len(model_pids(state["id"])) <= (os.cpu_count() or 1)

@@ -1,6 +1,7 @@
 """The stages, called directly on real files: real uv, real sandbox, real templates."""
 
 import importlib.util
+import json
 import pickle
 
 import pytest
@@ -8,7 +9,7 @@ import sklearn
 from django.core.files.storage import default_storage
 from django.test import override_settings
 
-from deployments import services
+from deployments import buildkit, services
 from deployments.allowlist import corpus
 from deployments.models import Deployment
 from deployments.pipeline import runner, stages
@@ -17,6 +18,7 @@ from tests import payloads
 from tests.conftest import SKLEARN_PIN, dump
 
 pytestmark = pytest.mark.django_db
+EXEC = ("builtins", "exec")
 
 
 @pytest.fixture(autouse=True)
@@ -125,11 +127,23 @@ def test_inspect_needs_scikit_learn_in_the_requirements(user, make_deployment):
 # ------------------------------------------------------------------ environment + validate
 
 
+def operator_allowed(deployment, *pairs: tuple[str, str]):
+    """Skip inspection, as if an operator had allowed these imports: the sandbox must still hold."""
+    services.deployment_update(deployment=deployment, allowed_globals=[list(pair) for pair in pairs])
+    return deployment
+
+
 @pytest.fixture
 def environment_ready(user, make_deployment):
-    def make(model_bytes=None, requirements=SKLEARN_PIN):
+    """A deployment through inspect and environment; a hostile one skips inspect, as if allowed."""
+
+    def make(model_bytes=None, requirements=SKLEARN_PIN, allow=None):
         deployment = make_deployment(user, **({"model_bytes": model_bytes} if model_bytes else {}),
                                      requirements=requirements)
+        if allow:
+            operator_allowed(deployment, *allow)
+        else:
+            stages.inspect(deployment)
         stages.environment(deployment)
         return deployment
 
@@ -160,7 +174,7 @@ def test_validate_records_the_signature_and_the_example_in_a_sandbox(environment
     assert deployment.example_request == {"data": [0.0, 0.0, 0.0, 0.0]}
     assert deployment.example_response["prediction"] == iris_rf.predict([[0.0] * 4])[0]
     isolation = deployment.events.get(message__startswith="sandbox").message
-    assert "no network" in isolation or "network namespace" in isolation
+    assert isolation.startswith("sandbox: bubblewrap: own uid, user, PID, network, IPC and mount namespaces")
 
 
 def test_validate_builds_record_examples_from_the_categories_a_model_knows(environment_ready):
@@ -173,59 +187,92 @@ def test_validate_builds_record_examples_from_the_categories_a_model_knows(envir
 
 @override_settings(SERVEML_SANDBOX_WALL_SECONDS=3)
 def test_a_model_that_never_finishes_loading_is_stopped(environment_ready):
-    deployment = environment_ready(payloads.call("builtins", "exec", "while True: pass"))
+    deployment = environment_ready(payloads.call("builtins", "exec", "while True: pass"), allow=[EXEC])
     with pytest.raises(StageError, match="longer than 3 s"):
         stages.validate(deployment)
 
 
 @override_settings(SERVEML_SANDBOX_MEMORY_BYTES=512 * 1024**2)
 def test_a_model_that_allocates_too_much_memory_fails_instead_of_taking_the_host(environment_ready):
-    deployment = environment_ready(payloads.call("builtins", "exec", "x = bytearray(8 * 1024**3)"))
+    deployment = environment_ready(payloads.call("builtins", "exec", "x = bytearray(8 * 1024**3)"), allow=[EXEC])
     with pytest.raises(StageError, match="MemoryError|memory"):
         stages.validate(deployment)
 
 
-def test_the_sandbox_has_no_network_when_the_host_allows_it(environment_ready):
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    code = "import socket; socket.create_connection(('127.0.0.1', 5432), timeout=2)"
-    deployment = environment_ready(payloads.call("builtins", "exec", code))
-    with pytest.raises(StageError, match="Network is unreachable|OSError|ConnectionRefused"):
+def test_the_sandbox_has_no_network(environment_ready):
+    # PostgreSQL answers on 127.0.0.1:5432 on the host; in the sandbox's own network
+    # namespace nothing listens there, so the connection is refused.
+    code = (
+        "import socket\n"
+        "try:\n    socket.create_connection(('127.0.0.1', 5432), timeout=2)\n"
+        "except OSError as exc:\n    raise SystemExit('no network: ' + type(exc).__name__)\n"
+        "raise SystemExit('CONNECTED')"
+    )
+    deployment = environment_ready(payloads.call("builtins", "exec", code), allow=[EXEC])
+    with pytest.raises(StageError, match="no network: ConnectionRefusedError") as failed:
         stages.validate(deployment)
+    assert "CONNECTED" not in str(failed.value)
 
 
 # ------------------------------------------------------------------ package + handler
 
 
 def load_handler(directory):
-    spec = importlib.util.spec_from_file_location(f"handler_{id(directory)}", directory / "handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The build context's handler, imported as the Lambda runtime imports it (its folder on sys.path)."""
+    import sys
+
+    sys.path.insert(0, str(directory))
+    try:
+        spec = importlib.util.spec_from_file_location(f"handler_{id(directory)}", directory / "serveml_handler.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(directory))
     return module
 
 
-def test_package_renders_the_handler_and_dockerfile_and_stores_the_context(user, make_deployment):
+def packaged(deployment):
+    stages.inspect(deployment)
+    stages.package(deployment)
+    return load_handler(stages.build_dir(deployment))
+
+
+def test_package_copies_the_handler_renders_the_dockerfile_and_stores_the_context(user, make_deployment):
     deployment = make_deployment(user)
+    stages.inspect(deployment)
     summary = stages.package(deployment)
-    assert "handler.py, Dockerfile, model.pkl, requirements.txt" in summary
+    assert "serveml_handler.py, serveml_loader.py, serveml.json, Dockerfile, model.pkl, requirements.txt" in summary
     assert default_storage.exists(deployment.artifact)
     directory = stages.build_dir(deployment)
     dockerfile = (directory / "Dockerfile").read_text()
     assert "FROM public.ecr.aws/lambda/python:3.11" in dockerfile
-    assert 'CMD ["handler.lambda_handler"]' in dockerfile
+    assert 'CMD ["serveml_handler.lambda_handler"]' in dockerfile
+    config = json.loads((directory / "serveml.json").read_text())
+    assert config["model_file"] == "model.pkl" and config["format"] == "pickle"
+    assert ["sklearn.ensemble._forest", "RandomForestClassifier"] in config["allowed_globals"]
+    assert (directory / "serveml_handler.py").read_bytes() == buildkit.HANDLER.read_bytes()  # copied, not rendered
     import shutil
 
     shutil.rmtree(directory)
-    assert (stages.restore_context(deployment) / "handler.py").exists()
+    assert (stages.restore_context(deployment) / "serveml.json").exists()
+
+
+def test_the_handler_loads_only_the_globals_the_inspect_stage_found(user, make_deployment):
+    deployment = make_deployment(user)
+    stages.inspect(deployment)
+    services.deployment_update(deployment=deployment, allowed_globals=[
+        pair for pair in deployment.allowed_globals if pair[1] != "RandomForestClassifier"
+    ])
+    stages.package(deployment)
+    handler = load_handler(stages.build_dir(deployment))
+    with pytest.raises(Exception, match="imports sklearn.ensemble._forest.RandomForestClassifier, which ServeML "
+                                        "did not check and allow"):
+        handler.model()
 
 
 @pytest.fixture
 def handler(user, make_deployment):
-    deployment = make_deployment(user)
-    stages.package(deployment)
-    return load_handler(stages.build_dir(deployment))
+    return packaged(make_deployment(user))
 
 
 def test_the_handler_answers_api_gateway_v2_and_v1_events(handler, iris_rf):
@@ -270,9 +317,7 @@ def test_the_handler_takes_records_for_a_model_fitted_on_a_dataframe(user, make_
     import json
 
     model = corpus.frame_random_forest()
-    deployment = make_deployment(user, model_bytes=dump(model))
-    stages.package(deployment)
-    handler = load_handler(stages.build_dir(deployment))
+    handler = packaged(make_deployment(user, model_bytes=dump(model)))
     frame = corpus.iris_frame()[0].iloc[::30]
     status, answer = handler.handle(json.dumps({"instances": frame.to_dict(orient="records")}).encode())
     assert status == 200 and json.loads(answer)["predictions"] == model.predict(frame).tolist()
@@ -284,9 +329,7 @@ def test_the_handler_takes_texts_for_a_text_pipeline(user, make_deployment):
     import json
 
     model = corpus.text_pipeline()
-    deployment = make_deployment(user, model_bytes=dump(model))
-    stages.package(deployment)
-    handler = load_handler(stages.build_dir(deployment))
+    handler = packaged(make_deployment(user, model_bytes=dump(model)))
     status, answer = handler.handle(json.dumps({"instances": ["great movie", "awful film"]}).encode())
     assert status == 200 and json.loads(answer)["predictions"] == model.predict(["great movie", "awful film"]).tolist()
 

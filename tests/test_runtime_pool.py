@@ -38,22 +38,36 @@ def handle_many(bodies):
 '''
 
 
-def pool_for(tmp_path: Path, max_size: int = 1, model_file: str = "model.pkl") -> ModelPool:
-    """`model.broken` fails to load; `model.slow` takes a second to."""
-    build = tmp_path / "build"
-    build.mkdir()
-    (build / "handler.py").write_text(HANDLER)
-    model = build / model_file
-    model.write_bytes(b"")
-    spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", Path(settings.SERVEML_ENV_PYTHON), build, model)
-    return ModelPool(spec, Access(), max_size=max_size)
+@pytest.fixture(scope="module")
+def environment():
+    from deployments.environments import ensure_environment
+    from deployments.requirements import parse_requirements
+    from tests.conftest import SKLEARN_PIN
+
+    return ensure_environment(parse_requirements(SKLEARN_PIN)).path
+
+
+@pytest.fixture
+def pool_for(environment):
+    def make(tmp_path: Path, max_size: int = 1, model_file: str = "model.pkl") -> ModelPool:
+        """A build context with the stand-in handler: `model.broken` fails to load; `model.slow` takes a second to."""
+        build = tmp_path / "build"
+        build.mkdir()
+        files = {"serveml_handler.py": HANDLER, "serveml_loader.py": "", "serveml.json": "{}", model_file: ""}
+        for name, text in files.items():
+            (build / name).write_text(text)
+            (build / name).chmod(0o444)  # as the package stage leaves them: sandboxes bind them
+        spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", environment, build, build / model_file, 2_000_999)
+        return ModelPool(spec, Access(), max_size=max_size)
+
+    return make
 
 
 def run(coroutine, timeout=60):
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
-def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(tmp_path):
+def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(pool_for, tmp_path):
     async def scenario():
         pool = pool_for(tmp_path)
         try:
@@ -75,7 +89,7 @@ def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(tmp_pa
     (b"hang", 504, "longer than 1 s"),  # the timeout kills it
     (b"crash", 502, "exit code 7"),  # it exits on its own
 ])
-def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(tmp_path, settings, body, status, says):
+def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(pool_for, tmp_path, settings, body, status, says):
     settings.SERVEML_PREDICT_TIMEOUT_S = 1
 
     async def scenario():
@@ -92,7 +106,7 @@ def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(tmp_
     assert after == (200, b"1:after")
 
 
-def test_a_request_sent_to_a_process_that_died_while_idle_is_answered_by_a_fresh_one(tmp_path):
+def test_a_request_sent_to_a_process_that_died_while_idle_is_answered_by_a_fresh_one(pool_for, tmp_path):
     import os
     import signal
 
@@ -110,7 +124,7 @@ def test_a_request_sent_to_a_process_that_died_while_idle_is_answered_by_a_fresh
     assert run(scenario()) == (200, b"1:after")
 
 
-def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging(tmp_path):
+def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging(pool_for, tmp_path):
     async def scenario():
         pool = pool_for(tmp_path, model_file="model.broken")
         return await asyncio.gather(pool.predict(b"first"), pool.predict(b"second"), return_exceptions=True)
@@ -121,7 +135,7 @@ def test_a_model_that_cannot_load_fails_every_waiting_request_instead_of_hanging
         assert "RuntimeError: cannot read this model" in error.message
 
 
-def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(tmp_path):
+def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(pool_for, tmp_path):
     async def scenario():
         pool = pool_for(tmp_path)
         await pool.warm()
@@ -138,7 +152,7 @@ def test_stopping_a_deployment_answers_its_requests_in_flight_with_404(tmp_path)
 
 
 @pytest.mark.parametrize("crash_first", [False, True], ids=["first-start", "restart"])
-def test_stopping_a_deployment_while_its_process_starts_answers_404_not_a_load_error(tmp_path, crash_first):
+def test_stopping_a_deployment_while_its_process_starts_answers_404_not_a_load_error(pool_for, tmp_path, crash_first):
     async def scenario():
         pool = pool_for(tmp_path, model_file="model.slow")
         if crash_first:
@@ -233,7 +247,7 @@ def test_an_answer_announced_larger_than_the_cap_is_refused_before_it_is_buffere
     assert channel.buffer == b""
 
 
-def test_a_model_answering_more_than_the_cap_answers_502_and_its_process_is_replaced(tmp_path, monkeypatch):
+def test_a_model_answering_more_than_the_cap_answers_502_and_its_process_is_replaced(pool_for, tmp_path, monkeypatch):
     from deployments.runtime import protocol
 
     monkeypatch.setattr(protocol, "MAX_ANSWER_BYTES", 1024 * 1024)  # the stand-in answers 2 MB
@@ -273,7 +287,7 @@ async def call(runtime, path: str, body: bytes) -> tuple[int, dict | bytes]:
     return sent[0]["status"], orjson.loads(answer) if answer.startswith(b"{") else answer
 
 
-def test_a_body_of_200_kb_of_nested_brackets_answers_400_and_the_model_process_keeps_running(tmp_path):
+def test_a_body_of_200_kb_of_nested_brackets_answers_400_and_the_model_process_keeps_running(pool_for, tmp_path):
     from deployments.runtime.app import Runtime
 
     async def scenario():
@@ -381,7 +395,7 @@ def test_the_memory_of_unknown_ids_keeps_only_the_newest():
     assert len(misses) == 3 and "a" not in misses and "d" in misses
 
 
-def test_a_first_frame_larger_than_the_cap_fails_the_load_with_503(tmp_path):
+def test_a_first_frame_larger_than_the_cap_fails_the_load_with_503(pool_for, tmp_path):
     from deployments.runtime.process import ModelProcess
 
     async def scenario():

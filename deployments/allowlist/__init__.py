@@ -36,3 +36,14 @@ def allowed_globals() -> frozenset[Global]:
 def disallowed(found: set[Global]) -> list[Global]:
     allowed = allowed_globals()
     return sorted((g for g in found if g not in allowed), key=str)
+
+
+def allowed_packages() -> list[str] | None:
+    """The package names requirements may use, or None when the operator allows any ("*")."""
+    from django.conf import settings
+
+    from deployments.models import AllowedPackage
+
+    if "*" in settings.SERVEML_ALLOWED_PACKAGES:
+        return None
+    return [*settings.SERVEML_ALLOWED_PACKAGES, *AllowedPackage.objects.values_list("name", flat=True)]

@@ -35,7 +35,9 @@ HELPERS = [
     ("numpy.random._pickle", "__generator_ctor"), ("numpy.random", "__RandomState_ctor"),
     ("numpy.random._mt19937", "MT19937"), ("numpy.random._pcg64", "PCG64"),
     ("numpy.random.mtrand", "RandomState"), ("numpy.random._generator", "Generator"),
-    ("joblib.numpy_pickle", "NumpyArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper"),
+    # Not joblib.numpy_pickle_compat.NDArrayWrapper (joblib < 0.10): it loads its array with
+    # np.load(<a path from the file>, allow_pickle=True), a second pickle nobody inspected.
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"),
     ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csc", "csc_matrix"), ("scipy.sparse._coo", "coo_matrix"),
     ("scipy.sparse._csr", "csr_array"), ("scipy.sparse._csc", "csc_array"),
     ("scipy.sparse.csr", "csr_matrix"), ("scipy.sparse.csc", "csc_matrix"),

@@ -1,13 +1,14 @@
 """The local runtime's model process: serves one deployment's handler over a pipe.
 
 Run by the deployment's environment interpreter inside the sandbox as
-`python -I -B model_server.py BUILD_DIR [LABEL]`, from a private folder holding
-copies of this file, protocol.py (the frame format, shared with the runtime:
-deployments/runtime/protocol.py) and handler.py. It imports the very handler.py
-that the Lambda image runs, loads the model once, then answers requests for as
-long as the runtime keeps it: no process is started per request.
+`python -I -B model_server.py BUILD_DIR [LABEL]`, in a folder holding this file,
+protocol.py (the frame format, shared with the runtime:
+deployments/runtime/protocol.py) and the deployment's build context: the very
+serveml_handler.py that the Lambda image runs, its loader, serveml.json and the
+model. It loads the model once, then answers requests for as long as the
+runtime keeps it: no process is started per request.
 
-Requests that arrive together are answered together (handler.handle_many
+Requests that arrive together are answered together (serveml_handler.handle_many
 vectorises compatible ones).
 Only stdlib here: the environment holds nothing but the model's requirements.
 """
@@ -24,12 +25,12 @@ def main(build_dir: str) -> None:
     sys.stdout = sys.stderr
     requests = sys.stdin.buffer
 
-    # -I leaves the script's own folder off sys.path; protocol.py and handler.py live there.
+    # -I leaves the script's own folder off sys.path; protocol.py and the handler live there.
     sys.path.insert(0, build_dir)
     import protocol
 
     try:
-        import handler
+        import serveml_handler as handler
 
         handler.model()
     except BaseException as exc:  # report why, then exit: the runtime shows it to the caller

@@ -1,7 +1,8 @@
 """The validate stage's probe: load the model in its sandbox and describe it.
 
-Run as `python -I probe.py MODEL_PATH FORMAT TRUSTED_TYPES_JSON` by the deployment's environment
-interpreter, in the sandbox (no network, limits, scrubbed environment). It
+Run as `python -I probe.py` by the deployment's environment interpreter, in the
+sandbox, in a folder holding the model, `serveml.json` (model file, format, the
+globals it may import) and serveml_loader.py: the handler's own loader. It
 prints one JSON object on its own stdout: the model's signature, an example
 request built from that signature, and what the model itself answers to it,
 computed with the estimator's own methods (the verify stage checks the
@@ -14,22 +15,9 @@ import platform
 import sys
 import traceback
 
-
-def load(path, fmt, trusted):
-    if fmt == "skops":
-        try:
-            import skops.io
-        except ImportError:
-            raise SystemExit("skops is not installed in this model's environment: add skops==<version> to requirements.txt")
-        return skops.io.load(path, trusted=trusted)
-    if fmt == "joblib":
-        import joblib
-
-        return joblib.load(path)
-    import pickle
-
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+# -I leaves the script's folder off sys.path; it holds only ServeML's read-only files.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serveml_loader  # noqa: E402
 
 
 def categories(estimator, out):
@@ -74,11 +62,13 @@ def as_input(row, feature_names):
     return numpy.asarray([row], dtype=float)
 
 
-def main(path, fmt, trusted):
+def main():
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     try:
-        model = load(path, fmt, trusted)
+        with open("serveml.json", "rb") as handle:
+            config = json.load(handle)
+        model = serveml_loader.load(config["model_file"], config["format"], config["allowed_globals"])
     except BaseException as exc:
         traceback.print_exc()
         channel.write(json.dumps({"error": f"loading the model failed: {type(exc).__name__}: {exc}"}))
@@ -122,4 +112,4 @@ def main(path, fmt, trusted):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else []))
+    sys.exit(main())

@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -15,28 +16,24 @@ from django.core.files.storage import default_storage
 from jinja2 import Environment as Jinja, FileSystemLoader, StrictUndefined
 from packaging.version import Version
 
-from deployments import buildkit, services
-from deployments.allowlist import disallowed
-from deployments.environments import EnvironmentBuildError, ensure_environment, envs_dir
+from deployments import buildkit, sandbox, services
+from deployments.allowlist import allowed_packages, disallowed
+from deployments.builds import build_dir, restore_context  # noqa: F401  (the pipeline's own names for them)
+from deployments.environments import EnvironmentBuildError, ensure_environment, environment_path
 from deployments.inspection import InspectionError, ScanResult, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
 from deployments.runtime import client
 from deployments.requirements import Requirements, RequirementsError, parse_requirements
-from deployments.sandbox import run_sandboxed
 
 jinja = Jinja(loader=FileSystemLoader(buildkit.TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
-
-
-def build_dir(deployment: Deployment) -> Path:
-    return settings.DATA_DIR / "builds" / str(deployment.public_id)
 
 
 def requirements_of(deployment: Deployment) -> Requirements:
     with deployment.requirements_file.open("rb") as handle:
         text = handle.read().decode("utf-8", errors="replace")
     try:
-        return parse_requirements(text, allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+        return parse_requirements(text, allowed_packages=allowed_packages())
     except RequirementsError as exc:
         raise StageError(f"requirements.txt: {exc}") from None
 
@@ -74,12 +71,10 @@ def inspect(deployment: Deployment) -> str:
     services.deployment_update(
         deployment=deployment,
         model_format=scan.format,
-        signature={
-            **deployment.signature,
-            "pickled_sklearn_version": scan.sklearn_version,
-            # skops loads exactly these checked types and refuses any other (see handler.py).
-            "trusted_types": sorted(str(g) for g in scan.globals) if scan.format == "skops" else [],
-        },
+        # The restricted loader resolves exactly these, and skops builds exactly these types:
+        # whatever the scan did not see cannot be imported at load time either.
+        allowed_globals=sorted([g.module, g.name] for g in scan.globals),
+        signature={**deployment.signature, "pickled_sklearn_version": scan.sklearn_version},
     )
     saved = f"saved with scikit-learn {scan.sklearn_version}" if scan.sklearn_version else "no scikit-learn version recorded"
     return (
@@ -137,7 +132,7 @@ def environment(deployment: Deployment) -> str:
 
 
 def environment_python(deployment: Deployment) -> Path:
-    return envs_dir() / deployment.environment_key / "bin" / "python"
+    return environment_path(deployment.environment_key) / "bin" / "python"
 
 
 # ------------------------------------------------------------------ validate
@@ -157,20 +152,43 @@ def local_model_path(deployment: Deployment) -> Path:
         return target
 
 
+def handler_config(deployment: Deployment) -> dict:
+    """serveml.json: what the handler and the probe need to load this model, and nothing else."""
+    return {
+        "deployment_id": str(deployment.public_id),
+        "model_file": deployment.model_basename(),
+        "format": deployment.model_format,
+        "allowed_globals": deployment.allowed_globals,
+    }
+
+
+def validate_limits() -> sandbox.Limits:
+    return sandbox.Limits(memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES,
+                          cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS)
+
+
 def validate(deployment: Deployment) -> str:
     python = environment_python(deployment)
-    model_path = local_model_path(deployment)
     model_name = deployment.model_basename()
-    result = run_sandboxed(
-        python,
-        ["probe.py", model_name, deployment.model_format, json.dumps(deployment.signature.get("trusted_types", []))],
-        files={"probe.py": buildkit.PROBE, model_name: model_path},
-        memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES,
-        cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS,
-        wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS,
-    )
+    limits = validate_limits()
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as config:
+        json.dump(handler_config(deployment), config)
+        config.flush()
+        try:
+            launched = sandbox.launch(
+                uid=sandbox.uid_for(deployment.pk), environment=python.parent.parent, args=["probe.py"],
+                limits=limits,
+                files={
+                    "probe.py": buildkit.PROBE, "serveml_loader.py": buildkit.LOADER,
+                    buildkit.CONFIG_FILE: Path(config.name), model_name: local_model_path(deployment),
+                },
+            )
+        except sandbox.SandboxUnavailable as exc:
+            raise StageError(str(exc)) from None
+        result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
     services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.VALIDATE,
-                                     message=f"sandbox {result.isolation.describe()}")
+                                     message=f"sandbox: {sandbox.describe(limits)}",
+                                     level="warning" if sandbox.is_disabled() else "info")
     if result.timed_out:
         raise StageError(
             f"Loading and testing the model took longer than {settings.SERVEML_SANDBOX_WALL_SECONDS} s, "
@@ -182,8 +200,10 @@ def validate(deployment: Deployment) -> str:
         report = {}
     if not report:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        if result.returncode and result.returncode < 0:
-            reason = f"it was killed by signal {-result.returncode} (CPU or memory limit)"
+        if result.returncode and (result.returncode < 0 or result.returncode > 128):
+            # bubblewrap passes a killed child on as 128 + the signal number
+            signal_number = -result.returncode if result.returncode < 0 else result.returncode - 128
+            reason = f"it was killed by signal {signal_number} (CPU or memory limit)"
         elif "MemoryError" in "".join(tail):
             reason = f"it ran out of its {settings.SERVEML_SANDBOX_MEMORY_BYTES // 1024**2} MiB memory limit"
         else:
@@ -215,24 +235,30 @@ def validate(deployment: Deployment) -> str:
 
 
 def render_context(deployment: Deployment, directory: Path) -> list[str]:
-    """Write the build context (handler.py, Dockerfile, model, requirements) into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the build context (handler, loader, serveml.json, Dockerfile, model, requirements).
+
+    The handler is a plain module copied as it is; only the Dockerfile is rendered. Every
+    file is world-readable and read-only, because a sandbox binds them without a copy;
+    the folders above are ServeML's alone (0700)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     values = {
         "deployment_id": str(deployment.public_id),
-        # The name lands in a docstring and a Dockerfile comment: keep only harmless characters.
+        # The name lands in a Dockerfile comment: keep only harmless characters.
         "name": re.sub(r"[^\w .-]", "_", deployment.name)[:100],
         "model_filename": deployment.model_basename(),
-        "model_format": deployment.model_format,
-        "trusted_types": deployment.signature.get("trusted_types", []),
         "base_image": settings.SERVEML_LAMBDA_BASE_IMAGE,
     }
-    (directory / "handler.py").write_text(jinja.get_template("handler.py.j2").render(values))
+    for name, source in buildkit.HANDLER_FILES.items():
+        shutil.copyfile(source, directory / name)
+    (directory / buildkit.CONFIG_FILE).write_text(json.dumps(handler_config(deployment), indent=1))
     (directory / "Dockerfile").write_text(jinja.get_template("Dockerfile.j2").render(values))
     with deployment.model_file.open("rb") as src, open(directory / values["model_filename"], "wb") as dst:
         shutil.copyfileobj(src, dst)
-    (directory / values["model_filename"]).chmod(0o444)  # model processes may read it, nobody may change it
     (directory / "requirements.txt").write_text(requirements_of(deployment).normalised())
-    return ["handler.py", "Dockerfile", values["model_filename"], "requirements.txt"]
+    names = [*buildkit.HANDLER_FILES, buildkit.CONFIG_FILE, "Dockerfile", values["model_filename"], "requirements.txt"]
+    for name in names:
+        (directory / name).chmod(0o444)
+    return names
 
 
 def package(deployment: Deployment) -> str:
@@ -249,17 +275,6 @@ def package(deployment: Deployment) -> str:
     default_storage.save(artifact, ContentFile(buffer.getvalue()))
     services.deployment_update(deployment=deployment, artifact=artifact)
     return f"build context ({', '.join(names)}; {len(buffer.getvalue()) // 1024 + 1} KB) stored as {artifact}"
-
-
-def restore_context(deployment: Deployment) -> Path:
-    """The build context on local disk, unpacked from storage when this host lacks it."""
-    directory = build_dir(deployment)
-    if not (directory / "handler.py").exists() and deployment.artifact:
-        directory.mkdir(parents=True, exist_ok=True)
-        with default_storage.open(deployment.artifact, "rb") as handle:
-            with tarfile.open(fileobj=handle, mode="r:gz") as archive:
-                archive.extractall(directory, filter="data")
-    return directory
 
 
 # ------------------------------------------------------------------ verify

@@ -154,14 +154,16 @@ class Runtime:
         parts = path.strip("/").split("/")
         if path == "/health":
             return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
-        if len(parts) != 2 or (parts[1] not in self.pools and not _is_uuid(parts[1])):
+        # Loaded ids are already canonical: the common case costs one dict lookup.
+        deployment_id = parts[1] if len(parts) == 2 and parts[1] in self.pools else _canonical_uuid(parts)
+        if deployment_id is None:
             return await respond(send, 404, _error("no deployment answers at this URL"))
         if parts[0] == "predict":
             if method != "POST":
                 return await respond(send, 405, _error("send predictions with POST and a JSON body"))
-            return await self.predict(parts[1], dict(scope["headers"]), receive, send)
+            return await self.predict(deployment_id, dict(scope["headers"]), receive, send)
         if parts[0] in ("_load", "_unload", "_refresh") and method == "POST":
-            return await self.control(parts[0], parts[1], scope, send)
+            return await self.control(parts[0], deployment_id, scope, send)
         return await respond(send, 404, _error("no deployment answers at this URL"))
 
     async def predict(self, deployment_id: str, headers: dict, receive, send):
@@ -249,12 +251,15 @@ def nested_deeper_than(value, limit: int) -> bool:
     return not CONTAINERS.isdisjoint(map(type, level))
 
 
-def _is_uuid(text: str) -> bool:
+def _canonical_uuid(parts: list[str]) -> str | None:
+    """The one spelling of a deployment id that pools are kept under: upper case, braces or
+    `urn:uuid:` must not start a second pool (and model processes) for the same deployment."""
+    if len(parts) != 2:
+        return None
     try:
-        uuid.UUID(text)
+        return str(uuid.UUID(parts[1]))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _error(message: str) -> bytes:

@@ -8,7 +8,6 @@ request bodies, exactly as clients sent them; its answers come back in order
 
 import asyncio
 import logging
-import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,15 @@ from django.conf import settings
 from deployments import buildkit
 from deployments.runtime import protocol
 from deployments.runtime.registry import Spec
-from deployments.sandbox import isolation_for, kill_group, private_workdir, sandbox_popen_kwargs
+from deployments import sandbox
+from deployments.sandbox import kill_group
 
 log = logging.getLogger("serveml.runtime")
-# What a model process's private folder holds besides its deployment's handler and
-# model: the server loop and the frame format it shares with this side.
+# What a model process's /work holds besides its deployment's build context: the server
+# loop and the frame format it shares with this side (copied in: they are ServeML's files).
 MODEL_SERVER_FILES = {"model_server.py": buildkit.MODEL_SERVER, "protocol.py": Path(protocol.__file__)}
+# From the build context, bound read-only without a copy (the package stage made them 0444).
+BUILD_FILES = (*buildkit.HANDLER_FILES, buildkit.CONFIG_FILE)
 
 
 class ModelUnavailable(Exception):
@@ -102,7 +104,6 @@ class ModelProcess:
         self.loaded: asyncio.Future | None = None
         self.waiting: deque[Request] = deque()
         self.timer: asyncio.TimerHandle | None = None
-        self.workdir: Path | None = None
         self.isolation = ""  # how the sandbox held it, for the log
 
     @property
@@ -133,33 +134,40 @@ class ModelProcess:
                  self.isolation)
 
     async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
-        """Start model_server.py in the sandbox: the one place that knows how."""
-        iso = isolation_for(
-            python=self.spec.python,
+        """Start model_server.py in the deployment's sandbox: the one place that knows how."""
+        limits = sandbox.Limits(
             memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
-            cpu_seconds=None,  # long-lived: a per-request wall-clock limit applies instead
+            # Long-lived: each request has a wall-clock limit; this recycles a process that
+            # has used an hour of CPU (its requests go once more to a fresh one).
+            cpu_seconds=settings.SERVEML_MODEL_CPU_SECONDS,
         )
-        self.workdir = private_workdir(iso, {
-            **MODEL_SERVER_FILES,
-            "handler.py": self.spec.build_dir / "handler.py",
-            self.spec.model_path.name: self.spec.model_path,
-        })
+        build = self.spec.build_dir
+        try:
+            launched = sandbox.launch(
+                uid=self.spec.uid, environment=self.spec.environment, limits=limits,
+                # The id is only a label, so operators can tell model processes apart in `ps`.
+                args=["model_server.py", str(sandbox.INSIDE_WORK), self.spec.deployment_id],
+                files=MODEL_SERVER_FILES,
+                binds={**{name: build / name for name in BUILD_FILES}, self.spec.model_path.name: self.spec.model_path},
+            )
+        except (sandbox.SandboxUnavailable, OSError, ValueError) as exc:  # e.g. its build was deleted
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
         logs = settings.DATA_DIR / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.loaded = loop.create_future()
         self.channel = channel = _Channel(self)
-        self.isolation = iso.describe()
+        self.isolation = sandbox.describe(limits)
         try:
             with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
                 transport, _ = await loop.subprocess_exec(
-                    lambda: channel,
-                    # The id is only a label, so operators can tell model processes apart in `ps`.
-                    *iso.prefix, str(self.spec.python), "-I", "-B", "model_server.py", ".", self.spec.deployment_id,
+                    lambda: channel, *launched.argv,
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                    **sandbox_popen_kwargs(iso, self.workdir, settings.SERVEML_MODEL_MEMORY_BYTES, None),
+                    **launched.popen_kwargs(),
                 )
         except OSError as exc:  # e.g. its environment was deleted: redeploy it
             raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        finally:
+            launched.close()
         return transport
 
     async def _until_loaded(self) -> None:
@@ -244,7 +252,4 @@ class ModelProcess:
             if self.transport.get_returncode() is None:  # not reaped yet, so its pid is still its own
                 kill_group(self.transport.get_pid())
             self.transport.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
         return self.returncode

@@ -12,17 +12,21 @@ from pathlib import Path
 
 from django.db import close_old_connections
 
+from deployments import sandbox
+from deployments.builds import restore_context
+from deployments.environments import environment_path
 from deployments.runtime.access import Access, access_for
 
 
 @dataclass(frozen=True)
 class Spec:
-    """Where a servable deployment's pieces live on this host."""
+    """Where a servable deployment's pieces live on this host, and the uid its processes run as."""
 
     deployment_id: str
-    python: Path
+    environment: Path
     build_dir: Path
     model_path: Path
+    uid: int
 
 
 def _servable(deployments):
@@ -35,10 +39,6 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     """Read a servable deployment from the database (runs in a thread)."""
     from deployments.models import Deployment
 
-    # The runtime reaching up into the pipeline: kept to this one place while
-    # these helpers move out of pipeline.stages.
-    from deployments.pipeline.stages import environment_python, restore_context
-
     close_old_connections()
     deployment = _servable(Deployment.objects).filter(
         public_id=deployment_id, target=Deployment.Target.LOCAL
@@ -46,7 +46,8 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     if deployment is None:
         return None
     build_dir = restore_context(deployment)
-    spec = Spec(deployment_id, environment_python(deployment), build_dir, build_dir / deployment.model_basename())
+    spec = Spec(deployment_id, environment_path(deployment.environment_key), build_dir,
+                build_dir / deployment.model_basename(), sandbox.uid_for(deployment.pk))
     return spec, access_for(deployment)
 
 
