@@ -99,12 +99,18 @@ class DeploymentDetailView(APIView):
 
 
 class DeploymentKeysView(APIView):
-    """POST {"name"} creates a key for a private endpoint; the answer is the only time it is shown."""
+    """POST {"name"} creates a key; the answer is the only time it is shown, with whether calls need one."""
 
     def post(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        key, raw = services.deployment_key_create(deployment=deployment, name=request.data.get("name", ""))
-        return Response({"id": key.pk, "name": key.name, "key": raw, "private": True}, status=201)
+        try:
+            key, raw = services.deployment_key_create(deployment=deployment, name=request.data.get("name", ""))
+        except services.KeyRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        # Whether calls now need a key: a first key makes a public deployment private, a later one
+        # leaves the owner's choice alone (see services.deployment_key_create).
+        deployment.refresh_from_db(fields=["is_private"])
+        return Response({"id": key.pk, "name": key.name, "key": raw, "private": deployment.is_private}, status=201)
 
     def get(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)

@@ -182,27 +182,69 @@ def key_digest(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
-def _runtime_refresh(deployment: Deployment) -> None:
-    """Tell the local runtime about a change of keys or privacy now, not at its next sweep."""
+class KeyRefused(Exception):
+    """A key cannot be created; the message says why and what to do instead."""
+
+
+def _access_changed(deployment: Deployment, *, pending: str) -> None:
+    """Tell what serves the deployment about a change of keys or privacy.
+
+    Local: the runtime re-reads them now (its sweep does anyway). AWS: the Lambda
+    function's environment holds them, and changing it is an AWS call that may need
+    retries, so a task does it after the commit, never the web request. Until the
+    task says it is done, the event log says it is pending (`pending`), not done.
+    """
     from deployments.runtime import client
+    from deployments.tasks import sync_access
 
     if deployment.target == Deployment.Target.LOCAL:
         transaction.on_commit(lambda: client.refresh_quietly(deployment.public_id))
+        return
+    if deployment.status in (Deployment.Status.STOPPING, Deployment.Status.STOPPED):
+        return  # its function is gone or going
+    if deployment.function_arn:
+        deployment_record_event(deployment=deployment, stage="", message=f"updating the Lambda function: {pending}")
+    # Queued even before the function exists: the task then leaves it to the provision
+    # stage, which applies the keys it finds (see aws.provision), so no change is lost.
+    transaction.on_commit(lambda: sync_access.delay(deployment.pk))
+
+
+def _key_new(deployment: Deployment, name: str) -> tuple[DeploymentKey, str]:
+    raw = DeploymentKey.PREFIX + secrets.token_urlsafe(32)
+    key = DeploymentKey.objects.create(
+        deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=key_digest(raw)
+    )
+    return key, raw
 
 
 @transaction.atomic
 def deployment_key_create(*, deployment: Deployment, name: str) -> tuple[DeploymentKey, str]:
-    """Create an API key; returns the row and the key itself, which is never stored or shown again."""
-    raw = DeploymentKey.PREFIX + secrets.token_urlsafe(32)
-    first = not deployment.active_keys().exists()
-    key = DeploymentKey.objects.create(
-        deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=key_digest(raw)
-    )
-    if first and not deployment.is_private:
+    """Create an API key; returns the row and the key itself, which is never stored or shown again.
+
+    Raises KeyRefused when an aws deployment already has as many keys as its
+    function's environment can hold."""
+    from deployments.pipeline import aws
+
+    # One key creation per deployment at a time, so the limit and the first-key rule hold
+    # when two requests race; then read the row as it is now, not as the caller loaded it.
+    Deployment.objects.select_for_update().filter(pk=deployment.pk).first()
+    deployment.refresh_from_db(fields=["is_private", "status", "function_arn"])
+    active = deployment.active_keys().count()
+    if deployment.target == Deployment.Target.AWS and active >= aws.MAX_KEYS:
+        raise KeyRefused(
+            f"This deployment already has {active} active API keys, the most an AWS Lambda function can hold "
+            "(its environment is limited to 4 KB). Revoke keys that are no longer used, then create this one."
+        )
+    key, raw = _key_new(deployment, name)
+    if not active and not deployment.is_private:
         # A deployment with keys is private unless its owner says otherwise.
         deployment_update(deployment=deployment, is_private=True)
     deployment_record_event(deployment=deployment, stage="", message=f"API key {key} created")
-    _runtime_refresh(deployment)
+    made_private = not active and deployment.is_private
+    _access_changed(deployment, pending=(
+        f"it will need an API key such as {key} once that is done; until then it still answers without one"
+        if made_private else f"key {key} works once that is done"
+    ))
     return key, raw
 
 
@@ -212,14 +254,56 @@ def deployment_key_revoke(*, key: DeploymentKey) -> None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
         deployment_record_event(deployment=key.deployment, stage="", message=f"API key {key} revoked")
-        _runtime_refresh(key.deployment)
+        _access_changed(key.deployment, pending=f"until that is done, calls with key {key} may still be answered")
 
 
 @transaction.atomic
 def deployment_set_private(*, deployment: Deployment, private: bool) -> None:
     deployment_update(deployment=deployment, is_private=private)
+    if deployment.target == Deployment.Target.AWS and deployment.function_arn:
+        # Not yet true on AWS: the next event says so, and the task's says when it is.
+        message = "endpoint set to private" if private else "endpoint set to public"
+    else:
+        message = "endpoint is private: calls need an API key" if private else "endpoint is public"
+    deployment_record_event(deployment=deployment, stage="", message=message)
+    _access_changed(deployment, pending=(
+        "until that is done, it still answers calls without a key" if private
+        else "until that is done, calls without a key are still refused"
+    ))
+
+
+def deployment_access_sync(*, deployment: Deployment) -> None:
+    """Apply the deployment's privacy and keys to its Lambda function (the sync_access task).
+
+    Raises TransientStageError (retry) or StageError (give up) as the AWS calls do."""
+    from deployments.pipeline import aws
+
+    if deployment.target != Deployment.Target.AWS or not deployment.function_arn:
+        return  # no function yet: the provision stage applies the keys when it creates it
+    if deployment.status in (Deployment.Status.STOPPING, Deployment.Status.STOPPED):
+        return
+    summary = aws.update_access(deployment)
+    deployment_record_event(deployment=deployment, stage="", message=summary)
+
+
+def deployment_access_sync_failed(*, deployment: Deployment, message: str) -> None:
     deployment_record_event(
-        deployment=deployment, stage="",
-        message="endpoint is private: calls need an API key" if private else "endpoint is public",
+        deployment=deployment, stage="", level="error",
+        message=(
+            f"Updating the Lambda function's keys failed: {message.rstrip('.')}. The function may not reflect "
+            "the latest change of keys or privacy. To retry, switch the endpoint between public and private again (or "
+            "create or revoke a key) once this is fixed; an operator can also redeploy it."
+        ),
     )
-    _runtime_refresh(deployment)
+
+
+@transaction.atomic
+def deployment_verify_key_create(*, deployment: Deployment) -> tuple[DeploymentKey, str]:
+    """A key for the verify stage's one call to a private aws endpoint; revoked right after it.
+
+    No event and no access task: the verify stage applies it to the function itself."""
+    return _key_new(deployment, "ServeML verify (revoked after the call)")
+
+
+def deployment_verify_key_revoke(*, key: DeploymentKey) -> None:
+    DeploymentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())

@@ -39,6 +39,24 @@ def stop(self, deployment_id: int) -> None:
         services.deployment_stop_failed(deployment=deployment, message=str(exc))
 
 
+@shared_task(bind=True, max_retries=4, acks_late=True)
+def sync_access(self, deployment_id: int) -> None:
+    """Bring an aws deployment's Lambda function in step with its keys and privacy
+    (services queue this whenever they change)."""
+    deployment = Deployment.objects.get(pk=deployment_id)
+    try:
+        services.deployment_access_sync(deployment=deployment)
+    except TransientStageError as exc:
+        if self.request.retries >= self.max_retries:
+            services.deployment_access_sync_failed(deployment=deployment, message=str(exc))
+            return
+        services.deployment_record_event(deployment=deployment, stage="", level="warning",
+                                         message=f"{exc} — retrying the update of the Lambda function's keys")
+        raise self.retry(countdown=backoff(self.request.retries)) from exc
+    except StageError as exc:
+        services.deployment_access_sync_failed(deployment=deployment, message=str(exc))
+
+
 def backoff(retries: int) -> float:
     """Exponential backoff with jitter, capped at five minutes."""
     return min(300, 5 * 2**retries) * random.uniform(0.5, 1.0)

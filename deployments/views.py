@@ -155,13 +155,25 @@ def deployment_try(request, public_id):
     """The page's try-it form: send the JSON to the real endpoint and show what it answered."""
     deployment = own_deployment(request, public_id)
     body = request.POST.get("body", "")
+    key = request.POST.get("key", "").strip()
+    headers = {"Content-Type": "application/json", **client.server_side_headers(deployment)}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     if deployment.status != Deployment.Status.READY:
         answer, status = "This deployment is not ready.", None
+    elif key and not (key.isascii() and key.isprintable()):
+        answer, status = "That is not an API key: keys start with sml_ and hold only letters, digits, - and _.", None
+    elif deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:
+        # Only the local runtime takes ServeML's own token; ServeML keeps no key of the
+        # owner's (only digests), so it cannot call a private cloud endpoint on its own.
+        answer, status = (
+            "This endpoint is private: paste one of its API keys in the key field to try it "
+            "(ServeML keeps only their digests, so it cannot call it for you).", None
+        )
     else:
         try:
             response = httpx.post(
-                client.server_side_url(deployment), content=body.encode(),
-                headers={"Content-Type": "application/json", **client.internal_headers()},
+                client.server_side_url(deployment), content=body.encode(), headers=headers,
                 timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
             )
             status, answer = response.status_code, response.text
@@ -175,7 +187,11 @@ def deployment_try(request, public_id):
 def deployment_key_create(request, public_id):
     """Create an API key and show it once, in this response only (never stored, never in a cookie)."""
     deployment = own_deployment(request, public_id)
-    key, raw = services.deployment_key_create(deployment=deployment, name=request.POST.get("name", ""))
+    try:
+        key, raw = services.deployment_key_create(deployment=deployment, name=request.POST.get("name", ""))
+    except services.KeyRefused as exc:
+        messages.error(request, str(exc))
+        return redirect(deployment)
     deployment.refresh_from_db()
     return render(request, "deployments/detail.html", detail_context(deployment, new_key=raw, new_key_row=key))
 

@@ -102,3 +102,18 @@ def test_delete_refuses_a_deployment_still_deploying(api, user, make_deployment)
 
 def test_health_answers(api):
     assert api.get("/health").json() == {"status": "ok"}
+
+
+def test_a_key_answer_tells_whether_the_endpoint_is_private_after_the_call(api, user, make_deployment, monkeypatch):
+    monkeypatch.setattr("deployments.runtime.client.refresh_quietly", lambda public_id: None)
+    from deployments import services
+
+    deployment = make_deployment(user)
+    api.force_authenticate(user)
+    url = f"/api/deployments/{deployment.public_id}/keys"
+    first = api.post(url, {"name": "first"}, format="json")
+    assert first.status_code == 201 and first.json()["private"] is True  # a first key makes it private
+    services.deployment_set_private(deployment=Deployment.objects.get(pk=deployment.pk), private=False)
+    second = api.post(url, {"name": "second"}, format="json")
+    assert second.status_code == 201 and second.json()["private"] is False  # the owner's choice stands
+    assert api.get(f"/api/deployments/{deployment.public_id}").json()["is_private"] is False

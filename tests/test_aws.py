@@ -283,3 +283,274 @@ def test_the_aws_smoke_test_is_skipped_without_credentials(settings, monkeypatch
     settings.SERVEML_LAMBDA_ROLE_ARN = ""
     call_command("aws_smoke")
     assert "aws-smoke skipped" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ private endpoints on AWS
+
+
+def function_variables(cloud, deployment) -> dict:
+    config = cloud["lambda"].get_function_configuration(FunctionName=aws.resource_name(deployment))
+    return config.get("Environment", {}).get("Variables", {})
+
+
+def digests_in(variables: dict) -> set:
+    return {digest for digest in variables.get("SERVEML_KEY_SHA256", "").split(",") if digest}
+
+
+@pytest.fixture
+def access_task_runs(monkeypatch):
+    """The access task runs in this process when its on_commit callback fires, as a worker would run it."""
+    from deployments import tasks
+
+    monkeypatch.setattr(tasks.sync_access, "delay", lambda pk: tasks.sync_access.apply(args=[pk]))
+
+
+def test_provision_gives_the_function_the_deployments_privacy_and_key_digests(cloud, pushed):
+    from deployments import services
+
+    key, _ = services.deployment_key_create(deployment=pushed, name="ci")
+    assert pushed.is_private  # the first key made it private
+    aws.provision(pushed)
+    variables = function_variables(cloud, pushed)
+    assert variables["SERVEML_PRIVATE"] == "1" and digests_in(variables) == {key.key_sha256}
+    assert variables["SERVEML_DEPLOYMENT"] == str(pushed.public_id)
+
+
+def test_a_redeploy_keeps_an_operators_own_variables_and_drops_revoked_keys(cloud, pushed):
+    from deployments import services
+
+    key, _ = services.deployment_key_create(deployment=pushed, name="ci")
+    aws.provision(pushed)
+    cloud["lambda"].update_function_configuration(
+        FunctionName=aws.resource_name(pushed),
+        Environment={"Variables": {**function_variables(cloud, pushed), "OMP_NUM_THREADS": "1"}},
+    )
+    services.deployment_key_revoke(key=key)
+    aws.provision(pushed)
+    variables = function_variables(cloud, pushed)
+    assert variables["OMP_NUM_THREADS"] == "1"
+    assert variables["SERVEML_PRIVATE"] == "1" and digests_in(variables) == set()
+
+
+def test_a_key_created_while_the_function_is_being_created_still_reaches_it(cloud, pushed, monkeypatch):
+    from deployments import services
+
+    real = aws.ensure_api
+    created = []
+
+    def owner_creates_a_key_meanwhile(gateway, deployment):
+        # The function exists with the keys read before; this key's task would find no function_arn.
+        created.append(services.deployment_key_create(deployment=Deployment.objects.get(pk=deployment.pk),
+                                                      name="early")[0])
+        return real(gateway, deployment)
+
+    monkeypatch.setattr(aws, "ensure_api", owner_creates_a_key_meanwhile)
+    aws.provision(pushed)
+    variables = function_variables(cloud, pushed)
+    assert variables["SERVEML_PRIVATE"] == "1" and digests_in(variables) == {created[0].key_sha256}
+
+
+def test_creating_a_key_on_an_aws_deployment_puts_its_digest_in_the_function_after_the_request(
+    cloud, pushed, access_task_runs, django_capture_on_commit_callbacks
+):
+    from deployments import services
+
+    deployment = ready_on_aws(pushed)
+    assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "0"
+    with django_capture_on_commit_callbacks() as queued:
+        key, _ = services.deployment_key_create(deployment=deployment, name="ci")
+    # Nothing changed on AWS inside the request, and the page says so rather than claim it is done.
+    assert digests_in(function_variables(cloud, deployment)) == set()
+    assert "updating the Lambda function: it will need an API key such as ci" in deployment.events.last().message
+    assert len(queued) == 1
+
+    queued[0]()  # the transaction committed: the worker runs the task
+    variables = function_variables(cloud, deployment)
+    assert variables["SERVEML_PRIVATE"] == "1" and digests_in(variables) == {key.key_sha256}
+    assert "now requires one of its 1 active API key(s)" in deployment.events.last().message
+
+
+def test_a_revoked_key_leaves_the_functions_environment(cloud, pushed, access_task_runs,
+                                                        django_capture_on_commit_callbacks):
+    from deployments import services
+
+    deployment = ready_on_aws(pushed)
+    with django_capture_on_commit_callbacks(execute=True):
+        kept, _ = services.deployment_key_create(deployment=deployment, name="kept")
+        revoked, _ = services.deployment_key_create(deployment=deployment, name="leaked")
+    assert digests_in(function_variables(cloud, deployment)) == {kept.key_sha256, revoked.key_sha256}
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_key_revoke(key=revoked)
+    assert digests_in(function_variables(cloud, deployment)) == {kept.key_sha256}
+    assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "1"
+
+
+def test_making_an_aws_deployment_public_tells_the_function(cloud, pushed, access_task_runs,
+                                                            django_capture_on_commit_callbacks):
+    from deployments import services
+
+    deployment = ready_on_aws(pushed)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_key_create(deployment=deployment, name="ci")
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_set_private(deployment=deployment, private=False)
+    assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] != "1"
+    messages = list(deployment.events.values_list("message", flat=True))
+    assert messages[-3:] == [
+        "endpoint set to public",
+        "updating the Lambda function: until that is done, calls without a key are still refused",
+        f"the Lambda function {aws.resource_name(deployment)} now answers without a key (public)",
+    ]
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_set_private(deployment=deployment, private=True)
+    assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "1"
+
+
+class ThrottledLambda:
+    """The moto Lambda client, except that updating the configuration is throttled `times` times."""
+
+    def __init__(self, real, times: int):
+        self.real, self.times = real, times
+
+    def update_function_configuration(self, **kwargs):
+        if self.times:
+            self.times -= 1
+            raise client_error("TooManyRequestsException", 429, "Rate exceeded")
+        return self.real.update_function_configuration(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_the_access_task_retries_a_throttled_update_until_it_goes_through(cloud, pushed, monkeypatch):
+    from deployments import services, tasks
+
+    deployment = ready_on_aws(pushed)
+    key, _ = services.deployment_key_create(deployment=deployment, name="ci")
+    throttled = ThrottledLambda(cloud["lambda"], times=2)
+    monkeypatch.setattr(aws, "client", lambda service: throttled)
+    tasks.sync_access.apply(args=[deployment.pk])  # eager: each retry runs at once
+    assert digests_in(function_variables(cloud, deployment)) == {key.key_sha256}
+    assert deployment.events.filter(level="warning", message__contains="retrying").count() == 2
+    assert not deployment.events.filter(level="error").exists()
+
+
+def test_an_update_that_stays_throttled_records_why_and_how_to_retry(cloud, pushed, monkeypatch):
+    from deployments import services, tasks
+
+    deployment = ready_on_aws(pushed)
+    services.deployment_key_create(deployment=deployment, name="ci")
+    throttled = ThrottledLambda(cloud["lambda"], times=100)
+    monkeypatch.setattr(aws, "client", lambda service: throttled)
+    tasks.sync_access.apply(args=[deployment.pk])
+    assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "0"  # never applied
+    assert deployment.events.filter(level="warning", message__contains="retrying").count() == \
+        tasks.sync_access.max_retries
+    failure = deployment.events.get(level="error").message
+    assert failure.startswith("Updating the Lambda function's keys failed: AWS was busy")
+    assert "may not reflect" in failure and "switch the endpoint between public and private again" in failure
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.READY  # still serving; only its keys lag
+
+
+def test_an_aws_deployment_refuses_more_keys_than_its_function_can_hold(cloud, pushed, client, user):
+    from rest_framework.authtoken.models import Token
+
+    from deployments import services
+
+    deployment = ready_on_aws(pushed)
+    for number in range(aws.MAX_KEYS):
+        services.deployment_key_create(deployment=deployment, name=f"k{number}")
+    with pytest.raises(services.KeyRefused, match="Revoke keys that are no longer used"):
+        services.deployment_key_create(deployment=deployment, name="one too many")
+    token = Token.objects.create(user=user).key
+    answer = client.post(reverse("api-deployment-keys", args=[deployment.public_id]), {"name": "x"},
+                         HTTP_AUTHORIZATION=f"Token {token}", content_type="application/json")
+    assert answer.status_code == 409 and "4 KB" in answer.json()["error"]
+    client.force_login(user)
+    page = client.post(reverse("deployment-key-create", args=[deployment.public_id]), {"name": "x"}, follow=True)
+    assert "Revoke keys that are no longer used" in page.content.decode()
+    assert deployment.active_keys().count() == aws.MAX_KEYS
+    # All of them fit in the function's environment, with room to spare.
+    assert len(json.dumps(aws.function_environment(deployment))) < 3500
+
+
+# ------------------------------------------------------------------ verify sends no runtime token off the host
+
+
+@pytest.fixture
+def sent(monkeypatch, iris_rf):
+    """Every request verify sends, through httpx.MockTransport; the endpoint answers what validation predicted."""
+    import httpx
+
+    from deployments.pipeline import stages
+
+    requests = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json={"prediction": 0, "model_type": "RandomForestClassifier"})
+
+    def post(url, **kwargs):
+        with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
+            return http.post(url, **kwargs)
+
+    monkeypatch.setattr(stages.httpx, "post", post)
+    return requests
+
+
+def with_example(deployment) -> Deployment:
+    deployment.example_request = {"data": [0.0, 0.0, 0.0, 0.0]}
+    deployment.example_response = {"prediction": 0, "model_type": "RandomForestClassifier"}
+    deployment.save()
+    return deployment
+
+
+def test_verify_sends_no_runtime_token_to_a_public_aws_endpoint(cloud, pushed, sent):
+    from deployments.pipeline import stages
+
+    deployment = with_example(ready_on_aws(pushed))
+    stages.verify(deployment)
+    [request] = sent
+    assert str(request.url) == deployment.endpoint_url
+    assert "x-serveml-internal" not in request.headers and "authorization" not in request.headers
+
+
+def test_verify_calls_a_private_aws_endpoint_with_a_one_off_key_it_revokes_after(cloud, pushed, sent, monkeypatch):
+    import hashlib
+
+    from deployments import services
+    from deployments.pipeline import stages
+
+    deployment = with_example(ready_on_aws(pushed))
+    owners, _ = services.deployment_key_create(deployment=deployment, name="owner's")
+    aws.update_access(deployment)
+    seen = []
+    real_post = stages.httpx.post
+
+    def post(url, **kwargs):  # what the function holds at the moment of the call
+        seen.append(function_variables(cloud, deployment))
+        return real_post(url, **kwargs)
+
+    monkeypatch.setattr(stages.httpx, "post", post)
+    summary = stages.verify(deployment)
+    [request] = sent
+    assert "x-serveml-internal" not in request.headers
+    presented = request.headers["authorization"].removeprefix("Bearer ")
+    digest = hashlib.sha256(presented.encode()).hexdigest()
+    assert seen[0]["SERVEML_PRIVATE"] == "1" and digest in digests_in(seen[0])
+    # Afterwards the function knows only the owner's key again, and the one-off key is revoked.
+    assert digests_in(function_variables(cloud, deployment)) == {owners.key_sha256}
+    assert list(deployment.active_keys()) == [owners]
+    assert "one-off key, revoked after the call" in summary
+
+
+def test_verify_still_sends_the_runtime_token_to_the_local_runtimes_internal_url(user, make_deployment, sent,
+                                                                                 settings):
+    from deployments.pipeline import stages
+
+    deployment = with_example(make_deployment(user))
+    stages.verify(deployment)
+    [request] = sent
+    assert str(request.url).startswith(settings.SERVEML_RUNTIME_INTERNAL_URL)
+    assert request.headers["x-serveml-internal"] == settings.SERVEML_RUNTIME_TOKEN

@@ -336,6 +336,66 @@ def test_the_handler_takes_texts_for_a_text_pipeline(user, make_deployment):
 
 
 
+def v2_event(headers: dict) -> dict:
+    """An HTTP API (payload 2.0) event: API Gateway lower-cases header names, but be ready for any case."""
+    return {"version": "2.0", "headers": headers, "body": '{"data": [6.7, 3.0, 5.2, 2.3]}', "isBase64Encoded": False}
+
+
+@pytest.fixture
+def private_function(handler, user, monkeypatch):
+    """The packaged handler with the environment ServeML gives a private deployment's Lambda function."""
+    from deployments.models import DeploymentKey
+    from deployments.pipeline import aws
+
+    deployment = Deployment.objects.get(owner=user)
+    _, live = services.deployment_key_create(deployment=deployment, name="live")
+    revoked_row, revoked = services.deployment_key_create(deployment=deployment, name="revoked")
+    services.deployment_key_revoke(key=DeploymentKey.objects.get(pk=revoked_row.pk))
+    for name, value in aws.access_variables(deployment).items():
+        monkeypatch.setenv(name, value)
+    return {"handler": handler, "live": live, "revoked": revoked, "deployment": deployment}
+
+
+def test_a_private_function_refuses_a_call_without_a_key_and_says_how_to_send_one(private_function):
+    import json
+
+    answer = private_function["handler"].lambda_handler(v2_event({"content-type": "application/json"}), None)
+    assert answer["statusCode"] == 401
+    error = json.loads(answer["body"])["error"]
+    assert "Authorization: Bearer <key>" in error and "X-API-Key" in error
+
+
+@pytest.mark.parametrize("which", ["wrong", "revoked"])
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_a_private_function_refuses_a_wrong_or_revoked_key(private_function, which, header):
+    key = "sml_not-a-key-of-this-deployment" if which == "wrong" else private_function["revoked"]
+    value = f"Bearer {key}" if header == "authorization" else key
+    answer = private_function["handler"].lambda_handler(v2_event({header: value}), None)
+    assert answer["statusCode"] == 401
+
+
+@pytest.mark.parametrize("header", ["authorization", "Authorization", "AUTHORIZATION", "x-api-key", "X-API-Key",
+                                    "X-Api-Key"])
+def test_a_private_function_answers_a_live_key_in_either_header_in_any_case(private_function, header, iris_rf):
+    import json
+
+    key = private_function["live"]
+    value = f"Bearer {key}" if header.lower() == "authorization" else key
+    answer = private_function["handler"].lambda_handler(v2_event({header: value}), None)
+    assert answer["statusCode"] == 200
+    assert json.loads(answer["body"])["prediction"] == int(iris_rf.predict([[6.7, 3.0, 5.2, 2.3]])[0])
+
+
+def test_a_public_function_answers_without_a_key(private_function, monkeypatch):
+    from deployments.pipeline import aws
+
+    services.deployment_set_private(deployment=private_function["deployment"], private=False)
+    for name, value in aws.access_variables(private_function["deployment"]).items():
+        monkeypatch.setenv(name, value)
+    answer = private_function["handler"].lambda_handler(v2_event({}), None)
+    assert answer["statusCode"] == 200
+
+
 def test_the_lambda_handler_answers_batches_probabilities_and_bad_input(handler, iris_rf):
     import base64
     import json

@@ -173,3 +173,60 @@ def test_the_runtime_stops_model_processes_idle_past_the_timeout(settings):
     assert list(runtime.pools) == ["recent", "answering"]
     settings.SERVEML_MODEL_IDLE_SECONDS = 0
     assert runtime.scale_to_zero(now=10**9) == []
+
+
+@pytest.fixture
+def aws_endpoint(monkeypatch):
+    """Every request the try-it form sends, through httpx.MockTransport; the endpoint answers 200."""
+    import httpx
+
+    from deployments import views
+
+    requests = []
+
+    def endpoint(request):
+        requests.append(request)
+        return httpx.Response(200, json={"prediction": 0, "model_type": "RandomForestClassifier"})
+
+    def post(url, **kwargs):
+        with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
+            return http.post(url, **kwargs)
+
+    monkeypatch.setattr(views.httpx, "post", post)
+    return requests
+
+
+def test_try_it_on_a_private_aws_endpoint_asks_for_a_key_and_never_sends_the_runtime_token(
+    client, user, make_deployment, aws_endpoint
+):
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(
+        target=Deployment.Target.AWS, status=Deployment.Status.READY, is_private=True,
+        endpoint_url="https://abc123.execute-api.us-east-1.amazonaws.com/", example_request={"data": [0, 0, 0, 0]},
+    )
+    client.force_login(user)
+    page = client.get(deployment.get_absolute_url()).content.decode()
+    assert 'name="key"' in page and "paste one to try it" in page
+    url = reverse("deployment-try", args=[deployment.public_id])
+    body = '{"data": [0, 0, 0, 0]}'
+
+    asked = client.post(url, {"body": body}).content.decode()
+    assert "paste one of its API keys" in asked and aws_endpoint == []  # no call that could only fail with 401
+
+    answered = client.post(url, {"body": body, "key": "sml_abc"}).content.decode()
+    assert "HTTP 200" in answered
+    [request] = aws_endpoint
+    assert str(request.url) == "https://abc123.execute-api.us-east-1.amazonaws.com/"
+    assert request.headers["authorization"] == "Bearer sml_abc" and "x-serveml-internal" not in request.headers
+
+
+def test_try_it_on_a_public_aws_endpoint_sends_no_runtime_token(client, user, make_deployment, aws_endpoint):
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(
+        target=Deployment.Target.AWS, status=Deployment.Status.READY,
+        endpoint_url="https://abc123.execute-api.us-east-1.amazonaws.com/",
+    )
+    client.force_login(user)
+    client.post(reverse("deployment-try", args=[deployment.public_id]), {"body": "{}"})
+    [request] = aws_endpoint
+    assert "x-serveml-internal" not in request.headers and "authorization" not in request.headers

@@ -10,6 +10,7 @@ with what to fix.
 """
 
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 
 import boto3
@@ -29,6 +30,11 @@ TRANSIENT_CODES = {
 }
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
 ROUTE_KEY = "POST /"
+# Lambda allows 4 KB of environment variables in all, and each key's digest takes 65
+# bytes of SERVEML_KEY_SHA256: 40 keys (2.6 KB) leave room for the other variables.
+MAX_KEYS = 40
+# The variables the handler's `authorised()` reads; ServeML owns them, an operator's others are kept.
+ACCESS_VARIABLES = ("SERVEML_PRIVATE", "SERVEML_KEY_SHA256")
 
 
 def configured() -> bool:
@@ -121,20 +127,43 @@ def image_exists(ecr, repository: str, tag: str) -> bool:
 # ------------------------------------------------------------------ Lambda + API Gateway
 
 
-def ensure_function(lam, deployment: Deployment) -> str:
+def access_variables(deployment: Deployment) -> dict:
+    """The function's share of the deployment's privacy and active keys, as the handler reads them.
+
+    Read from the database, not from the object: the pipeline's copy of the row was
+    loaded before its owner may have switched privacy or created a key."""
+    private = Deployment.objects.values_list("is_private", flat=True).get(pk=deployment.pk)
+    digests = sorted(deployment.active_keys().values_list("key_sha256", flat=True))
+    variables = {"SERVEML_PRIVATE": "1" if private else "0"}
+    if digests:  # omitted rather than empty: Lambda may refuse an empty value
+        variables["SERVEML_KEY_SHA256"] = ",".join(digests)
+    return variables
+
+
+def function_environment(deployment: Deployment, current: dict | None = None) -> dict:
+    """The function's variables: any an operator added, then ServeML's own (stale ones dropped)."""
+    kept = {name: value for name, value in (current or {}).items() if name not in ACCESS_VARIABLES}
+    return {**kept, "SERVEML_DEPLOYMENT": str(deployment.public_id), **access_variables(deployment)}
+
+
+def ensure_function(lam, deployment: Deployment) -> tuple[str, dict]:
+    """Create or update the function; returns its ARN and the access variables it was given."""
     name = resource_name(deployment)
-    config = {
-        "Role": settings.SERVEML_LAMBDA_ROLE_ARN,
-        "MemorySize": settings.SERVEML_LAMBDA_MEMORY_MB,
-        "Timeout": settings.SERVEML_LAMBDA_TIMEOUT_S,
-        "Environment": {"Variables": {"SERVEML_DEPLOYMENT": str(deployment.public_id)}},
-    }
     try:
         existing = lam.get_function(FunctionName=name)["Configuration"]
     except ClientError as exc:
         if _code(exc) != "ResourceNotFoundException":
             raise classify(exc, "look up the Lambda function") from None
         existing = None
+    current = (existing or {}).get("Environment", {}).get("Variables", {})
+    variables = function_environment(deployment, current)
+    config = {
+        "Role": settings.SERVEML_LAMBDA_ROLE_ARN,
+        "MemorySize": settings.SERVEML_LAMBDA_MEMORY_MB,
+        "Timeout": settings.SERVEML_LAMBDA_TIMEOUT_S,
+        "Environment": {"Variables": variables},
+    }
+    applied = {name: value for name, value in variables.items() if name in ACCESS_VARIABLES}
     if existing is None:
         created = call(
             lam.create_function, "create the Lambda function", FunctionName=name, PackageType="Image",
@@ -143,14 +172,64 @@ def ensure_function(lam, deployment: Deployment) -> str:
         )
         arn = created["FunctionArn"]
         _wait(lam, "function_active_v2", name)
-        return arn
+        return arn, applied
     # A rerun, or a redeploy: bring the function to this image and these settings.
     call(lam.update_function_code, "update the Lambda function's image", FunctionName=name,
          ImageUri=deployment.image_uri, Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE])
     _wait(lam, "function_updated_v2", name)
     call(lam.update_function_configuration, "configure the Lambda function", FunctionName=name, **config)
     _wait(lam, "function_updated_v2", name)
-    return existing["FunctionArn"]
+    return existing["FunctionArn"], applied
+
+
+def update_access(deployment: Deployment, lam=None) -> str:
+    """Bring the function's privacy and keys in step with the deployment's; say what it now does.
+
+    Only ServeML's two variables change; every other one is written back as it was
+    (update_function_configuration replaces the whole environment)."""
+    lam = lam or client("lambda")
+    name = resource_name(deployment)
+    try:
+        # get_function, not get_function_configuration: the README's IAM policy already allows it.
+        current = lam.get_function(FunctionName=name)["Configuration"].get("Environment", {}).get("Variables", {})
+    except ClientError as exc:
+        if _code(exc) == "ResourceNotFoundException":
+            return "no Lambda function to update: its next deployment applies the keys"
+        raise classify(exc, "read the Lambda function's configuration") from None
+    variables = function_environment(deployment, current)
+    try:
+        lam.update_function_configuration(FunctionName=name, Environment={"Variables": variables})
+    except ClientError as exc:
+        if _code(exc) == "ResourceConflictException":  # another update (a deploy, a key) is still running
+            raise TransientStageError(
+                f"the Lambda function {name} is still applying an earlier update"
+            ) from None
+        raise classify(exc, "update the Lambda function's keys") from None
+    _wait(lam, "function_updated_v2", name)
+    if variables["SERVEML_PRIVATE"] != "1":
+        return f"the Lambda function {name} now answers without a key (public)"
+    count = len([digest for digest in variables.get("SERVEML_KEY_SHA256", "").split(",") if digest])
+    if not count:
+        return f"the Lambda function {name} is private with no active key: it answers nobody"
+    return f"the Lambda function {name} now requires one of its {count} active API key(s)"
+
+
+@contextmanager
+def verify_key(deployment: Deployment):
+    """A key that exists only for the verify stage's call to a private function.
+
+    ServeML keeps only digests, so it holds no key of the owner's to call with, and
+    the runtime's control token must never leave this host. The alternative, verifying
+    before privacy applies, would leave a private deployment's stable URL open to
+    anyone while a new version is verified; a key the worker makes, applies, uses
+    once and revokes costs two configuration updates instead."""
+    key, raw = services.deployment_verify_key_create(deployment=deployment)
+    try:
+        update_access(deployment)
+        yield raw
+    finally:
+        services.deployment_verify_key_revoke(key=key)
+        update_access(deployment)
 
 
 def _wait(lam, waiter: str, name: str) -> None:
@@ -215,7 +294,7 @@ def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
 
 def provision(deployment: Deployment) -> str:
     lam, gateway = client("lambda"), client("apigatewayv2")
-    function_arn = ensure_function(lam, deployment)
+    function_arn, applied = ensure_function(lam, deployment)
     services.deployment_update(deployment=deployment, function_arn=function_arn)
     api = ensure_api(gateway, deployment)
     services.deployment_update(deployment=deployment, api_id=api["ApiId"])
@@ -223,6 +302,10 @@ def provision(deployment: Deployment) -> str:
     ensure_route(gateway, api["ApiId"], integration_id)
     ensure_stage(gateway, api["ApiId"])
     ensure_permission(lam, deployment, api["ApiId"])
+    # Keys or privacy changed while the function was being created: the access task may have
+    # found no function_arn yet and left it to this stage, so apply what the owner set since.
+    if access_variables(deployment) != applied:
+        update_access(deployment, lam)
     services.deployment_update(deployment=deployment, endpoint_url=f"{api['ApiEndpoint'].rstrip('/')}/")
     return (
         f"Lambda function {resource_name(deployment)} ({settings.SERVEML_LAMBDA_MEMORY_MB} MB, "

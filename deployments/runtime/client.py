@@ -60,5 +60,16 @@ def refresh_quietly(public_id) -> None:
 
 
 def internal_headers() -> dict:
-    """Lets ServeML's own calls (verify, try-it) through a private endpoint."""
+    """Lets ServeML's own calls (verify, try-it) through a private endpoint of the local runtime."""
     return {"X-ServeML-Internal": settings.SERVEML_RUNTIME_TOKEN}
+
+
+def server_side_headers(deployment) -> dict:
+    """What ServeML's own calls to server_side_url(deployment) may carry.
+
+    The runtime's token also authorises its _load and _unload control calls, so it goes
+    only to the local runtime's internal URL, never to another target's public URL
+    (an aws endpoint is API Gateway's: whoever runs or logs it would hold the token)."""
+    if deployment.target == "local":
+        return internal_headers()
+    return {}
