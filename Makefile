@@ -28,6 +28,7 @@ migrate: install
 
 ## Start Redis (if needed), the Celery worker, the runtime and the web app. Ctrl-C stops them all.
 run: migrate
+	@bin/ensure-sandbox
 	@processes="$$(bin/ensure-redis)" && exec $(BIN)/honcho start -f Procfile $$processes
 
 ## Create an operator account for the Django admin.

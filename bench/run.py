@@ -294,28 +294,62 @@ def private(pid: int) -> int:
 
 
 def model_processes(runtime_pid: int, deployment_id: str) -> list[int]:
-    """The runtime's processes for one deployment: their command line carries its id as a label."""
-    return [p for p in descendants(runtime_pid) if deployment_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    """The deployment's model processes: the interpreters inside its sandboxes (not bubblewrap),
+    whose command line carries its id as a label."""
+    found = []
+    for pid in descendants(runtime_pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if argv[0] == b"/env/bin/python" and deployment_id.encode() in argv:
+            found.append(pid)
+    return found
 
 
-def environment_python(runtime_pid: int, deployment_id: str) -> Path:
-    """The interpreter of the deployment's own environment: what its model process runs."""
-    pid = model_processes(runtime_pid, deployment_id)[0]
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return Path(argv[0].decode())
+def environment_of(runtime_pid: int, deployment_id: str) -> Path:
+    """The deployment's own environment, as its sandbox binds it at /env."""
+    for pid in descendants(runtime_pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if argv[0].endswith(b"bwrap") and deployment_id.encode() in argv:
+            return Path(argv[argv.index(b"/env") - 1].decode())
+    raise RuntimeError(f"no sandbox of {deployment_id} is running")
 
 
-def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
-    """A deployment's model processes against a bare interpreter holding the same model, in MB."""
-    baseline = subprocess.Popen(
-        # Loaded and used once, as a model process is after its first request.
-        [env_python, "-c", f"import pickle, time, numpy; m = pickle.load(open({str(model_file)!r}, 'rb')); "
-                           f"m.predict(numpy.asarray([{ROW}])); print('ok', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+@contextmanager
+def sandboxed(environment: Path, code: str, model_file: Path):
+    """The environment's interpreter as ServeML starts one, in the sandbox (never on the host),
+    with the model at ./model.pkl; yields the interpreter's process and its pid."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "serveml.settings")
+    sys.path.insert(0, str(ROOT))
+    django.setup()
+    from deployments import sandbox
+
+    launched = sandbox.launch(
+        uid=sandbox.builder_uid() - 1, environment=environment, args=["-c", code],
+        limits=sandbox.Limits(memory_bytes=2 * 1024**3, cpu_seconds=600), files={"model.pkl": model_file},
     )
-    baseline.stdout.readline()
-    bare = {"RSS": rss(baseline.pid) / 1024**2, "private": private(baseline.pid) / 1024**2}
-    baseline.kill()
+    proc = subprocess.Popen(launched.argv, stdout=subprocess.PIPE, **launched.popen_kwargs())
+    launched.started()
+    try:
+        yield proc, lambda: next(p for p in descendants(proc.pid)
+                                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/env/bin/python"))
+    finally:
+        if proc.poll() is None:  # killpg only before it is reaped: then its pid is still its own
+            sandbox.kill_group(proc.pid)
+        proc.communicate()
+        launched.close()
+
+
+def model_memory(environment: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
+    """A deployment's model processes against a bare interpreter holding the same model, in the
+    same sandbox, in MB."""
+    # Loaded and used once, as a model process is after its first request.
+    code = (f"import pickle, time, numpy; m = pickle.load(open('model.pkl', 'rb')); "
+            f"m.predict(numpy.asarray([{ROW}])); print('ok', flush=True); time.sleep(60)")
+    with sandboxed(environment, code, model_file) as (baseline, interpreter):
+        baseline.stdout.readline()
+        pid = interpreter()
+        bare = {"RSS": rss(pid) / 1024**2, "private": private(pid) / 1024**2}
     models = model_processes(runtime_pid, deployment_id)
 
     def median(measure):
@@ -328,11 +362,11 @@ def model_memory(env_python: Path, model_file: Path, runtime_pid: int, deploymen
     }
 
 
-def floor(env_python: Path, model_file: Path, repeats: int) -> dict:
-    """In-process model.predict in the model's own environment: the floor every server sits on."""
+def floor(environment: Path, model_file: Path, repeats: int) -> dict:
+    """In-process model.predict in the model's own environment and sandbox: the floor every server sits on."""
     script = f"""
 import pickle, time, statistics, numpy as np, json
-model = pickle.load(open({str(model_file)!r}, "rb"))
+model = pickle.load(open("model.pkl", "rb"))
 row = np.asarray([{ROW}]); batch = np.asarray([{ROW}] * 100)
 def median(x, n):
     model.predict(x)
@@ -342,9 +376,9 @@ def median(x, n):
     return statistics.median(times) * 1e6
 print(json.dumps({{"row": median(row, {repeats}), "batch100_per_row": median(batch, {max(20, repeats // 10)}) / 100}}))
 """
-    done = subprocess.run([env_python, "-c", script], capture_output=True, text=True, check=True,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
-    return json.loads(done.stdout)
+    with sandboxed(environment, script, model_file) as (proc, _):
+        out, _ = proc.communicate(timeout=600)
+    return json.loads(out)
 
 
 # ------------------------------------------------------------------ the measurements
@@ -402,16 +436,16 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
                               "cold_start_s": statistics.median(starts), "runs": deploy_runs}
             # At rest: the lr process has just started and answered the cold-start request.
             pid = stack["runtime"].proc.pid
-            env_python = environment_python(pid, deployed["lr"]["id"])
-            results.memory_mb["at rest"] = model_memory(env_python, models["lr"], pid, deployed["lr"]["id"])
+            environment = environment_of(pid, deployed["lr"]["id"])
+            results.memory_mb["at rest"] = model_memory(environment, models["lr"], pid, deployed["lr"]["id"])
             for name in ("rf", "lr"):
-                results.floor_us[name] = floor(env_python, models[name], counts["floor"])
+                results.floor_us[name] = floor(environment, models[name], counts["floor"])
             for name in ("rf", "lr"):
                 url = deployed[name]["endpoint_url"]
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
             # And once it has served the load tests: what its working memory grew to.
-            results.memory_mb["after the load tests"] = model_memory(env_python, models["lr"], pid,
+            results.memory_mb["after the load tests"] = model_memory(environment, models["lr"], pid,
                                                                      deployed["lr"]["id"])
         results.peers["serveml"] = "ok"
     finally:

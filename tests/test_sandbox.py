@@ -331,3 +331,97 @@ def test_a_typo_in_a_switch_is_an_error_not_off(monkeypatch):
     monkeypatch.setenv("SERVEML_ALLOW_SIGNUP", "ture")
     with pytest.raises(ImproperlyConfigured, match="is not a boolean"):
         project_settings.env_bool("SERVEML_ALLOW_SIGNUP", True)
+
+
+# ------------------------------------------------------------------ two tenants' real model processes
+
+TENANT_HANDLER = '''
+import json, os, subprocess
+
+def model():
+    pass
+
+def handle_many(bodies):
+    return [handle(body) for body in bodies]
+
+def handle(body):
+    request = json.loads(body)
+    if request["do"] == "pid":
+        return 200, json.dumps({"pid": os.getpid()}).encode()
+    if request["do"] == "grandchild":
+        subprocess.Popen(["/usr/bin/setsid", "/usr/bin/sleep", request["marker"]], start_new_session=True)
+        return 200, b"{}"
+    report = {"processes": []}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                report["processes"].append(open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace"))
+            except OSError:
+                pass
+    for name, path, mode in [("mem", f"/proc/{request['victim_pid']}/mem", "r+b"),
+                             ("victim folder", request["victim_folder"] + "/planted", "wb"),
+                             ("own folder", "/work/planted", "wb")]:
+        try:
+            open(path, mode).write(b"x")
+            report[name] = "WROTE"
+        except OSError as exc:
+            report[name] = type(exc).__name__
+    return 200, json.dumps(report).encode()
+'''
+
+
+def tenant_pool(environment, tmp_path, number: int):
+    from deployments.runtime.access import Access
+    from deployments.runtime.pool import ModelPool
+    from deployments.runtime.registry import Spec
+
+    build = tmp_path / f"tenant-{number}"
+    build.mkdir()
+    for name, text in {"serveml_handler.py": TENANT_HANDLER, "serveml_loader.py": "", "serveml.json": "{}",
+                       "model.pkl": ""}.items():
+        (build / name).write_text(text)
+        (build / name).chmod(0o444)
+    spec = Spec(f"0f0e0d0c-0000-4000-8000-00000000000{number}", environment, build, build / "model.pkl",
+                sandbox.uid_for(number))
+    return ModelPool(spec, Access(), max_size=1)
+
+
+def test_two_tenants_model_processes_cannot_reach_each_other(environment, tmp_path):
+    import asyncio
+
+    async def scenario():
+        victim, attacker = tenant_pool(environment, tmp_path, 1), tenant_pool(environment, tmp_path, 2)
+        try:
+            _, answer = await victim.predict(b'{"do": "pid"}')
+            inner_pid = json.loads(answer)["pid"]
+            victim_host_pid = next(pid for pid, info in host_processes().items()
+                                   if info["uid"] == sandbox.uid_for(1) and "model_server.py" in info["cmdline"])
+            request = {"do": "attack", "victim_pid": victim_host_pid, "victim_folder": str(tmp_path / "tenant-1")}
+            _, report = await attacker.predict(json.dumps(request).encode())
+            return inner_pid, victim_host_pid, json.loads(report)
+        finally:
+            victim.close()
+            attacker.close()
+
+    inner_pid, victim_host_pid, report = asyncio.run(scenario())
+    assert host_processes().get(victim_host_pid) is None  # stopped with its pool
+    assert not any("tenant-1" in command or "00000000001" in command for command in report["processes"])
+    assert report["mem"] != "WROTE" and report["victim folder"] != "WROTE" and report["own folder"] != "WROTE"
+    assert not (tmp_path / "tenant-1" / "planted").exists()
+    assert inner_pid < 10  # its own PID namespace: pid numbers of its own
+
+
+def test_a_setsid_grandchild_of_a_model_process_is_gone_once_the_deployment_stops(environment, tmp_path):
+    import asyncio
+
+    async def scenario():
+        pool = tenant_pool(environment, tmp_path, 3)
+        try:
+            await pool.predict(b'{"do": "grandchild", "marker": "4321.5"}')
+            wait_for_process("sleep 4321.5")
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+    time.sleep(0.5)
+    assert not [info for info in host_processes().values() if "sleep 4321.5" in info["cmdline"]]

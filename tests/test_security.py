@@ -163,3 +163,34 @@ def test_forms_carry_csrf_protection(client, user):
     client.force_login(user)
     client.handler.enforce_csrf_checks = True
     assert client.post(reverse("deployment-new"), {}).status_code == 403
+
+
+def test_uploads_the_database_and_the_data_folder_are_private_to_servemls_user(client, user, iris_rf_bytes,
+                                                                               tmp_path):
+    client.force_login(user)
+    client.post(reverse("deployment-new"), {
+        "model_file": SimpleUploadedFile("model.pkl", iris_rf_bytes),
+        "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
+    })
+    stored = [p for p in settings.MEDIA_ROOT.rglob("*")]
+    assert stored and all(
+        (p.stat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600) for p in stored
+    ), {str(p): oct(p.stat().st_mode & 0o777) for p in stored}
+    # A fresh ServeML on SQLite: the data folder and the database (password hashes, tokens) are 0700 / 0600.
+    env = {**os.environ, "SERVEML_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=settings.BASE_DIR, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "data" / "serveml.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_operator_can_allow_a_package_in_the_admin(user, make_deployment):
+    from deployments.models import AllowedPackage
+
+    deployment = make_deployment(user, requirements=SKLEARN_PIN + "xgboost==2.1.0\n")
+    with pytest.raises(StageError, match="xgboost is not on this ServeML's list of reviewed packages"):
+        stages.inspect(deployment)
+    AllowedPackage.objects.create(name="XGBoost", note="reviewed")
+    assert "all on the allowlist" in stages.inspect(deployment)
