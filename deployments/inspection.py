@@ -26,8 +26,10 @@ byte; where it cannot be sure, it refuses instead of guessing:
 import bz2
 import codecs
 import io
+import itertools
 import json
 import lzma
+import operator
 import pickle
 import pickletools
 import re
@@ -52,12 +54,13 @@ MAX_FRAME_BYTES = 64 * MiB  # picklers since Python 3.7 write frames of about 64
 MAX_LINE_BYTES = 64 * 1024  # text opcodes (GLOBAL, INT, ...) end at a newline
 MAX_KEPT_TEXT = 64 * 1024  # longer strings are skipped: no name or key is that long
 MAX_NAME_CHARS = 1000  # module + name of an imported global
-MIN_OPCODES = 500_000  # a file may always run this many pickle instructions...
-OPCODES_PER_BYTE = 64  # ...or this many per byte uploaded (real models: under 1, regular data under 5)...
-MAX_OPCODES = 20_000_000  # ...but never more: that is several hundred MB of Python objects
+# The walk costs up to some 70 bytes and a few microseconds per opcode run, hence:
+MIN_OPCODES = 100_000  # a file may always run this many pickle instructions...
+OPCODES_PER_BYTE = 16  # ...or this many per byte uploaded (real models: under 1, regular data under 5)...
+MAX_OPCODES = 10_000_000  # ...but never more (a vocabulary of some three million words)
 MAX_STACK_ITEMS = 1_000_000  # picklers push at most 1,000 items per MARK
 MAX_MARK_DEPTH = 10_000  # Python's recursion limit keeps real nesting in the hundreds
-MAX_MEMO_ENTRIES = 4_000_000
+MAX_MEMO_ENTRIES = 2_000_000  # every object a pickler writes twice or more, every string
 MAX_TRACKED_ITEMS = 64  # items kept per tuple or dict: wrapper and dtype states are small
 MAX_SCHEMA_BYTES = 16 * MiB  # a skops schema.json
 MAX_SCHEMA_NODES = 1_000_000
@@ -113,7 +116,7 @@ class ScanResult:
 
 
 def _version_key(version: str):
-    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", version))
+    return tuple(int(p) if p.isdecimal() else 0 for p in re.split(r"[.+-]", version))
 
 
 def scan_model_file(stream: BinaryIO) -> ScanResult:
@@ -179,9 +182,8 @@ def _scan_pickle(stream: BinaryIO, result: ScanResult) -> ScanResult:
         raise
     except (EOFError, OSError, zlib.error, lzma.LZMAError, RuntimeError) as exc:
         # What the decompressors raise on damaged data (lz4 raises RuntimeError).
-        raise InspectionError(
-            f"The {result.compression or 'model'} file is damaged or truncated ({exc}). {REUPLOAD}"
-        ) from None
+        kind = f"{result.compression}-compressed model file" if result.compression else "model file"
+        raise InspectionError(f"The {kind} is damaged or truncated ({exc}). {REUPLOAD}") from None
     except (ValueError, IndexError, KeyError, TypeError, struct.error, OverflowError) as exc:
         # The real unpickler fails on the same input, so nothing after this point would run.
         raise _incomplete(f"it may be truncated or damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
@@ -283,6 +285,11 @@ class _Input:
 
     def read(self, n: int) -> bytes:
         """Up to n bytes: fewer only at the end of the data."""
+        end = self._offset + n
+        if end <= len(self._buffer):  # the common case, once per opcode of an unframed pickle
+            data = self._buffer[self._offset : end]
+            self._offset = end
+            return data
         pieces = []
         while n > 0 and (available := self._available()):
             step = min(n, available)
@@ -345,7 +352,7 @@ class _Unframer:
         return True
 
     def read(self, n: int) -> bytes:
-        if self.frame is not None:
+        if self.frame is not None:  # first the common case, once per opcode: all n bytes are in the frame
             data = self.frame.read(n)
             if len(data) == n:
                 return data
@@ -424,6 +431,9 @@ class _Seq:
     """A list or set the pickle builds: what is in it never changes what the file imports."""
 
     __slots__ = ()
+
+
+SEQ = _Seq()  # shared: nothing ever looks inside one, so no list costs memory
 
 
 class Unknown:
@@ -518,8 +528,9 @@ class _Walker:
     def _line(self) -> bytes:
         return self.frames.readline()
 
-    def _text(self, size: int, decode):
-        """A string argument: kept when it could be a name or a key, skipped (never read into memory) when longer."""
+    def _argument(self, size: int, decode):
+        """A length-prefixed argument: decoded when short enough to be a name, a key or a size; else skipped
+        (never read into memory)."""
         if size > MAX_KEPT_TEXT:
             self.frames.skip(size)
             return UNKNOWN
@@ -613,7 +624,7 @@ class _Walker:
         size = self._unpack(I4)
         if size < 0:
             raise ValueError("LONG4 with a negative byte count")
-        self.push(self._text(size, lambda data: int.from_bytes(data, "little", signed=True)))
+        self.push(self._argument(size, lambda data: int.from_bytes(data, "little", signed=True)))
 
     def load_float(self):
         float(self._line()[:-1])
@@ -635,7 +646,7 @@ class _Walker:
         size = self._unpack(I4)
         if size < 0:
             raise ValueError("BINSTRING with a negative byte count")
-        self.push(self._text(size, lambda data: data.decode("ascii")))
+        self.push(self._argument(size, lambda data: data.decode("ascii")))
 
     def load_short_binstring(self):
         self.push(self._take(self._unpack(U1)).decode("ascii"))
@@ -644,7 +655,7 @@ class _Walker:
         self.push(self._line()[:-1].decode("raw-unicode-escape"))
 
     def _utf8(self, size: int):
-        self.push(self._text(size, lambda data: data.decode("utf-8", "surrogatepass")))
+        self.push(self._argument(size, lambda data: data.decode("utf-8", "surrogatepass")))
 
     def load_short_binunicode(self):
         self._utf8(self._unpack(U1))
@@ -678,7 +689,8 @@ class _Walker:
     # does not recognise.
 
     def _contain(self, items):
-        if WRAPPER in items:
+        # By identity (_import hands out the one WRAPPER object): `in` would call Global.__eq__ per item.
+        if any(map(operator.is_, items, itertools.repeat(WRAPPER))):
             raise _refused(
                 "passes joblib's array wrapper class around as a value, which joblib.dump never does"
             )
@@ -701,18 +713,18 @@ class _Walker:
         self.push(_tuple(items))
 
     def load_empty_list(self):
-        self.push(_Seq())
+        self.push(SEQ)
 
     def load_empty_set(self):
-        self.push(_Seq())
+        self.push(SEQ)
 
     def load_list(self):
         self._contain(self.pop_mark())
-        self.push(_Seq())
+        self.push(SEQ)
 
     def load_frozenset(self):
         self._contain(self.pop_mark())
-        self.push(_Seq())
+        self.push(SEQ)
 
     def load_append(self):
         self._contain([self.pop()])
@@ -805,8 +817,10 @@ class _Walker:
                 f"uses joblib's old multi-file array format ({found}), which reads other files on the server",
                 "Save the model again with a current joblib.dump.",
             )
-        if attribute == "NumpyArrayWrapper" and found != WRAPPER:
-            raise _refused(f"imports joblib's array wrapper under another name ({found})")
+        if attribute == "NumpyArrayWrapper":
+            if found != WRAPPER:
+                raise _refused(f"imports joblib's array wrapper under another name ({found})")
+            found = WRAPPER
         self.result.globals.add(found)
         return found
 
@@ -842,7 +856,7 @@ class _Walker:
 
     def _call(self, func, args) -> Obj:
         # Calling the wrapper class runs its __init__, which sets attributes no BUILD state shows.
-        if func == WRAPPER:
+        if func is WRAPPER:
             raise _refused("calls joblib's array wrapper class, which joblib.dump never does")
         return Obj(func, args, called=True)
 
@@ -874,7 +888,7 @@ class _Walker:
             raise _refused(f"changes {target} itself while loading, as no pickle writer does")
         if type(target) is not Obj:
             return
-        if target.func == WRAPPER and self.reads_arrays:
+        if target.func is WRAPPER and self.reads_arrays:
             self.stack[-1] = self._read_array(target, state)
             return
         target.state = state
@@ -905,7 +919,7 @@ class _Walker:
         value = inner.walk()
         if inner.frames.leftover():
             raise _refused("has hidden bytes after the end of an object array's pickle")
-        if value == WRAPPER or (type(value) is Obj and value.func == WRAPPER):
+        if value is WRAPPER or (type(value) is Obj and value.func is WRAPPER):
             raise _refused("returns a joblib array wrapper from an object array, which joblib.dump never does")
         return value
 
@@ -978,8 +992,8 @@ def _dtype_layout(dtype) -> tuple[int, bool]:
     match = DTYPE_CODE.fullmatch(args[0])
     if not match:
         raise _unreadable_array("its dtype code is not one numpy writes")
-    if not (type(state) is tuple and len(state) in (8, 9) and state[0] in (3, 4)
-            and type(state[5]) is int and type(state[7]) is int and -128 <= state[7] < 2**64):
+    if not (type(state) is tuple and len(state) in (8, 9) and all(type(state[i]) is int for i in (0, 5, 7))
+            and state[0] in (3, 4) and -128 <= state[7] < 2**64):
         raise _unreadable_array("its dtype state is not one numpy writes")
     kind, size = match.group(1), int(match.group(2))
     if kind in "SUV":
@@ -1043,15 +1057,24 @@ def _read_schema(stream: BinaryIO) -> bytes:
             if info.file_size > MAX_SCHEMA_BYTES:
                 raise _skops_refused(f"its schema.json is larger than {MAX_SCHEMA_BYTES // MiB} MiB")
             with archive.open(info) as member:
-                data = member.read(MAX_SCHEMA_BYTES + 1)  # the recorded size may lie
+                data = _read_at_most(member, MAX_SCHEMA_BYTES + 1)  # the recorded size may lie
     except InspectionError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OSError, EOFError, zlib.error,
-            lzma.LZMAError, NotImplementedError, RuntimeError) as exc:
-        raise InspectionError(f"The skops file is damaged or is not a skops file ({exc}).") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OverflowError, OSError, EOFError,
+            zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError) as exc:
+        raise InspectionError(f"The model file is a damaged skops file or not one ({exc}). {REUPLOAD}") from None
     if len(data) > MAX_SCHEMA_BYTES:
         raise _skops_refused(f"its schema.json expands past {MAX_SCHEMA_BYTES // MiB} MiB")
     return data
+
+
+def _read_at_most(member: BinaryIO, limit: int) -> bytes:
+    # In pieces: zipfile inflates as much as one read asks for, whatever the member's recorded size.
+    pieces, size = [], 0
+    while size < limit and (piece := member.read(min(CHUNK_BYTES, limit - size))):
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 def _check_zip_directory(stream: BinaryIO) -> None:
@@ -1077,7 +1100,7 @@ def _parse_schema(data: bytes):
     except RecursionError:
         raise _skops_refused("its schema.json is nested too deeply") from None
     except ValueError as exc:  # includes UnicodeDecodeError
-        raise InspectionError(f"The skops file is damaged or is not a skops file ({exc}).") from None
+        raise InspectionError(f"The model file is a damaged skops file or not one ({exc}). {REUPLOAD}") from None
 
 
 def _scan_schema_node(node: dict, result: ScanResult) -> None:
@@ -1103,5 +1126,5 @@ def _scan_schema_node(node: dict, result: ScanResult) -> None:
 
 def _schema_global(module, name) -> Global:
     if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > MAX_NAME_CHARS:
-        raise _skops_refused("it names a function by something other than a module path and a name")
+        raise _skops_refused("it names a type or function by something other than a short module path and name")
     return Global(module, name)

@@ -92,3 +92,35 @@ def test_the_reviewed_allowlist_names_only_modules_of_the_packages_models_are_ma
                  "builtins.exec", "builtins.getattr", "builtins.__import__", "numpy.core._ufunc_reconstruct"]:
         module, _, attr = name.rpartition(".")
         assert Global(module, attr) not in reviewed_globals()
+
+
+ARRAYS = {
+    "float64": lambda np: np.arange(6.0).reshape(2, 3),
+    "fortran order": lambda np: np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    "big-endian": lambda np: np.arange(5, dtype=">f8"),
+    "bool": lambda np: np.array([True, False]),
+    "complex64": lambda np: np.arange(3, dtype=np.complex64),
+    "longdouble": lambda np: np.arange(3, dtype=np.longdouble),
+    "datetime64": lambda np: np.array(["2020-01-01", "2021-06-01"], dtype="datetime64[D]"),
+    "unicode": lambda np: np.array(["a", "bcd"]),
+    "bytes": lambda np: np.array([b"a", b"bcd"]),
+    "structured": lambda np: np.zeros(3, dtype=[("a", "<i4"), ("b", "S3"), ("c", "<U2")]),
+    "structured with objects": lambda np: np.array([(1, "x")], dtype=[("a", "<i4"), ("b", "O")]),
+    "objects": lambda np: np.array(["a", 1, None, {"k": (1, 2)}], dtype=object),
+    "nested objects": lambda np: np.array([np.arange(2), np.array(["x"], dtype=object)], dtype=object),
+    "empty": lambda np: np.zeros((0, 3)),
+    "zero-dimensional": lambda np: np.array(3.0),
+    "matrix": lambda np: np.matrix([[1, 2], [3, 4]]),
+}
+
+
+@pytest.mark.parametrize("compress", [0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lz4", 3)], ids=str)
+@pytest.mark.parametrize("kind", ARRAYS)
+def test_it_reads_every_kind_of_array_joblib_writes(kind, compress):
+    import numpy as np
+
+    buffer = io.BytesIO()
+    joblib.dump({"array": ARRAYS[kind](np), "after": "the array"}, buffer, compress=compress)
+    result = scan(buffer.getvalue())
+    assert result.format == "joblib"
+    assert Global("joblib.numpy_pickle", "NumpyArrayWrapper") in result.globals
