@@ -209,6 +209,80 @@ def test_a_teardown_that_keeps_failing_marks_the_deployment_failed_with_why(clou
     assert deployment.status == Deployment.Status.FAILED and "lambda:DeleteFunction" in deployment.error
 
 
+class Throttle:
+    """AWS answering ThrottlingException to chosen operations, from inside botocore.
+
+    A `before-call` handler answers for AWS, so botocore raises the ClientError exactly
+    as for a real answer, inside paginators and waiters too. aws.client hands out these
+    clients; the `cloud` fixture's own ones stay unthrottled for the test's checks."""
+
+    def __init__(self, monkeypatch):
+        self.clients = {name: boto3.client(name, region_name=REGION) for name in ("ecr", "lambda", "apigatewayv2", "sts")}
+        self.rules, self.calls = {}, []
+        monkeypatch.setattr(aws, "client", lambda service: self.clients[service])
+        for client in self.clients.values():
+            client.meta.events.register("before-call.*.*", self.answer)
+
+    def operation(self, operation: str, *, after: int = 0) -> None:
+        """Throttle every call of `operation` after the first `after` ones; calls count from now."""
+        self.rules[operation] = after
+        self.calls = []
+
+    def stop(self) -> None:
+        self.rules = {}
+
+    def answer(self, model, **kwargs):
+        self.calls.append(model.name)
+        if model.name in self.rules and self.calls.count(model.name) > self.rules[model.name]:
+            http = type("Answer", (), {"status_code": 400, "headers": {}})()
+            return http, {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                          "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return None
+
+
+@pytest.fixture
+def throttle(cloud, monkeypatch):
+    return Throttle(monkeypatch)
+
+
+def test_a_teardown_whose_list_call_stays_throttled_fails_with_why_and_can_be_stopped_again(cloud, pushed, throttle):
+    from deployments import services, tasks
+
+    deployment = ready_on_aws(pushed)
+    services.deployment_request_stop(deployment=deployment)
+    throttle.operation("GetApis")
+    tasks.stop.apply(args=[deployment.pk])  # eager: each retry runs at once, up to max_retries
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED and deployment.stage == "teardown"
+    assert "AWS was busy while trying to list the HTTP APIs (ThrottlingException)" in deployment.error
+    assert throttle.calls.count("GetApis") == tasks.stop.max_retries + 1
+    assert deployment.can_stop()
+
+    throttle.stop()  # AWS calms down: stopping again deletes everything
+    services.deployment_request_stop(deployment=deployment)
+    tasks.stop.apply(args=[deployment.pk])
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.STOPPED
+    assert counts(cloud, deployment) == {"apis": 0, "functions": 0}
+
+
+@pytest.mark.parametrize("operation", ["GetApis", "GetIntegrations", "GetRoutes", "GetStages", "GetPolicy",
+                                       "DeleteApi", "DeleteFunction", "DeleteRepository"])
+def test_every_aws_call_of_provision_and_teardown_turns_throttling_into_a_retry(cloud, pushed, throttle, operation):
+    throttle.operation(operation)
+    with pytest.raises(TransientStageError, match="ThrottlingException"):
+        aws.provision(pushed)
+        pushed.refresh_from_db()
+        aws.teardown(pushed)
+
+
+def test_a_throttled_waiter_is_a_retry_not_a_function_that_failed(cloud, pushed, throttle):
+    # The first GetFunction looks the function up; the waiter's, after create_function, is throttled.
+    throttle.operation("GetFunction", after=1)
+    with pytest.raises(TransientStageError, match="wait for the Lambda function .*ThrottlingException"):
+        aws.provision(pushed)
+
+
 def test_push_reuses_an_image_already_in_the_repository(cloud, user, make_deployment):
     deployment = make_deployment(user)
     ecr = cloud["ecr"]

@@ -6,7 +6,10 @@ creating it, so rerunning a half-finished provision completes it instead of
 failing on "already exists". botocore retries throttling and 5xx answers with
 backoff and jitter (adaptive mode, capped); what still fails is classified
 here: transient errors retry the Celery task, permanent ones fail the stage
-with what to fix.
+with what to fix. Every AWS call goes through `call` (lists through `items`,
+waiters through `_wait`), so no botocore error reaches a task unclassified:
+a teardown that AWS keeps throttling ends `failed` with why, never stuck in
+`stopping`.
 """
 
 import json
@@ -15,7 +18,7 @@ from functools import lru_cache
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from django.conf import settings
 
 from deployments import services
@@ -53,14 +56,25 @@ def client(service: str):
     return boto3.client(service, region_name=settings.SERVEML_AWS_REGION, config=RETRIES)
 
 
-def call(method, doing: str, **kwargs):
-    """Call boto3, turning its errors into stage errors a person can act on."""
+def call(method, doing: str, *, ignore: tuple[str, ...] = (), **kwargs):
+    """Call boto3, turning its errors into stage errors a person can act on.
+
+    Returns None when AWS answers with one of the `ignore` error codes (the thing
+    looked up is not there, or was added meanwhile): boto3's answers are dicts."""
     try:
         return method(**kwargs)
     except ClientError as exc:
+        if _code(exc) in ignore:
+            return None
         raise classify(exc, doing) from None
     except BotoCoreError as exc:  # endpoint unreachable, credentials missing, …
         raise TransientStageError(f"AWS did not answer while trying to {doing}: {exc}") from None
+
+
+def items(client, operation: str, doing: str, **kwargs) -> list[dict]:
+    """Every item of an API Gateway list, all pages, through the same classified retry as `call`."""
+    pages = client.get_paginator(operation).paginate(**kwargs)
+    return call(lambda: [item for page in pages for item in page["Items"]], doing)
 
 
 def classify(exc: ClientError, doing: str) -> StageError:
@@ -103,11 +117,10 @@ def repository_name(deployment: Deployment) -> str:
 
 
 def ensure_repository(ecr, name: str) -> dict:
-    try:
-        return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
-    except ClientError as exc:
-        if _code(exc) != "RepositoryNotFoundException":
-            raise classify(exc, "look up the ECR repository") from None
+    found = call(ecr.describe_repositories, "look up the ECR repository", ignore=("RepositoryNotFoundException",),
+                 repositoryNames=[name])
+    if found:
+        return found["repositories"][0]
     return call(ecr.create_repository, "create the ECR repository", repositoryName=name,
                 imageScanningConfiguration={"scanOnPush": True}, tags=[{"Key": "serveml", "Value": "true"}])[
         "repository"
@@ -115,13 +128,10 @@ def ensure_repository(ecr, name: str) -> dict:
 
 
 def image_exists(ecr, repository: str, tag: str) -> bool:
-    try:
-        ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])
-        return True
-    except ClientError as exc:
-        if _code(exc) in {"ImageNotFoundException", "RepositoryNotFoundException"}:
-            return False
-        raise classify(exc, "look up the image in ECR") from None
+    found = call(ecr.describe_images, "look up the image in ECR",
+                 ignore=("ImageNotFoundException", "RepositoryNotFoundException"),
+                 repositoryName=repository, imageIds=[{"imageTag": tag}])
+    return found is not None
 
 
 # ------------------------------------------------------------------ Lambda + API Gateway
@@ -149,12 +159,9 @@ def function_environment(deployment: Deployment, current: dict | None = None) ->
 def ensure_function(lam, deployment: Deployment) -> tuple[str, dict]:
     """Create or update the function; returns its ARN and the access variables it was given."""
     name = resource_name(deployment)
-    try:
-        existing = lam.get_function(FunctionName=name)["Configuration"]
-    except ClientError as exc:
-        if _code(exc) != "ResourceNotFoundException":
-            raise classify(exc, "look up the Lambda function") from None
-        existing = None
+    found = call(lam.get_function, "look up the Lambda function", ignore=("ResourceNotFoundException",),
+                 FunctionName=name)
+    existing = found["Configuration"] if found else None
     current = (existing or {}).get("Environment", {}).get("Variables", {})
     variables = function_environment(deployment, current)
     config = {
@@ -189,22 +196,17 @@ def update_access(deployment: Deployment, lam=None) -> str:
     (update_function_configuration replaces the whole environment)."""
     lam = lam or client("lambda")
     name = resource_name(deployment)
-    try:
-        # get_function, not get_function_configuration: the README's IAM policy already allows it.
-        current = lam.get_function(FunctionName=name)["Configuration"].get("Environment", {}).get("Variables", {})
-    except ClientError as exc:
-        if _code(exc) == "ResourceNotFoundException":
-            return "no Lambda function to update: its next deployment applies the keys"
-        raise classify(exc, "read the Lambda function's configuration") from None
+    # get_function, not get_function_configuration: the README's IAM policy already allows it.
+    found = call(lam.get_function, "read the Lambda function's configuration", ignore=("ResourceNotFoundException",),
+                 FunctionName=name)
+    if not found:
+        return "no Lambda function to update: its next deployment applies the keys"
+    current = found["Configuration"].get("Environment", {}).get("Variables", {})
     variables = function_environment(deployment, current)
-    try:
-        lam.update_function_configuration(FunctionName=name, Environment={"Variables": variables})
-    except ClientError as exc:
-        if _code(exc) == "ResourceConflictException":  # another update (a deploy, a key) is still running
-            raise TransientStageError(
-                f"the Lambda function {name} is still applying an earlier update"
-            ) from None
-        raise classify(exc, "update the Lambda function's keys") from None
+    updated = call(lam.update_function_configuration, "update the Lambda function's keys",
+                   ignore=("ResourceConflictException",), FunctionName=name, Environment={"Variables": variables})
+    if updated is None:  # another update (a deploy, a key) is still running
+        raise TransientStageError(f"the Lambda function {name} is still applying an earlier update")
     _wait(lam, "function_updated_v2", name)
     if variables["SERVEML_PRIVATE"] != "1":
         return f"the Lambda function {name} now answers without a key (public)"
@@ -235,21 +237,25 @@ def verify_key(deployment: Deployment):
 def _wait(lam, waiter: str, name: str) -> None:
     try:
         lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-    except Exception as exc:  # WaiterError: the function failed to become active
+    except WaiterError as exc:
+        answer = exc.last_response or {}
+        if "Error" in answer:  # the waiter's own call failed (throttled, say): not the function's fault
+            raise classify(ClientError(answer, "GetFunction"), f"wait for the Lambda function {name}") from None
         raise StageError(f"The Lambda function {name} did not become ready: {exc}") from None
+    except BotoCoreError as exc:
+        raise TransientStageError(f"AWS did not answer while waiting for the Lambda function {name}: {exc}") from None
 
 
 def ensure_api(gateway, deployment: Deployment) -> dict:
     name = resource_name(deployment)
-    for page in gateway.get_paginator("get_apis").paginate():
-        for api in page["Items"]:
-            if api["Name"] == name:
-                return api
+    for api in items(gateway, "get_apis", "list the HTTP APIs"):
+        if api["Name"] == name:
+            return api
     return call(gateway.create_api, "create the HTTP API", Name=name, ProtocolType="HTTP", Tags={"serveml": "true"})
 
 
 def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
-    for item in gateway.get_integrations(ApiId=api_id)["Items"]:
+    for item in items(gateway, "get_integrations", "list the HTTP API's integrations", ApiId=api_id):
         if item.get("IntegrationUri") == function_arn:
             return item["IntegrationId"]
     return call(
@@ -260,36 +266,33 @@ def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
 
 
 def ensure_route(gateway, api_id: str, integration_id: str) -> None:
-    if any(route["RouteKey"] == ROUTE_KEY for route in gateway.get_routes(ApiId=api_id)["Items"]):
+    if any(route["RouteKey"] == ROUTE_KEY for route in items(gateway, "get_routes", "list the HTTP API's routes",
+                                                               ApiId=api_id)):
         return
     call(gateway.create_route, "add the POST route", ApiId=api_id, RouteKey=ROUTE_KEY,
          Target=f"integrations/{integration_id}")
 
 
 def ensure_stage(gateway, api_id: str) -> None:
-    if any(stage["StageName"] == "$default" for stage in gateway.get_stages(ApiId=api_id)["Items"]):
+    if any(stage["StageName"] == "$default" for stage in items(gateway, "get_stages", "list the HTTP API's stages",
+                                                                   ApiId=api_id)):
         return
     call(gateway.create_stage, "create the $default stage", ApiId=api_id, StageName="$default", AutoDeploy=True)
 
 
 def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
     name = resource_name(deployment)
-    try:
-        policy = json.loads(lam.get_policy(FunctionName=name)["Policy"])
-        if any(statement.get("Sid") == PERMISSION_STATEMENT for statement in policy["Statement"]):
-            return
-    except ClientError as exc:
-        if _code(exc) != "ResourceNotFoundException":  # no policy yet
-            raise classify(exc, "read the Lambda function's policy") from None
+    found = call(lam.get_policy, "read the Lambda function's policy", ignore=("ResourceNotFoundException",),
+                 FunctionName=name)  # not found: no policy yet
+    if found and any(statement.get("Sid") == PERMISSION_STATEMENT
+                     for statement in json.loads(found["Policy"])["Statement"]):
+        return
     source = f"arn:aws:execute-api:{settings.SERVEML_AWS_REGION}:{account_id()}:{api_id}/*/*"
-    try:
-        lam.add_permission(
-            FunctionName=name, StatementId=PERMISSION_STATEMENT, Action="lambda:InvokeFunction",
-            Principal="apigateway.amazonaws.com", SourceArn=source,
-        )
-    except ClientError as exc:
-        if _code(exc) != "ResourceConflictException":  # added meanwhile: fine
-            raise classify(exc, "let API Gateway invoke the function") from None
+    call(  # a conflict means it was added meanwhile: fine
+        lam.add_permission, "let API Gateway invoke the function", ignore=("ResourceConflictException",),
+        FunctionName=name, StatementId=PERMISSION_STATEMENT, Action="lambda:InvokeFunction",
+        Principal="apigateway.amazonaws.com", SourceArn=source,
+    )
 
 
 def provision(deployment: Deployment) -> str:
@@ -319,24 +322,18 @@ def teardown(deployment: Deployment) -> str:
     deleted = []
     gateway, lam, ecr = client("apigatewayv2"), client("lambda"), client("ecr")
     # The APIs named for this deployment: the one on record and any an interrupted run left behind.
-    api_ids = {api["ApiId"] for page in gateway.get_paginator("get_apis").paginate() for api in page["Items"]
+    api_ids = {api["ApiId"] for api in items(gateway, "get_apis", "list the HTTP APIs")
                if api["Name"] == resource_name(deployment) or api["ApiId"] == deployment.api_id}
-    for api_id in api_ids:
-        if _delete(gateway.delete_api, "NotFoundException", ApiId=api_id):
+    for api_id in sorted(api_ids):
+        if call(gateway.delete_api, f"delete the HTTP API {api_id}", ignore=("NotFoundException",),
+                ApiId=api_id) is not None:
             deleted.append(f"HTTP API {api_id}")
-    if _delete(lam.delete_function, "ResourceNotFoundException", FunctionName=resource_name(deployment)):
-        deleted.append(f"Lambda function {resource_name(deployment)}")
-    if _delete(ecr.delete_repository, "RepositoryNotFoundException", repositoryName=repository_name(deployment),
-               force=True):
-        deleted.append(f"ECR repository {repository_name(deployment)}")
+    function = resource_name(deployment)
+    if call(lam.delete_function, f"delete the Lambda function {function}", ignore=("ResourceNotFoundException",),
+            FunctionName=function) is not None:
+        deleted.append(f"Lambda function {function}")
+    repository = repository_name(deployment)
+    if call(ecr.delete_repository, f"delete the ECR repository {repository}",
+            ignore=("RepositoryNotFoundException",), repositoryName=repository, force=True) is not None:
+        deleted.append(f"ECR repository {repository}")
     return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"
-
-
-def _delete(method, missing_code: str, **kwargs) -> bool:
-    try:
-        method(**kwargs)
-        return True
-    except ClientError as exc:
-        if _code(exc) == missing_code:
-            return False
-        raise classify(exc, f"delete {kwargs}") from None
