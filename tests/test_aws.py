@@ -283,18 +283,84 @@ def test_a_throttled_waiter_is_a_retry_not_a_function_that_failed(cloud, pushed,
         aws.provision(pushed)
 
 
-def test_push_reuses_an_image_already_in_the_repository(cloud, user, make_deployment):
-    deployment = make_deployment(user)
-    ecr = cloud["ecr"]
+def put_image(ecr, deployment, tag: str) -> None:
+    """An image in the deployment's ECR repository under `tag`, as an earlier push left it."""
     aws.ensure_repository(ecr, aws.repository_name(deployment))
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 1,
                                       "digest": "sha256:" + "0" * 64}, "layers": []})
-    ecr.put_image(repositoryName=aws.repository_name(deployment), imageManifest=manifest,
-                  imageTag=deployment.model_sha256)
+    ecr.put_image(repositoryName=aws.repository_name(deployment), imageManifest=manifest, imageTag=tag)
+
+
+def test_push_reuses_an_image_already_in_the_repository(cloud, user, make_deployment):
+    from deployments.pipeline import stages
+
+    deployment = make_deployment(user)
+    stages.package(deployment)
+    put_image(cloud["ecr"], deployment, image.image_tag(deployment))
     summary = image.push(deployment)
     assert summary.startswith("reused")
-    assert deployment.image_uri.endswith(f":{deployment.model_sha256}")
+    assert deployment.image_uri.endswith(f":{image.image_tag(deployment)}")
+
+
+def change_one_input(change: str, deployment, settings, monkeypatch, tmp_path) -> None:
+    from django.core.files.base import ContentFile
+
+    from deployments import buildkit
+
+    if change in ("handler", "loader"):
+        name = f"serveml_{change}.py"
+        edited = tmp_path / name
+        edited.write_text(buildkit.HANDLER_FILES[name].read_text() + "\n# a fix\n")
+        monkeypatch.setitem(buildkit.HANDLER_FILES, name, edited)
+    elif change == "requirements":
+        deployment.requirements_file.save("requirements.txt", ContentFile(f"{SKLEARN_PIN}numpy\n".encode()))
+    elif change == "base image":
+        settings.SERVEML_LAMBDA_BASE_IMAGE = "public.ecr.aws/lambda/python:3.12"
+    elif change == "lambda platform":
+        settings.SERVEML_LAMBDA_MANYLINUX = "manylinux_2_28"
+    elif change == "architecture":
+        settings.SERVEML_LAMBDA_ARCHITECTURE = "arm64"
+
+
+IMAGE_INPUTS = ["handler", "loader", "requirements", "base image", "lambda platform", "architecture"]
+
+
+@pytest.mark.parametrize("change", IMAGE_INPUTS)
+def test_the_image_tag_changes_with_anything_that_goes_into_the_image(user, make_deployment, settings, monkeypatch,
+                                                                      tmp_path, change):
+    from deployments.pipeline import stages
+
+    deployment = make_deployment(user)
+    stages.package(deployment)
+    before = image.image_tag(deployment)
+    stages.package(deployment)  # packaged again from the same inputs: the same image, reused
+    assert image.image_tag(deployment) == before
+    assert image.local_tag(deployment) == f"serveml/{deployment.public_id}:{before[:32]}"
+
+    change_one_input(change, deployment, settings, monkeypatch, tmp_path)
+    stages.package(deployment)
+    assert image.image_tag(deployment) != before
+
+
+def test_a_redeploy_with_a_new_handler_pushes_a_new_image_instead_of_reusing_the_old_one(
+    cloud, user, make_deployment, settings, monkeypatch, tmp_path
+):
+    from deployments.pipeline import stages
+
+    deployment = make_deployment(user)
+    stages.package(deployment)
+    put_image(cloud["ecr"], deployment, image.image_tag(deployment))  # the first deployment's image
+    change_one_input("handler", deployment, settings, monkeypatch, tmp_path)
+    stages.package(deployment)
+    pushed = []
+    monkeypatch.setattr(image, "docker_client", lambda: None)
+    monkeypatch.setattr(image, "push_image", lambda client, source, repository, tag, auth: pushed.append(
+        (source, tag)) or "sha256:" + "1" * 64)
+    summary = image.push(deployment)
+    assert summary.startswith("pushed")
+    assert pushed == [(image.local_tag(deployment), image.image_tag(deployment))]
+    assert deployment.image_uri.endswith("@sha256:" + "1" * 64)
 
 
 def test_the_ecr_repository_is_created_once(cloud):

@@ -7,6 +7,7 @@ the Lambda platform (binary wheels only), copied into the context, and
 """
 
 import base64
+import hashlib
 import shutil
 import subprocess
 import time
@@ -19,7 +20,7 @@ from deployments import services
 from deployments.environments import uv_binary, uv_env
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError, TransientStageError
-from deployments.pipeline.stages import build_dir
+from deployments.pipeline.stages import restore_context
 
 # What a Lambda function never needs at run time.
 TRIM_DIRS = {"tests", "__pycache__"}  # not "testing": numpy.testing is imported at run time
@@ -40,9 +41,35 @@ def docker_client() -> docker.DockerClient:
         ) from None
 
 
+# The settings that shape the image besides the build context: its base, and the
+# platform and index its dependencies are installed for.
+IMAGE_SETTINGS = ("SERVEML_LAMBDA_BASE_IMAGE", "SERVEML_LAMBDA_ARCHITECTURE", "SERVEML_LAMBDA_MANYLINUX",
+                  "SERVEML_LAMBDA_PYTHON_VERSION", "SERVEML_PACKAGE_INDEX_URL")
+
+
+def image_tag(deployment: Deployment) -> str:
+    """A sha256 of everything that goes into the image: every file of the build context
+    (handler, loader, serveml.json, Dockerfile, requirements.txt, model) and IMAGE_SETTINGS.
+
+    Same inputs, same tag: a redeploy reuses the image. A new handler, new requirements
+    or another base image make a new tag, so they reach the redeployed function."""
+    context = restore_context(deployment)
+    digest = hashlib.sha256()
+    for name in IMAGE_SETTINGS:
+        digest.update(f"{name}={getattr(settings, name)}\n".encode())
+    # deps/ is not an input: install_lambda_dependencies makes it from requirements.txt and the settings.
+    files = sorted(path for path in context.rglob("*")
+                   if path.is_file() and path.relative_to(context).parts[0] != "deps")
+    for path in files:
+        digest.update(f"{path.relative_to(context).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1024 * 1024), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def local_tag(deployment: Deployment) -> str:
-    # Tagged by the model's sha256: the same files give the same image, which a redeploy reuses.
-    return f"serveml/{deployment.public_id}:{deployment.model_sha256[:32]}"
+    return f"serveml/{deployment.public_id}:{image_tag(deployment)[:32]}"
 
 
 def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
@@ -54,7 +81,7 @@ def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
     command = [
         uv_binary(), "pip", "install", "--target", str(target), "--no-progress",
         "--python-platform", platform, "--python-version", settings.SERVEML_LAMBDA_PYTHON_VERSION,
-        "--only-binary", ":all:", "-r", str(build_dir(deployment) / "requirements.txt"),
+        "--only-binary", ":all:", "-r", str(restore_context(deployment) / "requirements.txt"),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, env=uv_env(), timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S
@@ -121,10 +148,10 @@ def build(deployment: Deployment) -> str:
     try:
         image = client.images.get(tag)
         services.deployment_update(deployment=deployment, image_size_bytes=image.attrs["Size"])
-        return f"reused image {tag} ({image.attrs['Size'] / 1024**2:.0f} MB): same model files as before"
+        return f"reused image {tag} ({image.attrs['Size'] / 1024**2:.0f} MB): the same build inputs as before"
     except docker.errors.ImageNotFound:
         pass
-    context = build_dir(deployment)
+    context = restore_context(deployment)
     installed = install_lambda_dependencies(deployment, context / "deps")
     services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.BUILD, message=installed)
     log = BuildLog(deployment)
@@ -171,10 +198,10 @@ def push(deployment: Deployment) -> str:
     ecr = aws.client("ecr")
     repository_name = aws.repository_name(deployment)
     repository = aws.ensure_repository(ecr, repository_name)
-    tag = deployment.model_sha256
+    tag = image_tag(deployment)
     if aws.image_exists(ecr, repository_name, tag):
         services.deployment_update(deployment=deployment, image_uri=f"{repository['repositoryUri']}:{tag}")
-        return f"reused {repository['repositoryUri']}:{tag[:12]}…: the same model files were pushed before"
+        return f"reused {repository['repositoryUri']}:{tag[:12]}…: the same build inputs were pushed before"
     token = aws.call(ecr.get_authorization_token, "get an ECR login token")["authorizationData"][0]
     username, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
     digest = push_image(
