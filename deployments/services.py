@@ -163,18 +163,24 @@ def deployment_stop(*, deployment: Deployment) -> str:
 
 @transaction.atomic
 def deployment_redeploy(*, deployment: Deployment) -> None:
-    """Run the whole pipeline again from the stored files (operators, from the admin)."""
+    """Run the whole pipeline again from the stored files (operators, from the admin).
+
+    The runtime drops the old build after the commit: its HTTP call may hang for its
+    whole timeout, and must not hold the transaction (and the row's locks) meanwhile.
+    Callbacks run in order, so it is done before the task is sent, and by then the row
+    reads `queued`, which the runtime neither serves nor loads again."""
     from deployments.pipeline import local
 
     if deployment.status in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
         return  # a task owns it
-    if deployment.target == Deployment.Target.LOCAL:
-        local.teardown(deployment)  # the runtime must not keep serving the old build
     deployment_update(
         deployment=deployment, status=Deployment.Status.QUEUED, stage="", error="", endpoint_url="",
         claimed_at=None, ready_at=None, stopped_at=None,
     )
     deployment_record_event(deployment=deployment, stage="", message="redeploy requested")
+    if deployment.target == Deployment.Target.LOCAL:
+        # robust: whatever the runtime does, the task below is still sent.
+        transaction.on_commit(lambda: local.teardown(deployment), robust=True)
     _enqueue(deployment)
 
 

@@ -103,6 +103,30 @@ def test_operators_can_redeploy_from_the_admin(admin_client, user, make_deployme
     assert deployment.events.last().message == "redeploy requested"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_redeploy_calls_the_runtime_only_after_its_transaction_committed(user, make_deployment, monkeypatch):
+    from django.db import connection, transaction
+
+    from deployments import services
+
+    happened = []
+
+    def unload(public_id):  # a runtime that hangs here must not hold a database transaction
+        status = Deployment.objects.get(public_id=public_id).status
+        happened.append(("runtime unload", connection.in_atomic_block, status))
+
+    monkeypatch.setattr("deployments.runtime.client.unload", unload)
+    # As services._enqueue does: the task is sent once the transaction commits.
+    monkeypatch.setattr(services, "_enqueue", lambda d: transaction.on_commit(lambda: happened.append(("task sent",))))
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.READY)
+    happened.clear()  # the upload's own task
+    services.deployment_redeploy(deployment=Deployment.objects.get(pk=deployment.pk))
+    # Outside any transaction, with the row already committed as queued (so the runtime
+    # will not load the old build again), and before the task is sent.
+    assert happened == [("runtime unload", False, Deployment.Status.QUEUED), ("task sent",)]
+
+
 def test_a_new_api_key_is_shown_once_and_only_its_digest_is_kept(client, user, make_deployment, monkeypatch):
     monkeypatch.setattr("deployments.runtime.client.refresh_quietly", lambda public_id: None)
     deployment = make_deployment(user)
