@@ -79,7 +79,7 @@ def test_the_lambda_image_builds_without_network_and_its_handler_predicts(built,
 
     rows = corpus.iris()[0][::25].tolist()
     script = (
-        "import json, handler; "
+        "import json, serveml_handler as handler; "
         f"print(json.dumps(handler.lambda_handler({v2_event({'instances': rows, 'method': 'predict'})!r}, None)))"
     )
     output = client.containers.run(

@@ -58,7 +58,7 @@ def test_it_refuses_a_package_listed_twice():
 
 def test_the_operator_allowlist_of_package_names_is_enforced():
     parse_requirements("scikit-learn==1.5.2\n", allowed_packages=["scikit-learn", "numpy"])
-    with pytest.raises(RequirementsError, match="not on this ServeML's list of allowed packages"):
+    with pytest.raises(RequirementsError, match="not on this ServeML's list of reviewed packages"):
         parse_requirements("scikit-learn==1.5.2\nevil-pkg==1.0\n", allowed_packages=["scikit-learn"])
 
 
