@@ -288,10 +288,14 @@ class SandboxResult:
 def run(launched: Launch, *, wall_seconds: float, stdin: bytes | None = None) -> SandboxResult:
     """Run a prepared sandbox to completion under a wall-clock limit."""
     try:
-        proc = subprocess.Popen(
-            launched.argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **launched.popen_kwargs(),
-        )
+        try:
+            proc = subprocess.Popen(
+                launched.argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **launched.popen_kwargs(),
+            )
+        except OSError as exc:  # a tool vanished since the host was checked
+            raise SandboxUnavailable(f"ServeML's sandbox could not start: {exc}. Models are never loaded "
+                                     "without it; an operator must reinstall bubblewrap and util-linux.") from None
         launched.started()
         try:
             out, err = proc.communicate(stdin, timeout=wall_seconds)

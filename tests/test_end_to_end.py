@@ -2,12 +2,14 @@
 environment -> sandboxed validation -> runtime model processes -> HTTP predictions."""
 
 import os
+import shutil
 import signal
 import subprocess
 
 import httpx
 import numpy as np
 import pytest
+import threadpoolctl
 from rest_framework.authtoken.models import Token
 
 from deployments.allowlist import corpus
@@ -49,7 +51,7 @@ def token(user):
 
 def model_pids(deployment_id: str) -> list[int]:
     """The deployment's model processes (the interpreters inside the sandboxes, not bubblewrap)."""
-    pattern = f"^/env/bin/python -I -B model_server.py /work {deployment_id}"
+    pattern = f"^/env/bin/python -I -B model_server.py . {deployment_id}"
     return [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
 
 
@@ -89,12 +91,33 @@ def test_models_deployed_through_the_api_answer_exactly_like_model_predict(stack
         assert bad.status_code == 400 and bad.json() == {"error": "expected 4 features per row, got 3"}
 
 
+def environment_summary(state: dict) -> str:
+    return next(e["message"] for e in state["events"] if e["stage"] == "environment" and e["duration_ms"] is not None)
+
+
 def test_the_second_deployment_with_the_same_requirements_installs_nothing(stack, live_server, token):
-    first = wait_ready(stack, token, deploy(live_server, token, corpus.logistic_regression()))
-    second = wait_ready(stack, token, deploy(live_server, token, corpus.random_forest()))
-    env_event = next(e for e in second["events"] if e["stage"] == "environment" and e["duration_ms"] is not None)
-    assert "reused environment" in env_event["message"] and "nothing installed" in env_event["message"]
-    assert first["events"]  # both went through the same pipeline
+    from deployments.allowlist import allowed_packages
+    from deployments.environments import COMPLETE_MARKER, environment_key, environment_path
+    from deployments.models import Deployment
+    from deployments.requirements import parse_requirements
+
+    # Environments outlive a test run and SKLEARN_PIN's is built by every other test, so with
+    # it both deployments would merely find one: requirements of this test's own, and their
+    # environment removed, so that the first must build it and only the second may reuse it.
+    requirements = f"{SKLEARN_PIN}threadpoolctl=={threadpoolctl.__version__}\n"
+    key = environment_key(parse_requirements(requirements, allowed_packages=allowed_packages()))
+    shutil.rmtree(environment_path(key), ignore_errors=True)
+
+    first = wait_ready(stack, token, deploy(live_server, token, corpus.logistic_regression(), requirements))
+    assert environment_summary(first).startswith(f"built environment {key[:12]} with uv")
+    built = (environment_path(key) / COMPLETE_MARKER).stat()
+    second = wait_ready(stack, token, deploy(live_server, token, corpus.random_forest(), requirements))
+    assert environment_summary(second) == (
+        f"reused environment {key[:12]} (same requirements as an earlier deployment: nothing installed)"
+    )
+    assert {row.environment_key for row in Deployment.objects.filter(public_id__in=[first["id"], second["id"]])} == {key}
+    reused = (environment_path(key) / COMPLETE_MARKER).stat()
+    assert (reused.st_ino, reused.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)  # not built again
 
 
 def test_a_crashed_model_process_is_restarted_on_the_next_request(stack, live_server, token):

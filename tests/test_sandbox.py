@@ -395,7 +395,8 @@ def test_two_tenants_model_processes_cannot_reach_each_other(environment, tmp_pa
             _, answer = await victim.predict(b'{"do": "pid"}')
             inner_pid = json.loads(answer)["pid"]
             victim_host_pid = next(pid for pid, info in host_processes().items()
-                                   if info["uid"] == sandbox.uid_for(1) and "model_server.py" in info["cmdline"])
+                                   if info["uid"] == sandbox.uid_for(1) and victim.spec.deployment_id in info["cmdline"]
+                                   and info["cmdline"].startswith("/env/bin/python"))
             request = {"do": "attack", "victim_pid": victim_host_pid, "victim_folder": str(tmp_path / "tenant-1")}
             _, report = await attacker.predict(json.dumps(request).encode())
             return inner_pid, victim_host_pid, json.loads(report)
@@ -404,6 +405,9 @@ def test_two_tenants_model_processes_cannot_reach_each_other(environment, tmp_pa
             attacker.close()
 
     inner_pid, victim_host_pid, report = asyncio.run(scenario())
+    deadline = time.monotonic() + 10
+    while host_processes().get(victim_host_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert host_processes().get(victim_host_pid) is None  # stopped with its pool
     assert not any("tenant-1" in command or "00000000001" in command for command in report["processes"])
     assert report["mem"] != "WROTE" and report["victim folder"] != "WROTE" and report["own folder"] != "WROTE"
@@ -425,3 +429,22 @@ def test_a_setsid_grandchild_of_a_model_process_is_gone_once_the_deployment_stop
     asyncio.run(scenario())
     time.sleep(0.5)
     assert not [info for info in host_processes().values() if "sleep 4321.5" in info["cmdline"]]
+
+
+@override_settings(SERVEML_SANDBOX="off")
+def test_with_the_sandbox_switched_off_a_model_process_still_serves_and_leaves_no_folder(environment, tmp_path):
+    import asyncio
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("serveml-unsandboxed-*"))
+
+    async def scenario():
+        pool = tenant_pool(environment, tmp_path, 4)
+        try:
+            return await pool.predict(b'{"do": "pid"}')
+        finally:
+            pool.close()
+
+    status, _ = asyncio.run(scenario())
+    assert status == 200
+    assert set(Path(tempfile.gettempdir()).glob("serveml-unsandboxed-*")) == before

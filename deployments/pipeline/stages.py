@@ -183,9 +183,9 @@ def validate(deployment: Deployment) -> str:
                     buildkit.CONFIG_FILE: Path(config.name), model_name: local_model_path(deployment),
                 },
             )
+            result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
         except sandbox.SandboxUnavailable as exc:
             raise StageError(str(exc)) from None
-        result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
     services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.VALIDATE,
                                      message=f"sandbox: {sandbox.describe(limits)}",
                                      level="warning" if sandbox.is_disabled() else "info")

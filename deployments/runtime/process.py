@@ -104,6 +104,7 @@ class ModelProcess:
         self.loaded: asyncio.Future | None = None
         self.waiting: deque[Request] = deque()
         self.timer: asyncio.TimerHandle | None = None
+        self.launched: sandbox.Launch | None = None
         self.isolation = ""  # how the sandbox held it, for the log
 
     @property
@@ -146,7 +147,7 @@ class ModelProcess:
             launched = sandbox.launch(
                 uid=self.spec.uid, environment=self.spec.environment, limits=limits,
                 # The id is only a label, so operators can tell model processes apart in `ps`.
-                args=["model_server.py", str(sandbox.INSIDE_WORK), self.spec.deployment_id],
+                args=["model_server.py", ".", self.spec.deployment_id],
                 files=MODEL_SERVER_FILES,
                 binds={**{name: build / name for name in BUILD_FILES}, self.spec.model_path.name: self.spec.model_path},
             )
@@ -165,9 +166,10 @@ class ModelProcess:
                     **launched.popen_kwargs(),
                 )
         except OSError as exc:  # e.g. its environment was deleted: redeploy it
-            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
-        finally:
             launched.close()
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        launched.started()
+        self.launched = launched  # closed by stop(): with the sandbox off, it owns the working folder
         return transport
 
     async def _until_loaded(self) -> None:
@@ -252,4 +254,7 @@ class ModelProcess:
             if self.transport.get_returncode() is None:  # not reaped yet, so its pid is still its own
                 kill_group(self.transport.get_pid())
             self.transport.close()
+        if self.launched is not None:
+            self.launched.close()
+            self.launched = None
         return self.returncode
