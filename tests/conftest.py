@@ -18,9 +18,11 @@ import httpx
 import joblib
 import pytest
 import sklearn
+from django import db
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from deployments.allowlist import corpus
 from serveml.celery import app as celery_app
@@ -103,18 +105,35 @@ def make_deployment(iris_rf_bytes):
 # ---------------------------------------------------------------- real services
 
 
+# What a check may raise while the service it polls is starting (or restarting): "not yet".
+NOT_YET = (OSError, httpx.TransportError, RedisConnectionError, RedisTimeoutError, db.OperationalError,
+           db.InterfaceError)
+
+
 def wait_for(check, timeout: float, what: str, log: Path | None = None):
+    """Call `check` until it returns something truthy, and return that.
+
+    Only "not yet" is tried again: a falsy result, or one of NOT_YET. An AssertionError
+    or any other exception from `check` fails the test at once (a deployment that failed
+    must not look like a timeout), and the timeout's message shows the last error."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last = None
+    while True:
         try:
             result = check()
+        except NOT_YET as exc:
+            last = exc
+            if isinstance(exc, db.Error) and not connection.in_atomic_block:
+                connection.close()  # the next try connects again
+        else:
             if result:
                 return result
-        except Exception:
-            pass
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"{what} did not happen within {timeout} s\n{tail}")
+    because = f" (last error: {type(last).__name__}: {last})" if last else ""
+    tail = log.read_bytes()[-3000:].decode(errors="replace") if log and log.exists() else ""
+    raise AssertionError(f"{what} did not happen within {timeout} s{because}\n{tail}")
 
 
 class Service:
