@@ -86,6 +86,16 @@ class Deployment(models.Model):
     function_arn = models.CharField(max_length=500, blank=True)
     api_id = models.CharField(max_length=100, blank=True)
 
+    # The pipeline's progress, so that a task that takes over resumes where a dead one stopped.
+    completed_stages = models.JSONField(default=list, blank=True)
+    # Who runs it now: a task's claim holds a lease that its heartbeat renews (see services.deployment_claim).
+    claim_token = models.CharField(max_length=32, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Times the worker running it (or stopping it) stopped mid-way; the reaper gives up past a bound.
+    interruptions = models.PositiveSmallIntegerField(default=0)
+    # When its task was last sent to the broker; null while the broker could not take it.
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     claimed_at = models.DateTimeField(null=True, blank=True)

@@ -5,16 +5,21 @@ import logging
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from deployments.models import Deployment, DeploymentEvent, DeploymentKey
 
 log = logging.getLogger(__name__)
-# A claim older than this is considered abandoned (the worker died mid-deploy),
-# so a redelivered task may take the deployment over.
-CLAIM_LEASE = timedelta(hours=1)
+Status = Deployment.Status
+
+
+class ClaimLost(Exception):
+    """This task's lease expired and the deployment was handed to another: it must stop, writing nothing."""
 
 
 def _sha256(upload: UploadedFile) -> str:
@@ -25,10 +30,38 @@ def _sha256(upload: UploadedFile) -> str:
     return digest.hexdigest()
 
 
-def _enqueue(deployment: Deployment) -> None:
-    from deployments.tasks import deploy
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.SERVEML_CLAIM_LEASE_S)
 
-    transaction.on_commit(lambda: deploy.delay(deployment.pk))
+
+def _enqueue(deployment: Deployment) -> None:
+    """Run the pipeline from its first stage once the transaction commits (a new upload, a redeploy)."""
+    deployment_update(deployment=deployment, completed_stages=[], claim_token="", lease_expires_at=None,
+                      interruptions=0, enqueued_at=None)
+    transaction.on_commit(lambda: _send(deployment.pk, "deploy"))
+
+
+def _send(deployment_id: int, task_name: str, *, quiet: bool = False) -> bool:
+    """Hand a deployment's task to the broker; False when the broker cannot take it.
+
+    The row is already stored, so an upload is never lost to a broker that is down:
+    its `enqueued_at` stays empty, and the reaper sends it again once the broker is back."""
+    from deployments import tasks
+
+    try:
+        getattr(tasks, task_name).delay(deployment_id)
+    except BrokerUnavailable as exc:
+        log.warning("could not send %s of deployment %s to the broker: %s", task_name, deployment_id, exc)
+        Deployment.objects.filter(pk=deployment_id).update(enqueued_at=None)
+        if not quiet:
+            what = "queued" if task_name == "deploy" else "teardown queued"
+            DeploymentEvent.objects.create(deployment_id=deployment_id, stage="", level="warning", message=(
+                f"{what}; will start when the broker is back (Redis did not answer). Nothing is lost: "
+                "ServeML sends it to a worker as soon as the broker answers again."
+            ))
+        return False
+    Deployment.objects.filter(pk=deployment_id).update(enqueued_at=timezone.now())
+    return True
 
 
 @transaction.atomic
@@ -67,17 +100,52 @@ def deployment_record_event(
     )
 
 
-def deployment_claim(*, deployment_id: int) -> Deployment | None:
-    """Atomically move a queued deployment to deploying; None if another task has it."""
+def deployment_claim(*, deployment_id: int, token: str) -> Deployment | None:
+    """Take a queued deployment for the pipeline; None if another task has it or it is not queued.
+
+    Atomic and conditional, so of two tasks for one deployment (a redelivery, a re-send by
+    the reaper) exactly one runs it. The winner holds a lease that its heartbeat renews
+    (deployment_renew_claim); a deployment whose lease expired (its worker died) is first
+    handed back to the queue, as the reaper would, so this task can resume it at once."""
     now = timezone.now()
-    claimed = Deployment.objects.filter(pk=deployment_id, status=Deployment.Status.QUEUED).update(
-        status=Deployment.Status.DEPLOYING, claimed_at=now, error=""
-    ) or Deployment.objects.filter(
-        pk=deployment_id, status=Deployment.Status.DEPLOYING, claimed_at__lt=now - CLAIM_LEASE
-    ).update(claimed_at=now)
-    if not claimed:
-        return None
-    return Deployment.objects.get(pk=deployment_id)
+    stale = Deployment.objects.filter(_expired(now), pk=deployment_id, status=Status.DEPLOYING).first()
+    if stale is not None:
+        _take_back(stale, now, resend=False)  # this task is the one that resumes it
+    claimed = Deployment.objects.filter(pk=deployment_id, status=Status.QUEUED).update(
+        status=Status.DEPLOYING, claim_token=token, lease_expires_at=now + _lease(), claimed_at=now, error=""
+    )
+    return Deployment.objects.get(pk=deployment_id) if claimed else None
+
+
+def deployment_claim_stop(*, deployment_id: int, token: str) -> Deployment | None:
+    """Take a stopping deployment for its teardown, as deployment_claim does for the pipeline."""
+    now = timezone.now()
+    stale = Deployment.objects.filter(_expired(now), pk=deployment_id, status=Status.STOPPING).first()
+    if stale is not None:
+        _take_back(stale, now, resend=False)
+    claimed = Deployment.objects.filter(pk=deployment_id, status=Status.STOPPING, claim_token="").update(
+        claim_token=token, lease_expires_at=now + _lease(), claimed_at=now
+    )
+    return Deployment.objects.get(pk=deployment_id) if claimed else None
+
+
+def deployment_renew_claim(*, deployment_id: int, token: str) -> bool:
+    """Extend the lease of the task holding `token` (its heartbeat); False once it is not the holder."""
+    return bool(
+        Deployment.objects.filter(
+            pk=deployment_id, claim_token=token, status__in=[Status.DEPLOYING, Status.STOPPING]
+        ).update(lease_expires_at=timezone.now() + _lease())
+    )
+
+
+def deployment_release_claim(*, deployment_id: int, token: str) -> None:
+    """A task that stops without finishing lets its lease lapse now, so the reaper need not wait for it."""
+    Deployment.objects.filter(pk=deployment_id, claim_token=token).update(lease_expires_at=timezone.now())
+
+
+def _held(deployment: Deployment, token: str, *statuses: str):
+    """The deployment's row, if the task holding `token` still has it."""
+    return Deployment.objects.filter(pk=deployment.pk, claim_token=token, status__in=statuses or [Status.DEPLOYING])
 
 
 def deployment_update(*, deployment: Deployment, **fields) -> None:
@@ -86,26 +154,145 @@ def deployment_update(*, deployment: Deployment, **fields) -> None:
     deployment.save(update_fields=[*fields, "updated_at"])
 
 
-def deployment_set_stage(*, deployment: Deployment, stage: str) -> None:
-    deployment_update(deployment=deployment, stage=stage)
+def deployment_set_stage(*, deployment: Deployment, stage: str, token: str) -> None:
+    if not _held(deployment, token).update(stage=stage, updated_at=timezone.now()):
+        raise ClaimLost(deployment.pk)
+    deployment.stage = stage
 
 
 @transaction.atomic
-def deployment_fail(*, deployment: Deployment, stage: str, message: str, duration_ms: int | None = None) -> None:
-    deployment_update(deployment=deployment, status=Deployment.Status.FAILED, error=message)
+def deployment_complete_stage(
+    *, deployment: Deployment, stage: str, token: str, message: str, duration_ms: int | None = None
+) -> None:
+    """Record a stage as done, with its event: a task that takes the deployment over starts after it."""
+    completed = [*deployment.completed_stages, stage]
+    if not _held(deployment, token).update(completed_stages=completed, updated_at=timezone.now()):
+        raise ClaimLost(deployment.pk)
+    deployment.completed_stages = completed
+    deployment_record_event(deployment=deployment, stage=stage, message=message, duration_ms=duration_ms)
+
+
+@transaction.atomic
+def deployment_fail(
+    *, deployment: Deployment, stage: str, message: str, duration_ms: int | None = None, token: str | None = None
+) -> None:
+    """Fail the deployment with a message for the user; with `token`, only while that task holds it."""
+    if token is not None and not _held(deployment, token).select_for_update().exists():
+        raise ClaimLost(deployment.pk)
+    deployment_update(deployment=deployment, status=Status.FAILED, error=message, claim_token="",
+                      lease_expires_at=None)
     deployment_record_event(deployment=deployment, stage=stage, level="error", message=message, duration_ms=duration_ms)
 
 
 @transaction.atomic
-def deployment_mark_ready(*, deployment: Deployment) -> None:
-    deployment_update(deployment=deployment, status=Deployment.Status.READY, ready_at=timezone.now())
+def deployment_mark_ready(*, deployment: Deployment, token: str) -> None:
+    if not _held(deployment, token).update(status=Status.READY, ready_at=timezone.now(), claim_token="",
+                                           lease_expires_at=None, updated_at=timezone.now()):
+        raise ClaimLost(deployment.pk)
+    deployment.refresh_from_db()
     deployment_record_event(deployment=deployment, stage="", message=f"ready: {deployment.endpoint_url}")
 
 
-def deployment_requeue(*, deployment: Deployment, reason: str) -> None:
-    """Hand a deployment back to the queue after a transient error; the task retries it."""
-    deployment_update(deployment=deployment, status=Deployment.Status.QUEUED)
-    deployment_record_event(deployment=deployment, stage=deployment.stage, level="warning", message=reason)
+@transaction.atomic
+def deployment_requeue(*, deployment: Deployment, reason: str, token: str, retry_in: float) -> None:
+    """Hand a deployment back to the queue after a transient error; its task runs again in `retry_in` s.
+
+    Its completed stages stay completed: the retry resumes at the stage that failed."""
+    status = deployment.status
+    resend_after = timezone.now() + timedelta(seconds=retry_in)
+    fields = {"claim_token": "", "lease_expires_at": None, "enqueued_at": resend_after, "updated_at": timezone.now()}
+    if status == Status.DEPLOYING:
+        fields["status"] = Status.QUEUED
+    if not _held(deployment, token, status).update(**fields):
+        raise ClaimLost(deployment.pk)
+    deployment.refresh_from_db()
+    stage = deployment.stage if status == Status.DEPLOYING else Deployment.Stage.TEARDOWN
+    deployment_record_event(deployment=deployment, stage=stage, level="warning", message=reason)
+
+
+# ------------------------------------------------------------------ the reaper
+
+
+def _expired(now):
+    """Rows whose task's lease ran out: its worker died or stopped without handing them back.
+
+    Rows claimed before leases existed (no token) count from their last change."""
+    return Q(lease_expires_at__lt=now) & ~Q(claim_token="") | Q(
+        claim_token="", lease_expires_at__isnull=True, status=Status.DEPLOYING, updated_at__lt=now - _lease()
+    )
+
+
+def _take_back(row: Deployment, now, *, resend: bool = True) -> str:
+    """The worker running (or stopping) `row` stopped: queue it again, or give up past the bound.
+
+    Conditional on the row being as it was read, so two reapers (or a reaper and a claim)
+    count one stop once. Returns what happened: "requeued", "failed" or "" (someone was first)."""
+    attempts = row.interruptions + 1
+    limit = settings.SERVEML_DEPLOY_MAX_ATTEMPTS
+    stopping = row.status == Status.STOPPING
+    stage = Deployment.Stage.TEARDOWN if stopping else row.stage
+    where = f"the {stage} stage" if stage else "its first stage"
+    same = Deployment.objects.filter(pk=row.pk, status=row.status, claim_token=row.claim_token,
+                                     lease_expires_at=row.lease_expires_at)
+    with transaction.atomic():
+        if attempts < limit:
+            if not same.update(claim_token="", lease_expires_at=None, interruptions=attempts, enqueued_at=None,
+                               status=row.status if stopping else Status.QUEUED, updated_at=now):
+                return ""
+            deployment_record_event(deployment=row, stage=stage, level="warning", message=(
+                f"the worker {'stopping' if stopping else 'running'} it stopped during {where}; ServeML started "
+                f"it again (attempt {attempts + 1} of {limit}), {'from the teardown' if stopping else 'resuming there'}"
+            ))
+            if resend:
+                transaction.on_commit(lambda: _send(row.pk, "stop" if stopping else "deploy"))
+            return "requeued"
+        if not same.update(claim_token="", lease_expires_at=None, interruptions=attempts):
+            return ""
+        why = "this when they run out of memory or are restarted: an operator can find why in the worker's log"
+        if stopping:
+            deployment_stop_failed(deployment=Deployment.objects.get(pk=row.pk), message=(
+                f"The worker stopping it stopped {attempts} times; ServeML gave up. Workers stop like {why}."
+            ))
+        else:
+            deployment_fail(deployment=Deployment.objects.get(pk=row.pk), stage=row.stage, message=(
+                f"The worker running it stopped {attempts} times (the last time during {where}); ServeML gave up. "
+                f"Workers stop like {why}, then redeploy it."
+            ))
+        return "failed"
+
+
+def deployment_reap() -> dict[str, int]:
+    """Bring back what no live task holds (celery beat runs this every SERVEML_REAP_INTERVAL_S).
+
+    - deploying or stopping with an expired lease: its worker died. Re-queued (a new task
+      resumes at the first stage not completed), or failed with why past
+      SERVEML_DEPLOY_MAX_ATTEMPTS;
+    - queued, or stopping and not yet claimed, whose task the broker never took (it was
+      down) or that waited longer than SERVEML_REQUEUE_QUEUED_AFTER_S: sent again. The
+      broker's queue cannot be read cheaply, so a task may exist: the claim makes the
+      duplicate a no-op.
+    """
+    now = timezone.now()
+    done = {"requeued": 0, "failed": 0, "resent": 0}
+    for row in Deployment.objects.filter(_expired(now), status__in=[Status.DEPLOYING, Status.STOPPING]):
+        outcome = _take_back(row, now)
+        if outcome:
+            done[outcome] += 1
+    waiting = Q(status=Status.QUEUED) | Q(status=Status.STOPPING, claim_token="")
+    # Never sent (the broker was down; a few seconds' grace for an upload whose send is under way),
+    # or sent long ago: the message may be lost (a broker restarted without persistence).
+    overdue = Q(enqueued_at__isnull=True, updated_at__lt=now - timedelta(seconds=5)) | Q(
+        enqueued_at__lt=now - timedelta(seconds=settings.SERVEML_REQUEUE_QUEUED_AFTER_S)
+    )
+    for row in Deployment.objects.filter(waiting & overdue).only("pk", "status", "enqueued_at"):
+        never_sent = row.enqueued_at is None
+        if _send(row.pk, "stop" if row.status == Status.STOPPING else "deploy", quiet=never_sent):
+            if never_sent:
+                deployment_record_event(deployment=row, stage="", message="the broker answers again: sent to a worker")
+            done["resent"] += 1
+    if any(done.values()):
+        log.info("reaper: %s", done)
+    return done
 
 
 def deployment_request_stop(*, deployment: Deployment) -> str:
@@ -118,19 +305,19 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
     """
     if deployment.target == Deployment.Target.LOCAL:
         return deployment_stop(deployment=deployment)
-    from deployments.tasks import stop
 
     with transaction.atomic():
         # Conditional, so two clicks queue one teardown.
         moved = Deployment.objects.filter(
             pk=deployment.pk, status__in=[Deployment.Status.READY, Deployment.Status.FAILED]
-        ).update(status=Deployment.Status.STOPPING, updated_at=timezone.now())
+        ).update(status=Deployment.Status.STOPPING, claim_token="", lease_expires_at=None, interruptions=0,
+                 enqueued_at=None, updated_at=timezone.now())
         if moved:
             deployment.status = Deployment.Status.STOPPING
             deployment_record_event(
                 deployment=deployment, stage="", message="stop requested: deleting its AWS resources"
             )
-            transaction.on_commit(lambda: stop.delay(deployment.pk))
+            transaction.on_commit(lambda: _send(deployment.pk, "stop"))
     return "its AWS resources are being deleted; its page shows when that is done"
 
 
@@ -139,7 +326,7 @@ def deployment_stop_failed(*, deployment: Deployment, message: str) -> None:
     """The teardown gave up: the deployment shows why, and can be stopped again."""
     error = f"Stopping failed: {message} Some of its AWS resources may remain; stop it again once this is fixed."
     deployment_update(deployment=deployment, status=Deployment.Status.FAILED, stage=Deployment.Stage.TEARDOWN,
-                      error=error)
+                      error=error, claim_token="", lease_expires_at=None)
     deployment_record_event(deployment=deployment, stage=Deployment.Stage.TEARDOWN, level="error", message=error)
 
 
@@ -156,7 +343,8 @@ def deployment_stop(*, deployment: Deployment) -> str:
     else:
         summary = local.teardown(deployment)
     with transaction.atomic():
-        deployment_update(deployment=deployment, status=Deployment.Status.STOPPED, stopped_at=timezone.now())
+        deployment_update(deployment=deployment, status=Deployment.Status.STOPPED, stopped_at=timezone.now(),
+                          claim_token="", lease_expires_at=None)
         deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")
     return summary
 

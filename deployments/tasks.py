@@ -2,41 +2,35 @@ import random
 
 from celery import shared_task
 
-from deployments import pipeline, services
+from deployments import services
 from deployments.models import Deployment
+from deployments.pipeline import runner
 from deployments.pipeline.errors import StageError, TransientStageError
 
 
 @shared_task(bind=True, max_retries=4, acks_late=True)
 def deploy(self, deployment_id: int) -> None:
+    countdown = None if self.request.retries >= self.max_retries else backoff(self.request.retries)
     try:
-        pipeline.run(deployment_id)
-    except TransientStageError as exc:
-        deployment = Deployment.objects.get(pk=deployment_id)
-        if self.request.retries >= self.max_retries:
-            services.deployment_fail(deployment=deployment, stage=deployment.stage, message=str(exc))
-            return
-        services.deployment_requeue(deployment=deployment, reason=f"{exc} — retrying")
-        raise self.retry(countdown=backoff(self.request.retries)) from exc
+        runner.run(deployment_id, retry_in=countdown)
+    except TransientStageError as exc:  # the runner handed the deployment back to the queue
+        raise self.retry(countdown=countdown) from exc
 
 
 @shared_task(bind=True, max_retries=4, acks_late=True)
 def stop(self, deployment_id: int) -> None:
     """Tear down a deployment on its cloud (services.deployment_request_stop queues this)."""
-    deployment = Deployment.objects.get(pk=deployment_id)
-    if deployment.status != Deployment.Status.STOPPING:
-        return  # already stopped by an earlier delivery of this task
+    countdown = None if self.request.retries >= self.max_retries else backoff(self.request.retries)
     try:
-        services.deployment_stop(deployment=deployment)
+        runner.stop(deployment_id, retry_in=countdown)
     except TransientStageError as exc:
-        if self.request.retries >= self.max_retries:
-            services.deployment_stop_failed(deployment=deployment, message=str(exc))
-            return
-        services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.TEARDOWN, level="warning",
-                                         message=f"{exc} — retrying")
-        raise self.retry(countdown=backoff(self.request.retries)) from exc
-    except StageError as exc:
-        services.deployment_stop_failed(deployment=deployment, message=str(exc))
+        raise self.retry(countdown=countdown) from exc
+
+
+@shared_task(ignore_result=True)
+def reap() -> None:
+    """Celery beat runs this (CELERY_BEAT_SCHEDULE): re-queue what dead workers left."""
+    services.deployment_reap()
 
 
 @shared_task(bind=True, max_retries=4, acks_late=True)

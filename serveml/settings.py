@@ -253,6 +253,21 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A task holds its deployment through a lease that its heartbeat renews every third of it:
+# a live worker keeps it, a dead one loses it within this many seconds.
+SERVEML_CLAIM_LEASE_S = env_number("SERVEML_CLAIM_LEASE_S", 60.0, float)
+# The reaper (celery beat runs it this often) re-queues what a dead worker left, sends again
+# a deployment queued for longer than SERVEML_REQUEUE_QUEUED_AFTER_S (longer than the retry
+# backoff's cap, so it never races a retry), and fails one whose worker stopped this many times.
+SERVEML_REAP_INTERVAL_S = env_number("SERVEML_REAP_INTERVAL_S", 30.0, float)
+SERVEML_REQUEUE_QUEUED_AFTER_S = env_number("SERVEML_REQUEUE_QUEUED_AFTER_S", 600.0, float)
+SERVEML_DEPLOY_MAX_ATTEMPTS = env_number("SERVEML_DEPLOY_MAX_ATTEMPTS", 3)
+CELERY_BEAT_SCHEDULE = {
+    # Expires: runs missed while no worker listened are dropped, not run in a burst later.
+    "reap-deployments": {"task": "deployments.tasks.reap", "schedule": SERVEML_REAP_INTERVAL_S,
+                         "options": {"expires": SERVEML_REAP_INTERVAL_S}},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

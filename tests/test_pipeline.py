@@ -28,8 +28,8 @@ def no_enqueue(monkeypatch):
 
 def test_a_claim_is_atomic_so_a_redelivered_task_does_nothing(user, make_deployment, monkeypatch):
     deployment = make_deployment(user)
-    assert services.deployment_claim(deployment_id=deployment.pk).status == Deployment.Status.DEPLOYING
-    assert services.deployment_claim(deployment_id=deployment.pk) is None
+    assert services.deployment_claim(deployment_id=deployment.pk, token="a").status == Deployment.Status.DEPLOYING
+    assert services.deployment_claim(deployment_id=deployment.pk, token="b") is None
     ran = []
     monkeypatch.setitem(runner.PIPELINES, "local", [("inspect", lambda d: ran.append(d) or "ran")])
     runner.run(deployment.pk)
