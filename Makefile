@@ -26,7 +26,7 @@ install-dev: $(VENV)/.installed-dev
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
 
-## Start Redis (if needed), the Celery worker, the runtime and the web app. Ctrl-C stops them all.
+## Start Redis (if needed), the Celery worker and beat (the reaper), the runtime and the web app. Ctrl-C stops them all.
 run: migrate
 	@bin/ensure-sandbox
 	@processes="$$(bin/ensure-redis)" && exec $(BIN)/honcho start -f Procfile $$processes
