@@ -200,17 +200,22 @@ def test_a_model_that_allocates_too_much_memory_fails_instead_of_taking_the_host
 
 
 def test_the_sandbox_has_no_network(environment_ready):
-    # PostgreSQL answers on 127.0.0.1:5432 on the host; in the sandbox's own network
-    # namespace nothing listens there, so the connection is refused.
-    code = (
-        "import socket\n"
-        "try:\n    socket.create_connection(('127.0.0.1', 5432), timeout=2)\n"
-        "except OSError as exc:\n    raise SystemExit('no network: ' + type(exc).__name__)\n"
-        "raise SystemExit('CONNECTED')"
-    )
-    deployment = environment_ready(payloads.call("builtins", "exec", code), allow=[EXEC])
-    with pytest.raises(StageError, match="no network: ConnectionRefusedError") as failed:
-        stages.validate(deployment)
+    import socket
+
+    # This test listens on the host's loopback itself (PostgreSQL may not be there: SQLite
+    # runs), so without a network namespace of its own the sandbox would connect. In its
+    # own namespace nothing listens on that port, and the connection is refused.
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        code = (
+            "import socket\n"
+            f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "except OSError as exc:\n    raise SystemExit('no network: ' + type(exc).__name__)\n"
+            "raise SystemExit('CONNECTED')"
+        )
+        deployment = environment_ready(payloads.call("builtins", "exec", code), allow=[EXEC])
+        with pytest.raises(StageError, match="no network: ConnectionRefusedError") as failed:
+            stages.validate(deployment)
     assert "CONNECTED" not in str(failed.value)
 
 
