@@ -6,7 +6,7 @@ from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from deployments import services
+from deployments import services, signin
 from deployments.models import Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
 from deployments.views import bound_form
@@ -40,11 +40,15 @@ class DeploymentDetailSerializer(DeploymentSerializer):
 
 
 class TokenView(ObtainAuthToken):
-    """POST username and password (form or JSON) -> {"token": "..."}."""
+    """POST username and password (form or JSON) -> {"token": "..."}; 429 with when to retry
+    once failed attempts locked the account or the address (deployments/signin.py)."""
 
     def post(self, request, *args, **kwargs):
         serializer = self.serializer_class(data=request.data, context={"request": request})
         if not serializer.is_valid():
+            # django-axes marks DRF's request, which its middleware never sees: answer the lock here.
+            if getattr(request, "axes_locked_out", False):
+                return signin.throttled_response(request, credentials={"username": request.data.get("username")})
             return Response(
                 {"error": "Unable to sign in with that username and password."}, status=status.HTTP_400_BAD_REQUEST
             )

@@ -31,7 +31,8 @@ def signup(request):
     form = SignUpForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user)
+        # Named: django-axes' backend stands before ModelBackend, and it does not sign anyone in.
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("deployment-list")
     return render(request, "registration/signup.html", {"form": form})
 

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -69,6 +70,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "axes",
     "deployments",
 ]
 
@@ -81,6 +83,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: turns a lock into the 429 page
 ]
 
 ROOT_URLCONF = "serveml.urls"
@@ -128,6 +131,28 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "deployment-list"
 LOGOUT_REDIRECT_URL = "login"
+
+# Sign-in throttling (django-axes): failed sign-ins on the sign-in page, the admin's and
+# POST /api/token count per account and per address. SERVEML_SIGNIN_FAILURE_LIMIT of
+# either within the cool-off lock that account, or that address, until the cool-off has
+# passed since the last counted failure; meanwhile even the right password is answered 429.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_FAILURE_LIMIT = env_number("SERVEML_SIGNIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_number("SERVEML_SIGNIN_COOLOFF_MINUTES", 15.0, float))
+# Refused tries during a lock are not counted, so a lock ends one cool-off after the last
+# counted failure even while someone keeps hammering (the owner is not locked out for as
+# long as an attack lasts), and an attacker still gets FAILURE_LIMIT guesses per cool-off.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+# A success must not clear the count, or an attacker with an account of their own would
+# reset their address's count between guesses at someone else's.
+AXES_RESET_ON_SUCCESS = False
+AXES_LOCKOUT_CALLABLE = "deployments.signin.throttled_response"
+AXES_CLIENT_IP_CALLABLE = "deployments.signin.client_address"
+AXES_DISABLE_ACCESS_LOG = True  # failures are counted; successful sign-ins need no table of their own
+# How many reverse proxies in front of the web process append to X-Forwarded-For. 0: the
+# peer's address counts. Set it behind a proxy, or every client shares the proxy's address.
+SERVEML_TRUSTED_PROXIES = env_number("SERVEML_TRUSTED_PROXIES", 0)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

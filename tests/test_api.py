@@ -117,3 +117,61 @@ def test_a_key_answer_tells_whether_the_endpoint_is_private_after_the_call(api, 
     second = api.post(url, {"name": "second"}, format="json")
     assert second.status_code == 201 and second.json()["private"] is False  # the owner's choice stands
     assert api.get(f"/api/deployments/{deployment.public_id}").json()["is_private"] is False
+
+
+# ------------------------------------------------------------------ sign-in throttling
+
+ATTACKER, OTHER_ADDRESS = "203.0.113.7", "198.51.100.20"
+
+
+def guess(api, username: str, password: str, address: str = ATTACKER):
+    return api.post("/api/token", {"username": username, "password": password}, format="json", REMOTE_ADDR=address)
+
+
+def test_thirty_wrong_passwords_in_a_row_are_throttled_with_when_to_try_again(api, user, settings):
+    codes = [guess(api, "alice", f"guess-{n}").status_code for n in range(30)]
+    limit = settings.AXES_FAILURE_LIMIT
+    assert codes == [400] * (limit - 1) + [429] * (30 - limit + 1)  # the limit-th failure locks
+    throttled = guess(api, "alice", "correct-horse-42")  # even the right password, while it lasts
+    assert throttled.status_code == 429
+    assert throttled.json()["error"] == (
+        "Too many failed sign-ins for this account or from this address. Try again in 15 minutes."
+    )
+    assert 14 * 60 < int(throttled["Retry-After"]) <= 15 * 60 == settings.AXES_COOLOFF_TIME.total_seconds()
+    assert throttled.json()["retry_after"] == int(throttled["Retry-After"])
+
+
+def test_the_right_password_works_again_once_the_cool_off_has_passed(api, user, settings):
+    from datetime import timedelta
+    import time
+
+    settings.AXES_COOLOFF_TIME = timedelta(seconds=3)
+    for n in range(30):
+        guess(api, "alice", f"guess-{n}")
+    assert guess(api, "alice", "correct-horse-42").status_code == 429
+    time.sleep(3.1)
+    answer = guess(api, "alice", "correct-horse-42")
+    assert answer.status_code == 200 and answer.json()["token"]
+
+
+def test_failures_lock_their_account_and_their_address_but_not_another_account_elsewhere(api, user, other_user):
+    for n in range(30):
+        guess(api, "alice", f"guess-{n}")
+    # Another account, from another address: not affected.
+    assert guess(api, "mallory", "correct-horse-43", address=OTHER_ADDRESS).status_code == 200
+    # The policy (README, "Sign-in throttling"): the account is locked wherever its owner
+    # signs in from, and the address for every account, until the cool-off has passed.
+    assert guess(api, "alice", "correct-horse-42", address=OTHER_ADDRESS).status_code == 429
+    assert guess(api, "mallory", "correct-horse-43").status_code == 429
+
+
+def test_behind_a_trusted_proxy_failures_count_against_the_address_it_saw(api, user, settings):
+    settings.SERVEML_TRUSTED_PROXIES = 1
+    proxy = "10.0.0.2"
+    for n in range(30):  # the client makes up a new address each time, to the left of the proxy's entry
+        api.post("/api/token", {"username": f"nobody-{n}", "password": "x"}, format="json", REMOTE_ADDR=proxy,
+                 HTTP_X_FORWARDED_FOR=f"192.0.2.{n}, {ATTACKER}")
+    assert guess(api, "alice", "correct-horse-42", address=proxy).status_code == 200  # another client
+    locked = api.post("/api/token", {"username": "alice", "password": "correct-horse-42"}, format="json",
+                      REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR=ATTACKER)
+    assert locked.status_code == 429

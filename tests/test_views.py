@@ -254,3 +254,16 @@ def test_try_it_on_a_public_aws_endpoint_sends_no_runtime_token(client, user, ma
     client.post(reverse("deployment-try", args=[deployment.public_id]), {"body": "{}"})
     [request] = aws_endpoint
     assert "x-serveml-internal" not in request.headers and "authorization" not in request.headers
+
+
+def test_the_sign_in_page_answers_429_and_says_when_to_try_again_after_too_many_failures(client, user):
+    for n in range(30):
+        page = client.post(reverse("login"), {"username": "alice", "password": f"guess-{n}"}, REMOTE_ADDR="203.0.113.7")
+    assert page.status_code == 429
+    text = page.content.decode()
+    assert "Too many failed sign-ins for this account or from this address. Try again in 15 minutes." in text
+    assert 'name="password"' in text  # the form is still there, for when the time has passed
+    assert 0 < int(page["Retry-After"]) <= 15 * 60
+    right = client.post(reverse("login"), {"username": "alice", "password": "correct-horse-42"},
+                        REMOTE_ADDR="203.0.113.7")
+    assert right.status_code == 429 and "_auth_user_id" not in client.session
