@@ -282,10 +282,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # a live worker keeps it, a dead one loses it within this many seconds.
 SERVEML_CLAIM_LEASE_S = env_number("SERVEML_CLAIM_LEASE_S", 60.0, float)
 # The reaper (celery beat runs it this often) re-queues what a dead worker left, sends again
-# a deployment queued for longer than SERVEML_REQUEUE_QUEUED_AFTER_S (longer than the retry
-# backoff's cap, so it never races a retry), and fails one whose worker stopped this many times.
+# a deployment still queued this long after its task was sent (or due, for a retry: the
+# broker may have lost it), and fails one whose worker stopped this many times.
 SERVEML_REAP_INTERVAL_S = env_number("SERVEML_REAP_INTERVAL_S", 30.0, float)
-SERVEML_REQUEUE_QUEUED_AFTER_S = env_number("SERVEML_REQUEUE_QUEUED_AFTER_S", 600.0, float)
+SERVEML_REQUEUE_QUEUED_AFTER_S = env_number("SERVEML_REQUEUE_QUEUED_AFTER_S", 300.0, float)
 SERVEML_DEPLOY_MAX_ATTEMPTS = env_number("SERVEML_DEPLOY_MAX_ATTEMPTS", 3)
 CELERY_BEAT_SCHEDULE = {
     # Expires: runs missed while no worker listened are dropped, not run in a burst later.

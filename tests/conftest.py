@@ -142,35 +142,73 @@ class Service:
         self.log = OUTPUT / "logs" / f"{name}.log"
         self.argv, self.env = argv, env
         self.proc = None
+        self.offset = 0
 
     def start(self):
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self
 
+    def output(self) -> str:
+        """What this run of the service logged (its log file is kept across runs)."""
+        with open(self.log, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read().decode(errors="replace")
+
+    def group(self) -> list[int]:
+        """The processes left in this run's process group (its children, once it is gone)."""
+        if self.proc is None:
+            return []
+        found = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in found.split()]
+
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+                pass
+        try:  # whatever of the group outlived its leader (a test may have killed the leader alone)
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+class Redis(Service):
+    def __init__(self, name: str = "redis", port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(name, ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                "--appendonly", "no"], dict(os.environ))
+
+    def start(self):
+        import redis as redis_client
+
+        super().start()
+        wait_for(lambda: redis_client.from_url(self.url).ping(), 20, "redis-server start", self.log)
+        return self
 
 
 @pytest.fixture(scope="session")
 def redis_url():
-    port = free_port()
-    redis = Service("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                              "--appendonly", "no"], dict(os.environ)).start()
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis as redis_client
-
-    wait_for(lambda: redis_client.from_url(url).ping(), 20, "redis-server start", redis.log)
-    yield url
+    redis = Redis().start()
+    yield redis.url
     redis.stop()
+
+
+def use_broker(url: str) -> None:
+    """Make this test process (and its live server) publish tasks to `url`."""
+    celery_app.conf.broker_url = url
+    # Drop the pooled connections to the previous broker; new ones are made on first use.
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
 
 
 def database_url() -> str:
@@ -181,18 +219,57 @@ def database_url() -> str:
 
 
 class Stack:
-    """Worker and runtime processes, plus how to restart the runtime."""
+    """Worker, runtime and (optionally) beat processes, and how to restart them.
 
-    def __init__(self, env: dict, runtime_port: int):
-        self.env = env
-        self.runtime_port = runtime_port
-        self.runtime_url = f"http://127.0.0.1:{runtime_port}"
-        self.worker = Service("worker", [sys.executable, "-m", "celery", "-A", "serveml", "worker", "--concurrency=2",
-                                         "--loglevel=INFO", "--without-mingle", "--without-gossip"], env)
-        self.runtime = Service("runtime", [sys.executable, "manage.py", "runtime", "--port", str(runtime_port)], env)
+    `name` keeps a second stack's logs apart; `extra_env` sets its own settings."""
+
+    def __init__(self, broker_url: str, name: str = "", beat: bool = False, extra_env: dict | None = None):
+        self.runtime_port = free_port()
+        self.runtime_url = f"http://127.0.0.1:{self.runtime_port}"
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "serveml.settings",
+            "DATABASE_URL": database_url(),
+            "CELERY_BROKER_URL": broker_url,
+            "SERVEML_DATA_DIR": str(settings.DATA_DIR),
+            "SERVEML_RUNTIME_PORT": str(self.runtime_port),
+            "SERVEML_RUNTIME_URL": self.runtime_url,
+            "SERVEML_RUNTIME_TOKEN": settings.SERVEML_RUNTIME_TOKEN,
+            **(extra_env or {}),
+        }
+        prefix = f"{name}-" if name else ""
+        self.worker = Service(f"{prefix}worker", [
+            sys.executable, "-m", "celery", "-A", "serveml", "worker", "--concurrency=2", "--loglevel=INFO",
+            "--without-mingle", "--without-gossip", "-n", f"{name or 'worker'}@%h",
+        ], self.env)
+        self.runtime = Service(f"{prefix}runtime", [sys.executable, "manage.py", "runtime", "--port",
+                                                    str(self.runtime_port)], self.env)
+        self.beat = Service(f"{prefix}beat", [sys.executable, "-m", "celery", "-A", "serveml", "beat",
+                                              "--loglevel=INFO"], self.env) if beat else None
+
+    def start(self):
+        # All at once, then wait for each: their start-ups overlap.
+        for service in (self.worker, self.runtime, self.beat):
+            if service:
+                service.start()
+        self.wait_worker()
+        self.wait_runtime()
+        if self.beat:
+            wait_for(lambda: "beat: Starting" in self.beat.output(), 60, "celery beat start", self.beat.log)
+        return self
+
+    def start_worker(self):
+        self.worker.start()
+        self.wait_worker()
+
+    def wait_worker(self):
+        wait_for(lambda: "ready." in self.worker.output(), 60, "celery worker start", self.worker.log)
 
     def start_runtime(self):
         self.runtime.start()
+        self.wait_runtime()
+
+    def wait_runtime(self):
         wait_for(lambda: httpx.get(f"{self.runtime_url}/health").status_code == 200, 30, "runtime start",
                  self.runtime.log)
 
@@ -200,27 +277,17 @@ class Stack:
         self.runtime.stop()
         self.start_runtime()
 
+    def stop(self):
+        for service in (self.beat, self.runtime, self.worker):
+            if service:
+                service.stop()
+
 
 @pytest.fixture(scope="session")
 def stack(django_db_setup, django_db_blocker, redis_url):
-    runtime_port = free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "serveml.settings",
-        "DATABASE_URL": database_url(),
-        "CELERY_BROKER_URL": redis_url,
-        "SERVEML_DATA_DIR": str(settings.DATA_DIR),
-        "SERVEML_RUNTIME_PORT": str(runtime_port),
-        "SERVEML_RUNTIME_URL": f"http://127.0.0.1:{runtime_port}",
-        "SERVEML_RUNTIME_TOKEN": settings.SERVEML_RUNTIME_TOKEN,
-    }
-    services = Stack(env, runtime_port)
-    services.worker.start()
-    wait_for(lambda: "ready." in services.worker.log.read_text(), 60, "celery worker start", services.worker.log)
-    services.start_runtime()
+    services = Stack(redis_url).start()
     # This test process publishes to the same broker and calls the same runtime.
-    celery_app.conf.broker_url = redis_url
+    use_broker(redis_url)
     settings.SERVEML_RUNTIME_URL = settings.SERVEML_RUNTIME_INTERNAL_URL = services.runtime_url
     yield services
-    services.runtime.stop()
-    services.worker.stop()
+    services.stop()
