@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: run test bench install install-dev migrate superuser aws-smoke clean
+.PHONY: run test bench compat install install-dev migrate superuser aws-smoke clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench: install-dev
 	bin/test-prerequisites
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt
 	$(BIN)/python bench/run.py
+
+## Every scikit-learn estimator, saved by every supported release in every format, through ServeML's scan,
+## allowlist and sandboxed restricted loader: docs/compat.md. Cached under var/compat; niced, one process at a time.
+compat: install-dev
+	@bin/ensure-sandbox
+	bin/compat
 
 ## Opt-in: deploy the iris model to a real AWS account and tear it down (skipped without credentials).
 ## scikit-learn 1.8+ needs an Amazon Linux 2023 base image, hence these defaults here.
