@@ -1,60 +1,43 @@
-"""Regenerate allowlist.json: `python -m deployments.allowlist.build [--merge]`.
+"""Regenerate allowlist.json from the compatibility matrix: `python -m deployments.allowlist.build [--fresh]`.
 
-Pickles every model of the corpus (pickle, joblib plain and compressed) and
-records the globals the files import, plus every scikit-learn estimator class
-and the private classes those estimators pickle. Run it once per scikit-learn
-version you want to support with --merge, review the diff, commit it.
+Run `bin/compat` first (or `bin/build-allowlist`, which runs both): it saves every
+estimator of every supported scikit-learn release in every format and scans each
+file (compat.py). This collects the (module, name) pairs those files import, the
+estimator classes each release lists (fitted or not: a user fits them on real
+data), the corpus models (corpus.py, pandas frames and text among them) and the
+reviewed reconstruction helpers, plus the pairs already on the list (unless
+--fresh), and keeps each pair the review (review.py)
+finds harmless, recording which releases produce it. Pairs the review refuses
+are listed in the file's "refused" section with the reason; a pair nobody has
+reviewed stops the build, so that a new release's new globals are read by a
+person before any model may import them.
+
+Pack pairs (xgboost, lightgbm: review.PACKS) go to their pack, enabled only
+when an operator allows the package.
+
+The bare `_loss.<name>` pairs are what scikit-learn 1.5.2 to 1.8.0 wheels write
+for their Cython losses (1.2.2-1.4.2 and 1.9+ write sklearn._loss._loss). They
+are accepted by the scan as written, and the restricted loader only ever
+imports them as sklearn._loss._loss.<name> (serveml_loader.ALIASES), never from a
+top-level module named `_loss`, which any package could ship.
 """
 
 import io
 import json
 import pickle
 import sys
+from collections import defaultdict
 
-import joblib
-import sklearn
-from sklearn.utils import all_estimators
-
-from deployments.allowlist import DATA_FILE
-from deployments.allowlist.corpus import MODELS
-from deployments.inspection import scan_model_file
-
-# Reconstruction helpers that real models need and that build data, never run code.
-# Anything that imports by name (numpy's _ufunc_reconstruct, pickle.loads, …) stays out.
-HELPERS = [
-    ("builtins", "slice"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
-    ("builtins", "complex"), ("builtins", "range"), ("builtins", "object"), ("builtins", "float"),
-    ("builtins", "int"), ("builtins", "str"), ("builtins", "bytes"), ("builtins", "tuple"),
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "bool"),
-    ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("copyreg", "_reconstructor"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"),
-    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.ma.core", "_mareconstruct"), ("numpy.ma.core", "MaskedArray"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random", "__RandomState_ctor"),
-    ("numpy.random._mt19937", "MT19937"), ("numpy.random._pcg64", "PCG64"),
-    ("numpy.random.mtrand", "RandomState"), ("numpy.random._generator", "Generator"),
-    # Not joblib.numpy_pickle_compat.NDArrayWrapper (joblib < 0.10): it loads its array with
-    # np.load(<a path from the file>, allow_pickle=True), a second pickle nobody inspected.
-    ("joblib.numpy_pickle", "NumpyArrayWrapper"),
-    ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csc", "csc_matrix"), ("scipy.sparse._coo", "coo_matrix"),
-    ("scipy.sparse._csr", "csr_array"), ("scipy.sparse._csc", "csc_array"),
-    ("scipy.sparse.csr", "csr_matrix"), ("scipy.sparse.csc", "csc_matrix"),
-    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
-    ("pandas.core.indexes.range", "RangeIndex"), ("pandas.core.frame", "DataFrame"),
-    ("pandas.core.series", "Series"), ("pandas._libs.internals", "_unpickle_block"),
-    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
-    ("pandas.core.arrays.categorical", "Categorical"), ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
-]
-
-
-# Found in real pickles but never allowed: a top-level module of that name could come
-# from any package a user lists in requirements.txt.
-REJECTED_MODULES = {"_loss"}  # scikit-learn 1.3's Cython losses pickled under a bare module name
+from deployments.allowlist import DATA_FILE, review
 
 
 def corpus_globals() -> set[tuple[str, str]]:
+    """What the corpus models import in ServeML's own environment (frames, text, column transformers)."""
+    import joblib
+
+    from deployments.allowlist.corpus import MODELS
+    from deployments.inspection import scan_model_file
+
     found = set()
     for factory in MODELS.values():
         model = factory()
@@ -63,41 +46,118 @@ def corpus_globals() -> set[tuple[str, str]]:
             buffer = io.BytesIO()
             joblib.dump(model, buffer, compress=compress)
             blobs.append(buffer.getvalue())
-        try:
-            import skops.io
+        import skops.io
 
-            blobs.append(skops.io.dumps(model))
-        except ImportError:  # older environments without skops still contribute their pickles
-            pass
+        blobs.append(skops.io.dumps(model))
         for blob in blobs:
             found |= {(g.module, g.name) for g in scan_model_file(io.BytesIO(blob)).globals}
     return found
 
 
-def estimator_globals() -> set[tuple[str, str]]:
-    return {(cls.__module__, cls.__name__) for _, cls in all_estimators()}
+def matrix_globals() -> tuple[dict, dict, list[str]]:
+    """({pair: {release}}, {pack: {pair: {"<package> <version>"}}}, core releases) from the matrix's results."""
+    from deployments.allowlist.compat import RELEASES, matrix_dir, read_results
+    from deployments.allowlist.compat_report import IN_MATRIX
+
+    core: dict[tuple[str, str], set[str]] = defaultdict(set)
+    packs: dict[str, dict[tuple[str, str], set[str]]] = defaultdict(lambda: defaultdict(set))
+    rows = [row for row in read_results() if IN_MATRIX(row)]
+    if not rows:
+        raise SystemExit("No matrix results: run bin/compat first (see deployments/allowlist/compat.py).")
+    for row in rows:
+        sklearn_version = row["versions"].get("scikit-learn") or row["release"].split("+")[0]
+        for module, name in row.get("globals", []):
+            pack = review.pack_of(module)
+            if pack:
+                package = review.PACKS[pack]["package"]
+                packs[pack][(module, name)].add(f"{package} {row['versions'].get(package, '?')}")
+            else:
+                core[(module, name)].add(sklearn_version)
+    for release in RELEASES:
+        listing = matrix_dir() / release.label / "estimators.json"
+        if not listing.exists():
+            continue
+        classes = json.loads(listing.read_text()).get("classes", {})
+        for module, name in classes.values():
+            if not review.pack_of(module):
+                core[(module, name)].add(release.label.split("+")[0])
+    releases = sorted({v for found in core.values() for v in found}, key=_version_key)
+    return core, packs, releases
+
+
+def _version_key(version: str):
+    return [int(part) if part.isdecimal() else 0 for part in version.split(".")]
+
+
+def previous_globals() -> dict[tuple[str, str], set[str]]:
+    """The pairs of the allowlist as it stands: a build never drops a reviewed pair that real models
+    need just because this matrix does not produce it (a ColumnTransformer on a data frame, say)."""
+    if not DATA_FILE.exists():
+        return {}
+    data = json.loads(DATA_FILE.read_text())
+    found = {}
+    for module, names in data["globals"].items():
+        for name in names:
+            versions = names[name].get("versions", []) if isinstance(names, dict) else []
+            found[(module, name)] = set(versions)
+    return found
 
 
 def main(argv: list[str]) -> None:
-    merged: dict[str, set[str]] = {}
-    versions: set[str] = {sklearn.__version__}
-    if "--merge" in argv and DATA_FILE.exists():
-        previous = json.loads(DATA_FILE.read_text())
-        versions |= set(previous.get("scikit_learn_versions", []))
-        for module, names in previous["globals"].items():
-            merged.setdefault(module, set()).update(names)
-    for module, name in corpus_globals() | estimator_globals() | set(HELPERS):
-        merged.setdefault(module, set()).add(name)
-    for module in REJECTED_MODULES:
-        merged.pop(module, None)
+    import django
+
+    django.setup()
+    core, packs, releases = matrix_globals()
+    if "--fresh" not in argv:
+        for pair, versions in previous_globals().items():
+            core.setdefault(pair, set())
+            if not core[pair]:
+                core[pair] |= versions
+    for pair in corpus_globals():
+        core.setdefault(pair, set())
+    for dotted in review.HELPERS:
+        module, _, name = dotted.rpartition(".")
+        core.setdefault((module, name), set())
+    allowed, refused, unreviewed = {}, {}, []
+    for (module, name), versions in sorted(core.items()):
+        ok, why = review.verdict(module, name)
+        entry = {"versions": sorted(versions, key=_version_key)}
+        if ok:
+            allowed.setdefault(module, {})[name] = entry | ({"why": why} if why != review.CLASS_RULE else {})
+        elif ok is False:
+            refused.setdefault(module, {})[name] = entry | {"why": why}
+        else:
+            unreviewed.append(f"{module}.{name}")
+    pack_data = {}
+    for pack, found in sorted(packs.items()):
+        section = {}
+        for (module, name), versions in sorted(found.items()):
+            ok, why = review.verdict(module, name)
+            if ok:
+                section.setdefault(module, {})[name] = {"versions": sorted(versions), "why": why}
+            elif ok is None:
+                unreviewed.append(f"{module}.{name}")
+        pack_data[pack] = {"package": review.PACKS[pack]["package"],
+                           "versions": sorted({v for found in found.values() for v in found}),
+                           "globals": section}
+    if unreviewed:
+        raise SystemExit("Not reviewed yet (add each to deployments/allowlist/review.py, allowed or refused, "
+                         "with the reason):\n  " + "\n  ".join(sorted(unreviewed)))
     data = {
-        "comment": "Reviewed allowlist of (module, name) globals a model file may import. "
-        "Generated by python -m deployments.allowlist.build; review every change.",
-        "scikit_learn_versions": sorted(versions),
-        "globals": {module: sorted(names) for module, names in sorted(merged.items())},
+        "comment": "Reviewed allowlist of (module, name) globals a model file may import, with the scikit-learn "
+                   "releases whose models import each (versions: [] for reviewed helpers the matrix does not "
+                   "produce). Generated by python -m deployments.allowlist.build from the compatibility matrix "
+                   "and deployments/allowlist/review.py; review every change.",
+        "scikit_learn_versions": releases,
+        "globals": allowed,
+        "packs": pack_data,
+        "refused": refused,
     }
-    DATA_FILE.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{sum(len(v) for v in merged.values())} globals in {len(merged)} modules -> {DATA_FILE}")
+    DATA_FILE.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    count = sum(len(names) for names in allowed.values())
+    in_packs = {pack: sum(len(n) for n in section["globals"].values()) for pack, section in pack_data.items()}
+    print(f"{count} globals in {len(allowed)} modules, packs {in_packs}, "
+          f"{sum(len(n) for n in refused.values())} refused -> {DATA_FILE}")
 
 
 if __name__ == "__main__":
