@@ -4,7 +4,8 @@ Run `bin/compat` first (or `bin/build-allowlist`, which runs both): it saves eve
 estimator of every supported scikit-learn release in every format and scans each
 file (compat.py). This collects the (module, name) pairs those files import, the
 estimator classes each release lists (fitted or not: a user fits them on real
-data), the corpus models (corpus.py, pandas frames and text among them) and the
+data) and the families a parameter chooses from (kernels, distances, losses, CV
+splitters: compat_worker.FAMILIES), the corpus models (corpus.py, pandas frames and text among them) and the
 reviewed reconstruction helpers, plus the pairs already on the list (unless
 --fresh), and keeps each pair the review (review.py)
 finds harmless, recording which releases produce it. Pairs the review refuses
@@ -77,8 +78,10 @@ def matrix_globals() -> tuple[dict, dict, list[str]]:
         listing = matrix_dir() / release.label / "estimators.json"
         if not listing.exists():
             continue
-        classes = json.loads(listing.read_text()).get("classes", {})
-        for module, name in classes.values():
+        listed = json.loads(listing.read_text())
+        # Every estimator class, and every member of the families a parameter picks from (kernels,
+        # distances, losses, CV splitters), as this release names them.
+        for module, name in [*listed.get("classes", {}).values(), *listed.get("families", [])]:
             if not review.pack_of(module):
                 core[(module, name)].add(release.label.split("+")[0])
     releases = sorted({v for found in core.values() for v in found}, key=_version_key)

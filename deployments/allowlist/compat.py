@@ -260,7 +260,9 @@ def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
     """{file: answer of the restricted loader in the sandbox}, cached by file, allowed globals and loader."""
     from deployments import buildkit
 
-    loader = sha256(buildkit.LOADER.read_bytes() + WORKER.read_bytes())
+    from deployments.allowlist.compat_worker import OUTPUTS_VERSION
+
+    loader = sha256(buildkit.LOADER.read_bytes() + str(OUTPUTS_VERSION).encode())
     cache_path = release_dir(release) / "loads.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     files = release_dir(release) / "files"

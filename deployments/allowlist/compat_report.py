@@ -52,8 +52,15 @@ def render(rows: list[dict]) -> str:
     in_matrix = [r for r in rows if IN_MATRIX(r) and "+" not in r["release"] and not r.get("variant")]
     accepted = sum(r["status"] == "accepted" for r in in_matrix)
     if in_matrix:
-        lines += [f"**scikit-learn: {accepted} of {len(in_matrix)} files accepted "
-                  f"({100 * accepted / len(in_matrix):.2f}%)** across {len(core)} releases.", ""]
+        lines += [f"**scikit-learn, default parameters: {accepted} of {len(in_matrix)} files accepted "
+                  f"({100 * accepted / len(in_matrix):.2f}%)** across {len(core)} releases."]
+    for title, chosen in (("allowlist packs", [r for r in rows if IN_MATRIX(r) and "+" in r["release"]]),
+                          ("beyond default parameters", [r for r in rows if IN_MATRIX(r) and r.get("variant")])):
+        if chosen:
+            count = sum(r["status"] == "accepted" for r in chosen)
+            lines.append(f"{title.capitalize()}: {count} of {len(chosen)} accepted.")
+    lines += ["", "`bin/build-allowlist` regenerates `deployments/allowlist/allowlist.json` from this matrix "
+              "(through the review in `deployments/allowlist/review.py`), then runs it again.", ""]
     defaults = {label: [r for r in by_release[label] if not r.get("variant")] for label in releases}
     variants = {label: [r for r in by_release[label] if r.get("variant")] for label in releases}
     lines += _table(core, defaults)

@@ -36,6 +36,8 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Bumped whenever datasets() changes: `check` rebuilds the fixed input, so records made with other data are stale.
 DATA_VERSION = 2
+# Bumped whenever outputs() or encode() changes: loads checked with other code are stale.
+OUTPUTS_VERSION = 1
 N_FEATURES = 10
 METHODS = ("predict", "predict_proba", "decision_function", "score_samples", "transform", "mahalanobis",
            "kneighbors")
@@ -43,8 +45,6 @@ METHODS = ("predict", "predict_proba", "decision_function", "score_samples", "tr
 PROBE_METHODS = ("predict", "predict_proba", "decision_function")
 FORMATS = {"pickle": ".pkl", "joblib": ".joblib", "joblib-zlib": ".joblib.z", "skops": ".skops"}
 
-warnings.simplefilter("ignore")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 # ---------------------------------------------------------------- toy data
@@ -264,13 +264,14 @@ def outputs(model, kind):
 
 
 def probe_outputs(model):
-    """What the validate stage's probe computes: each method's answer to one row of zeros, as JSON."""
+    """What the validate stage's probe computes, as it computes it (buildkit/probe.py): each method's
+    answer to one row of zeros (or to one text when the model does not say how many features it takes)."""
     import numpy as np
 
     n_features = getattr(model, "n_features_in_", None)
-    if n_features is None or getattr(model, "feature_names_in_", None) is not None:
-        return {}
-    row = np.zeros((1, int(n_features)))
+    if getattr(model, "feature_names_in_", None) is not None:
+        return {}  # the probe builds a frame from the model's encoders: not compared here
+    row = np.zeros((1, int(n_features))) if n_features is not None else ["an example text"]
     answers = {}
     for method in PROBE_METHODS:
         if hasattr(model, method):
@@ -426,6 +427,34 @@ def resolve(name, available):
     return available[name]
 
 
+# Modules whose classes a parameter chooses among (a kernel, a distance, a loss, a CV splitter): a model
+# pickles whichever member its parameters picked, so the whole family is listed, as each release names it.
+FAMILIES = ["sklearn.gaussian_process.kernels", "sklearn.metrics._dist_metrics", "sklearn.linear_model._sgd_fast",
+            "sklearn._loss.loss", "sklearn._loss.link", "sklearn._loss._loss", "sklearn.ensemble._gb_losses",
+            "sklearn.model_selection._split", "sklearn.neighbors._kd_tree", "sklearn.neighbors._ball_tree"]
+
+
+def family_members():
+    """[[module, name]] as pickle names them (Cython classes of 1.5-1.8 say `_loss`), for FAMILIES."""
+    import importlib
+
+    found = []
+    for module_name in FAMILIES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # not in this release (_gb_losses went in 1.4)
+            continue
+        for name, value in sorted(vars(module).items()):
+            unpickler = name.startswith("__pyx_unpickle_") and callable(value)
+            if not (isinstance(value, type) or unpickler) or name.startswith("__pyx_unpickle_Enum"):
+                continue
+            if isinstance(value, type) and (name.startswith("_") or value.__module__ not in (module_name, "_loss")
+                                            and not value.__module__.endswith(module_name.rsplit(".", 1)[-1])):
+                continue  # private helpers and what the module only imports from elsewhere
+            found.append([getattr(value, "__module__", None) or module_name, name])
+    return found
+
+
 def command_list():
     available = estimators()
     names = sorted(available)
@@ -434,7 +463,8 @@ def command_list():
     names += [variant for variant in VARIANTS if variant.split("@")[0].split("(")[0] in available]
     # Every estimator class, fitted here or not: a user fits it on real data.
     classes = {name: [cls.__module__, cls.__qualname__] for name, cls in available.items()}
-    return json.dumps({"estimators": names, "classes": classes, "formats": formats(), "versions": versions()})
+    return json.dumps({"estimators": names, "classes": classes, "families": family_members(),
+                       "formats": formats(), "versions": versions()})
 
 
 def command_generate(names, channel):
@@ -527,6 +557,7 @@ def command_check(manifest_path, channel):
 
 
 def main(argv):
+    warnings.simplefilter("ignore")  # thousands of fits with default parameters: convergence and the like
     # Our stdout is the channel to the host; anything a library prints goes to stderr instead.
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
