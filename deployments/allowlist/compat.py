@@ -101,6 +101,24 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_json(path: Path, default):
+    """A cache file, or `default` when there is none or it is damaged (a run killed before write_json)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except ValueError:
+        log(f"{path} is damaged: starting it again")
+        return default
+
+
+def write_json(path: Path, data, **kwargs) -> None:
+    """Whole or not at all: an interrupted run leaves the previous cache, never half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, **kwargs))
+    partial.replace(path)
+
+
 # ---------------------------------------------------------------- the sandbox
 
 
@@ -146,7 +164,7 @@ def listing(release: Release, env) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{release.label}: listing estimators failed: {result.stderr.decode()[-2000:]}")
     found = {**json.loads(result.stdout), "worker": worker}
-    cached.write_text(json.dumps(found, indent=1))
+    write_json(cached, found, indent=1)
     return found
 
 
@@ -206,7 +224,7 @@ def _generate_chunk(env, names: list[str], files: Path) -> set[str]:
 
 def _write_record(files: Path, name: str, record: dict) -> None:
     (files / name).mkdir(parents=True, exist_ok=True)
-    (files / name / "record.json").write_text(json.dumps(record))
+    write_json(files / name / "record.json", record)
 
 
 # ---------------------------------------------------------------- inspect
@@ -230,7 +248,7 @@ def scans(release: Release, records: dict[str, dict]) -> dict[str, dict]:
 
     scanner = sha256(Path(deployments.inspection.__file__).read_bytes())
     cache_path = release_dir(release) / "scans.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = read_json(cache_path, {})
     files = release_dir(release) / "files"
     found = {}
     for record in records.values():
@@ -242,7 +260,7 @@ def scans(release: Release, records: dict[str, dict]) -> dict[str, dict]:
             if cache.get(entry["file"], {}).get("key") != key:
                 cache[entry["file"]] = {"key": key, "scan": scan_file(files / entry["file"])}
             found[entry["file"]] = cache[entry["file"]]["scan"]
-    cache_path.write_text(json.dumps(cache))
+    write_json(cache_path, cache)
     return found
 
 
@@ -264,7 +282,7 @@ def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
 
     loader = sha256(buildkit.LOADER.read_bytes() + str(OUTPUTS_VERSION).encode())
     cache_path = release_dir(release) / "loads.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = read_json(cache_path, {})
     files = release_dir(release) / "files"
 
     def key(item):
@@ -287,7 +305,7 @@ def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
             cache[culprit["file"]] = {"key": key(culprit), "answer": solo.get(culprit["id"]) or
                                       {"error": "the loading process died (crash, memory or time limit)"}}
             pending = unanswered[1:] + pending
-        cache_path.write_text(json.dumps(cache))
+        write_json(cache_path, cache)
     return {item["file"]: cache[item["file"]]["answer"] for item in todo}
 
 
@@ -298,8 +316,8 @@ def _load_batch(env, batch: list[dict], files: Path) -> dict[str, dict]:
             for item in batch:
                 archive.add(files / item["file"], arcname=item["file"])
         manifest = Path(tmp) / "manifest.json"
-        manifest.write_text(json.dumps({"archive": "models.tar", "files": [
-            {key: item[key] for key in ("id", "file", "format", "allowed_globals", "data")} for item in batch]}))
+        write_json(manifest, {"archive": "models.tar", "files": [
+            {key: item[key] for key in ("id", "file", "format", "allowed_globals", "data")} for item in batch]})
         result = run_worker(env, ["check", "manifest.json"], {"manifest.json": manifest, "models.tar": archive_path},
                             wall=60 + 20 * len(batch))
     answers = {}
@@ -376,8 +394,7 @@ def run_release(release: Release, only: list[str] | None = None) -> list[dict]:
     defaults = [r for r in matrix_rows(rows) if not r["variant"]]
     log(f"{release.label}: {sum(r['status'] == 'accepted' for r in defaults)}/{len(defaults)} accepted "
         f"({len(unfit)} estimators do not fit on toy data with defaults) in {time.monotonic() - started:.0f} s")
-    (release_dir(release) / "unfit.json").write_text(json.dumps(
-        {name: records[name]["unfit"] for name in unfit}, indent=1))
+    write_json(release_dir(release) / "unfit.json", {name: records[name]["unfit"] for name in unfit}, indent=1)
     return rows
 
 
@@ -399,14 +416,14 @@ def results_path() -> Path:
 
 
 def write_results(rows: list[dict]) -> None:
-    previous = json.loads(results_path().read_text()) if results_path().exists() else []
+    previous = read_json(results_path(), [])
     releases = {row["release"] for row in rows}
     kept = [row for row in previous if row["release"] not in releases]
-    results_path().write_text(json.dumps(kept + rows))
+    write_json(results_path(), kept + rows)
 
 
 def read_results() -> list[dict]:
-    return json.loads(results_path().read_text()) if results_path().exists() else []
+    return read_json(results_path(), [])
 
 
 def main(argv: list[str]) -> int:
