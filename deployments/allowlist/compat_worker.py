@@ -199,7 +199,8 @@ def fit(name, cls):
     attempts = [params]
     optional = {"estimator", "base_estimator"} & set(_parameters(getattr(cls, "wraps", cls))) - set(params)
     for param in sorted(optional):  # a default that does not fit alone (SelfTrainingClassifier 1.6+)
-        attempts.append({**params, param: base_estimator("regressor" if cls_name.endswith("Regressor") else "")})
+        regressor = cls_name.endswith("Regressor") or cls_name == "RegressorChain"
+        attempts.append({**params, param: base_estimator("regressor" if regressor else "")})
     for attempt in attempts:
         try:
             order = [forced_data] if forced_data else data_order(cls_name, cls(**attempt))
