@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: run test bench compat install install-dev migrate superuser aws-smoke clean
+.PHONY: run test lint format bench compat install install-dev migrate superuser aws-smoke clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,18 @@ run: migrate
 superuser: migrate
 	$(BIN)/python manage.py createsuperuser
 
-## The whole test suite, with the real services it needs (Redis, worker, runtime, Chromium).
-test: install-dev
+## ruff's lint and format checks (configured in pyproject.toml); `make test` runs them first.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Apply ruff's formatting and safe fixes.
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## The lint checks, then the whole test suite with the real services it needs (Redis, worker, runtime, Chromium).
+test: lint
 	bin/test-prerequisites
 	bin/run-tests
 

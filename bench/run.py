@@ -78,8 +78,12 @@ class Server:
         self.log = OUT / "logs" / f"{name}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(a) for a in argv], env={**os.environ, **(env or {})}, cwd=cwd or ROOT,
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [str(a) for a in argv],
+            env={**os.environ, **(env or {})},
+            cwd=cwd or ROOT,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def stop(self):
@@ -170,9 +174,24 @@ def load(url: str, body: bytes, concurrency: int, requests: int, content_type="a
         body_file.write(body)
         body_file.flush()
         done = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{limit}s", "--timeout", "10s", "-s", BENCH / "fixed_requests.lua",
-             url, "--", str(requests), body_file.name, content_type],
-            capture_output=True, text=True, timeout=limit + 60,
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{limit}s",
+                "--timeout",
+                "10s",
+                "-s",
+                BENCH / "fixed_requests.lua",
+                url,
+                "--",
+                str(requests),
+                body_file.name,
+                content_type,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=limit + 60,
         )
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:
@@ -200,8 +219,11 @@ def venv(name: str, packages: list[str]) -> Path | None:
         return path
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(path)], check=True)
-    done = subprocess.run([UV, "pip", "install", "--quiet", "--python", str(path / "bin" / "python"), *packages],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [UV, "pip", "install", "--quiet", "--python", str(path / "bin" / "python"), *packages],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         (OUT / "logs").mkdir(parents=True, exist_ok=True)
         (OUT / "logs" / f"install-{name}.log").write_text(done.stdout + done.stderr)
@@ -230,15 +252,41 @@ def serveml_stack(data_dir: Path):
     try:
         subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], env={**os.environ, **env}, cwd=ROOT, check=True)
         token = subprocess.run(
-            [PYTHON, "manage.py", "shell", "-c",
-             "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
-             "u, _ = User.objects.get_or_create(username='bench'); print(Token.objects.get_or_create(user=u)[0].key)"],
-            env={**os.environ, **env}, cwd=ROOT, check=True, capture_output=True, text=True,
+            [
+                PYTHON,
+                "manage.py",
+                "shell",
+                "-c",
+                "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
+                "u, _ = User.objects.get_or_create(username='bench'); "
+                "print(Token.objects.get_or_create(user=u)[0].key)",
+            ],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.split()[-1]
-        started.append(Server("web", [PYTHON, "-m", "gunicorn", "serveml.wsgi", "-b", f"127.0.0.1:{ports['web']}",
-                                      "-w", "2"], env))
-        started.append(Server("worker", [PYTHON, "-m", "celery", "-A", "serveml", "worker", "--concurrency=1",
-                                         "--without-mingle", "--without-gossip"], env))
+        started.append(
+            Server("web", [PYTHON, "-m", "gunicorn", "serveml.wsgi", "-b", f"127.0.0.1:{ports['web']}", "-w", "2"], env)
+        )
+        started.append(
+            Server(
+                "worker",
+                [
+                    PYTHON,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "serveml",
+                    "worker",
+                    "--concurrency=1",
+                    "--without-mingle",
+                    "--without-gossip",
+                ],
+                env,
+            )
+        )
         runtime = Server("runtime", [PYTHON, "manage.py", "runtime", "--port", ports["runtime"]], env)
         started.append(runtime)
         wait_http(f"http://127.0.0.1:{ports['web']}/health", 60, started[1])
@@ -255,8 +303,13 @@ def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
     headers = {"Authorization": f"Token {stack['token']}"}
     started = time.monotonic()
     response = httpx.post(
-        f"{stack['web']}/api/deploy", headers=headers, timeout=60,
-        files={"model_file": ("model.pkl", model_file.read_bytes()), "requirements_file": ("requirements.txt", requirements)},
+        f"{stack['web']}/api/deploy",
+        headers=headers,
+        timeout=60,
+        files={
+            "model_file": ("model.pkl", model_file.read_bytes()),
+            "requirements_file": ("requirements.txt", requirements),
+        },
     )
     response.raise_for_status()
     status_url = response.json()["status_url"]
@@ -274,8 +327,10 @@ def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
 def cold_start(stack, deployment: dict) -> float:
     """Stop the deployment's model processes, then time the first prediction."""
     env = stack["env"]
-    httpx.post(f"{env['SERVEML_RUNTIME_URL']}/_unload/{deployment['id']}",
-               headers={"Authorization": f"Bearer {env['SERVEML_RUNTIME_TOKEN']}"}).raise_for_status()
+    httpx.post(
+        f"{env['SERVEML_RUNTIME_URL']}/_unload/{deployment['id']}",
+        headers={"Authorization": f"Bearer {env['SERVEML_RUNTIME_TOKEN']}"},
+    ).raise_for_status()
     started = time.monotonic()
     httpx.post(deployment["endpoint_url"], json={"data": ROW}, timeout=60).raise_for_status()
     return time.monotonic() - started
@@ -325,14 +380,23 @@ def sandboxed(environment: Path, code: str, model_file: Path):
     from deployments import sandbox
 
     launched = sandbox.launch(
-        uid=sandbox.builder_uid() - 1, environment=environment, args=["-c", code],
-        limits=sandbox.Limits(memory_bytes=2 * 1024**3, cpu_seconds=600), files={"model.pkl": model_file},
+        uid=sandbox.builder_uid() - 1,
+        environment=environment,
+        args=["-c", code],
+        limits=sandbox.Limits(memory_bytes=2 * 1024**3, cpu_seconds=600),
+        files={"model.pkl": model_file},
     )
     proc = subprocess.Popen(launched.argv, stdout=subprocess.PIPE, **launched.popen_kwargs())
     launched.started()
     try:
-        yield proc, lambda: next(p for p in descendants(proc.pid)
-                                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/env/bin/python"))
+        yield (
+            proc,
+            lambda: next(
+                p
+                for p in descendants(proc.pid)
+                if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/env/bin/python")
+            ),
+        )
     finally:
         if proc.poll() is None:  # killpg only before it is reaped: then its pid is still its own
             sandbox.kill_group(proc.pid)
@@ -344,8 +408,10 @@ def model_memory(environment: Path, model_file: Path, runtime_pid: int, deployme
     """A deployment's model processes against a bare interpreter holding the same model, in the
     same sandbox, in MB."""
     # Loaded and used once, as a model process is after its first request.
-    code = (f"import pickle, time, numpy; m = pickle.load(open('model.pkl', 'rb')); "
-            f"m.predict(numpy.asarray([{ROW}])); print('ok', flush=True); time.sleep(60)")
+    code = (
+        f"import pickle, time, numpy; m = pickle.load(open('model.pkl', 'rb')); "
+        f"m.predict(numpy.asarray([{ROW}])); print('ok', flush=True); time.sleep(60)"
+    )
     with sandboxed(environment, code, model_file) as (baseline, interpreter):
         baseline.stdout.readline()
         pid = interpreter()
@@ -384,18 +450,38 @@ print(json.dumps({{"row": median(row, {repeats}), "batch100_per_row": median(bat
 # ------------------------------------------------------------------ the measurements
 
 
-def measure(results: Results, server: str, model: str, url: str, pid: int, bodies: dict, counts: dict,
-            content_type="application/json"):
+def measure(
+    results: Results,
+    server: str,
+    model: str,
+    url: str,
+    pid: int,
+    bodies: dict,
+    counts: dict,
+    content_type="application/json",
+):
     for concurrency, body, rows in bodies.values():
         load(url, body, concurrency, counts["warmup"], content_type)
         with PeakMemory(pid) as memory:
             out = load(url, body, concurrency, counts["batch" if rows > 1 else f"c{concurrency}"], content_type)
-        case = Case(server=server, model=model, concurrency=concurrency, rows=rows, requests=out["requests"],
-                    rps=out["rps"], p50_ms=out["p50_ms"], p99_ms=out["p99_ms"], errors=out["errors"],
-                    peak_rss_mb=memory.peak / 1024**2)
+        case = Case(
+            server=server,
+            model=model,
+            concurrency=concurrency,
+            rows=rows,
+            requests=out["requests"],
+            rps=out["rps"],
+            p50_ms=out["p50_ms"],
+            p99_ms=out["p99_ms"],
+            errors=out["errors"],
+            peak_rss_mb=memory.peak / 1024**2,
+        )
         results.cases.append(case)
-        print(f"  {server:8} {model:3} c{concurrency:<2} rows={rows:<3} {case.rps:8.0f} req/s "
-              f"p50 {case.p50_ms:6.2f} ms p99 {case.p99_ms:6.2f} ms errors {case.errors}", flush=True)
+        print(
+            f"  {server:8} {model:3} c{concurrency:<2} rows={rows:<3} {case.rps:8.0f} req/s "
+            f"p50 {case.p50_ms:6.2f} ms p99 {case.p99_ms:6.2f} ms errors {case.errors}",
+            flush=True,
+        )
 
 
 def contract_bodies() -> dict:
@@ -406,8 +492,9 @@ def contract_bodies() -> dict:
 
 def v2_bodies() -> dict:
     def body(rows):
-        return json.dumps({"inputs": [{"name": "input-0", "shape": [rows, 4], "datatype": "FP64",
-                                       "data": ROW * rows}]}).encode()
+        return json.dumps(
+            {"inputs": [{"name": "input-0", "shape": [rows, 4], "datatype": "FP64", "data": ROW * rows}]}
+        ).encode()
 
     single, batch = body(1), body(100)
     return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
@@ -422,18 +509,24 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
             sklearn_pin = requirements.strip()
             extras = [f"{n}=={v}" for n, v in installed_versions(["joblib", "threadpoolctl", "numpy", "scipy"])]
             pin_sets = [[e] for e in extras] + [list(pair) for pair in itertools.combinations(extras, 2)]
-            cold_runs = [deploy(stack, models["lr"], "\n".join([sklearn_pin, *pins]) + "\n")
-                         for pins in pin_sets[:deploy_runs]]
+            cold_runs = [
+                deploy(stack, models["lr"], "\n".join([sklearn_pin, *pins]) + "\n") for pins in pin_sets[:deploy_runs]
+            ]
             deployed = {name: deploy(stack, models[name], requirements)[0] for name in ("rf", "lr")}
             warm_runs = [deploy(stack, models["lr"], requirements) for _ in range(deploy_runs)]
             cold, warm = [s for _, s in cold_runs], [s for _, s in warm_runs]
             # Only the two measured deployments stay loaded, so memory figures are theirs.
             for state, _ in cold_runs + warm_runs:
-                httpx.delete(state["status_url"], headers={"Authorization": f"Token {stack['token']}"},
-                             timeout=60).raise_for_status()
+                httpx.delete(
+                    state["status_url"], headers={"Authorization": f"Token {stack['token']}"}, timeout=60
+                ).raise_for_status()
             starts = [cold_start(stack, deployed["lr"]) for _ in range(deploy_runs)]
-            results.deploy = {"cold_deploy_s": statistics.median(cold), "warm_deploy_s": statistics.median(warm),
-                              "cold_start_s": statistics.median(starts), "runs": deploy_runs}
+            results.deploy = {
+                "cold_deploy_s": statistics.median(cold),
+                "warm_deploy_s": statistics.median(warm),
+                "cold_start_s": statistics.median(starts),
+                "runs": deploy_runs,
+            }
             # At rest: the lr process has just started and answered the cold-start request.
             pid = stack["runtime"].proc.pid
             environment = environment_of(pid, deployed["lr"]["id"])
@@ -445,8 +538,9 @@ def run_serveml(results: Results, models: dict, requirements: str, counts: dict,
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
             # And once it has served the load tests: what its working memory grew to.
-            results.memory_mb["after the load tests"] = model_memory(environment, models["lr"], pid,
-                                                                     deployed["lr"]["id"])
+            results.memory_mb["after the load tests"] = model_memory(
+                environment, models["lr"], pid, deployed["lr"]["id"]
+            )
         results.peers["serveml"] = "ok"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -461,8 +555,19 @@ def installed_versions(names: list[str]) -> list[tuple[str, str]]:
 def run_http_floor(results: Results, counts: dict):
     """p50 of a bare uvicorn app that answers a constant: what HTTP alone costs here, at concurrency 1."""
     port = free_port()
-    server = Server("http-floor", [ROOT / ".venv" / "bin" / "uvicorn", "http_floor:app", "--port", port,
-                                   "--log-level", "warning", "--no-access-log"], cwd=BENCH / "peers")
+    server = Server(
+        "http-floor",
+        [
+            ROOT / ".venv" / "bin" / "uvicorn",
+            "http_floor:app",
+            "--port",
+            port,
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=BENCH / "peers",
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_http(url, 30, server, method="POST", json={"data": ROW})
@@ -475,8 +580,17 @@ def run_http_floor(results: Results, counts: dict):
         server.stop()
 
 
-def measure_peer(results: Results, peer: str, model: str, server: Server, url: str, bodies: dict, counts: dict,
-                 ready_seconds: int, **ready_request) -> bool:
+def measure_peer(
+    results: Results,
+    peer: str,
+    model: str,
+    server: Server,
+    url: str,
+    bodies: dict,
+    counts: dict,
+    ready_seconds: int,
+    **ready_request,
+) -> bool:
     """Wait until the peer answers at `url`, measure it, stop it. False, and why in
     results.peers, when it never answered or the load could not run."""
     try:
@@ -497,9 +611,22 @@ def run_fastapi(results: Results, models: dict, requirements: str, counts: dict)
         return
     for name in ("rf", "lr"):
         port = free_port()
-        server = Server(f"fastapi-{name}", [env / "bin" / "uvicorn", "fastapi_app:app", "--port", port,
-                                            "--workers", "2", "--log-level", "warning", "--no-access-log"],
-                        {"MODEL_PATH": str(models[name])}, cwd=BENCH / "peers")
+        server = Server(
+            f"fastapi-{name}",
+            [
+                env / "bin" / "uvicorn",
+                "fastapi_app:app",
+                "--port",
+                port,
+                "--workers",
+                "2",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            {"MODEL_PATH": str(models[name])},
+            cwd=BENCH / "peers",
+        )
         url = f"http://127.0.0.1:{port}/predict"
         if not measure_peer(results, "fastapi", name, server, url, contract_bodies(), counts, 60, json={"data": ROW}):
             return
@@ -518,19 +645,41 @@ def run_mlserver(results: Results, models: dict, requirements: str, counts: dict
         folder.mkdir(parents=True)
         shutil.copy(models[name], folder / "model.joblib")
         port, grpc, metrics = free_port(), free_port(), free_port()
-        (folder / "settings.json").write_text(json.dumps({
-            "http_port": port, "grpc_port": grpc, "metrics_port": metrics, "parallel_workers": 2,
-        }))
-        (folder / "model-settings.json").write_text(json.dumps({
-            "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
-            "parameters": {"uri": "./model.joblib", "version": "v1"},
-        }))
+        (folder / "settings.json").write_text(
+            json.dumps(
+                {
+                    "http_port": port,
+                    "grpc_port": grpc,
+                    "metrics_port": metrics,
+                    "parallel_workers": 2,
+                }
+            )
+        )
+        (folder / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "implementation": "mlserver_sklearn.SKLearnModel",
+                    "parameters": {"uri": "./model.joblib", "version": "v1"},
+                }
+            )
+        )
         server = Server(f"mlserver-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder)
         url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
         bodies = v2_bodies()
         # Ready only once an inference answers: MLServer's workers load the model after /ready.
-        if not measure_peer(results, "mlserver", name, server, url, bodies, counts, 180, content=bodies["c1"][1],
-                            headers={"Content-Type": "application/json"}):
+        if not measure_peer(
+            results,
+            "mlserver",
+            name,
+            server,
+            url,
+            bodies,
+            counts,
+            180,
+            content=bodies["c1"][1],
+            headers={"Content-Type": "application/json"},
+        ):
             return
     results.peers["mlserver"] = "ok: parallel_workers 2 (uvloop<0.21, which MLServer 1.7 needs)"
 
@@ -542,9 +691,12 @@ def run_bentoml(results: Results, models: dict, requirements: str, counts: dict)
         return
     for name in ("rf", "lr"):
         port = free_port()
-        server = Server(f"bentoml-{name}", [env / "bin" / "bentoml", "serve", "bentoml_service:Classifier",
-                                            "--port", port], {"MODEL_PATH": str(models[name]),
-                                                              "BENTOML_DO_NOT_TRACK": "true"}, cwd=BENCH / "peers")
+        server = Server(
+            f"bentoml-{name}",
+            [env / "bin" / "bentoml", "serve", "bentoml_service:Classifier", "--port", port],
+            {"MODEL_PATH": str(models[name]), "BENTOML_DO_NOT_TRACK": "true"},
+            cwd=BENCH / "peers",
+        )
         url = f"http://127.0.0.1:{port}/predict"
         if not measure_peer(results, "bentoml", name, server, url, contract_bodies(), counts, 120, json={"data": ROW}):
             return
@@ -556,8 +708,14 @@ def run_bentoml(results: Results, models: dict, requirements: str, counts: dict)
 
 def summary_line(results: Results) -> str:
     def case(server, model, concurrency, rows=1):
-        return next((c for c in results.cases if (c.server, c.model, c.concurrency, c.rows) ==
-                     (server, model, concurrency, rows)), None)
+        return next(
+            (
+                c
+                for c in results.cases
+                if (c.server, c.model, c.concurrency, c.rows) == (server, model, concurrency, rows)
+            ),
+            None,
+        )
 
     peers = [name for name in ("fastapi", "mlserver", "bentoml") if results.peers.get(name, "").startswith("ok")]
 
@@ -574,7 +732,8 @@ def summary_line(results: Results) -> str:
         "c8_ratio_vs_best_peer": ratio(8),
         "c32_ratio_vs_best_peer": ratio(32),
         "batch100_per_row_vs_floor": (batch.p50_ms * 1000 / 100) / floor_lr["batch100_per_row"]
-        if batch and floor_lr else float("nan"),
+        if batch and floor_lr
+        else float("nan"),
         "warm_deploy_s": results.deploy.get("warm_deploy_s", float("nan")),
         "cold_deploy_s": results.deploy.get("cold_deploy_s", float("nan")),
         "cold_start_s": results.deploy.get("cold_start_s", float("nan")),
@@ -596,44 +755,82 @@ def batch_rows(results: Results) -> list[str]:
 
 def write_report(results: Results, line: str, smoke: bool) -> None:
     lines = [
-        "# ServeML benchmark results", "",
+        "# ServeML benchmark results",
+        "",
         f"{'Smoke run (few requests: not for comparison)' if smoke else 'Full run'}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores. "
-        "Ratios within this run are what count.", "",
-        "## Servers", "",
-        *[f"- **{name}**: {state}" for name, state in results.peers.items()], "",
-        "## Prediction path", "",
-        "Peak RSS is the whole server process tree; ServeML's is its runtime with both models loaded.", "",
+        "Ratios within this run are what count.",
+        "",
+        "## Servers",
+        "",
+        *[f"- **{name}**: {state}" for name, state in results.peers.items()],
+        "",
+        "## Prediction path",
+        "",
+        "Peak RSS is the whole server process tree; ServeML's is its runtime with both models loaded.",
+        "",
         "| server | model | concurrency | rows/request | requests | req/s | p50 ms | p99 ms | errors | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {c.server} | {c.model} | {c.concurrency} | {c.rows} | {c.requests} | {c.rps:.0f} | {c.p50_ms:.2f} | "
-          f"{c.p99_ms:.2f} | {c.errors} | {c.peak_rss_mb:.0f} |" for c in results.cases], "",
-        "## Floor: in-process `model.predict` in the model's environment", "",
-        "| model | one row µs | per row in a batch of 100 µs |", "|---|---|---|",
-        *[f"| {m} | {f['row']:.1f} | {f['batch100_per_row']:.2f} |" for m, f in results.floor_us.items()], "",
-        "## Transport floor: uvicorn answering a constant, concurrency 1", "",
-        "What HTTP alone costs here, whatever the server does with the request.", "",
-        "| rows/request | p50 ms |", "|---|---|",
-        *[f"| {rows} | {ms:.3f} |" for rows, ms in results.transport_ms.items()], "",
-        "## Batch of 100 rows, per row", "",
+        *[
+            f"| {c.server} | {c.model} | {c.concurrency} | {c.rows} | {c.requests} | {c.rps:.0f} | {c.p50_ms:.2f} | "
+            f"{c.p99_ms:.2f} | {c.errors} | {c.peak_rss_mb:.0f} |"
+            for c in results.cases
+        ],
+        "",
+        "## Floor: in-process `model.predict` in the model's environment",
+        "",
+        "| model | one row µs | per row in a batch of 100 µs |",
+        "|---|---|---|",
+        *[f"| {m} | {f['row']:.1f} | {f['batch100_per_row']:.2f} |" for m, f in results.floor_us.items()],
+        "",
+        "## Transport floor: uvicorn answering a constant, concurrency 1",
+        "",
+        "What HTTP alone costs here, whatever the server does with the request.",
+        "",
+        "| rows/request | p50 ms |",
+        "|---|---|",
+        *[f"| {rows} | {ms:.3f} |" for rows, ms in results.transport_ms.items()],
+        "",
+        "## Batch of 100 rows, per row",
+        "",
         "A server's p50 per row of a 100-row request, against the in-process `predict` per row; the last "
         "column is what a server on the same HTTP stack could at best reach: transport floor plus `predict`, "
-        "nothing else.", "",
-        "| server | model | per row µs | × floor | transport + predict, × floor |", "|---|---|---|---|---|",
-        *batch_rows(results), "",
-        "## Deploy pipeline (local target, median of runs)", "",
-        *[f"- {key}: {value:.2f}" if isinstance(value, float) else f"- {key}: {value}"
-          for key, value in results.deploy.items()], "",
-        "## Memory", "",
+        "nothing else.",
+        "",
+        "| server | model | per row µs | × floor | transport + predict, × floor |",
+        "|---|---|---|---|---|",
+        *batch_rows(results),
+        "",
+        "## Deploy pipeline (local target, median of runs)",
+        "",
+        *[
+            f"- {key}: {value:.2f}" if isinstance(value, float) else f"- {key}: {value}"
+            for key, value in results.deploy.items()
+        ],
+        "",
+        "## Memory",
+        "",
         "The LogisticRegression's model process against a bare interpreter of its environment holding the same "
         "model. *Private* is what only that process holds (USS); RSS adds resident pages of shared libraries, "
-        "mapped from the same files by every process of the environment.", "",
+        "mapped from the same files by every process of the environment.",
+        "",
         "| process | at rest: RSS MB | private MB | after the load tests: RSS MB | private MB |",
         "|---|---|---|---|---|",
-        *[f"| {name} | " + " | ".join(f"{results.memory_mb[when][name][kind]:.1f}" for when in results.memory_mb
-                                      for kind in ("RSS", "private")) + " |"
-          for name in next(iter(results.memory_mb.values()), {})], "",
-        "```", line, "```", "",
+        *[
+            f"| {name} | "
+            + " | ".join(
+                f"{results.memory_mb[when][name][kind]:.1f}"
+                for when in results.memory_mb
+                for kind in ("RSS", "private")
+            )
+            + " |"
+            for name in next(iter(results.memory_mb.values()), {})
+        ],
+        "",
+        "```",
+        line,
+        "```",
+        "",
     ]
     (BENCH / ("results-smoke.md" if smoke else "results.md")).write_text("\n".join(lines))
     (OUT / ("results-smoke.json" if smoke else "results.json")).write_text(json.dumps(asdict(results), indent=1))
@@ -651,12 +848,22 @@ def chart(results: Results) -> None:
         return
     servers = list(dict.fromkeys(c.server for c in results.cases))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, model in zip(axes, ("lr", "rf")):
+    for axis, model in zip(axes, ("lr", "rf"), strict=True):
         for offset, server in enumerate(servers):
-            values = [next((c.rps for c in results.cases if (c.server, c.model, c.concurrency, c.rows) ==
-                            (server, model, conc, 1)), 0) for conc in (1, 8, 32)]
-            axis.bar([i + offset * 0.8 / len(servers) for i in range(3)], values, width=0.8 / len(servers),
-                     label=server)
+            values = [
+                next(
+                    (
+                        c.rps
+                        for c in results.cases
+                        if (c.server, c.model, c.concurrency, c.rows) == (server, model, conc, 1)
+                    ),
+                    0,
+                )
+                for conc in (1, 8, 32)
+            ]
+            axis.bar(
+                [i + offset * 0.8 / len(servers) for i in range(3)], values, width=0.8 / len(servers), label=server
+            )
         axis.set_xticks([i + 0.4 - 0.4 / len(servers) for i in range(3)], ["c1", "c8", "c32"])
         axis.set_title(f"{'LogisticRegression' if model == 'lr' else 'RandomForest(10)'}: requests/s, 1 row")
         axis.legend()
@@ -668,8 +875,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="few requests, ServeML and FastAPI only")
     args = parser.parse_args(argv)
-    counts = ({"warmup": 20, "c1": 50, "c8": 100, "c32": 100, "batch": 20, "floor": 50} if args.smoke else
-              {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000})
+    counts = (
+        {"warmup": 20, "c1": 50, "c8": 100, "c32": 100, "batch": 20, "floor": 50}
+        if args.smoke
+        else {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000}
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     import sklearn
 
@@ -682,8 +892,10 @@ def main(argv=None) -> int:
 
     X, y = corpus.iris()
     models = {}
-    for name, model in {"rf": RandomForestClassifier(n_estimators=10, random_state=0),
-                        "lr": LogisticRegression(max_iter=500)}.items():
+    for name, model in {
+        "rf": RandomForestClassifier(n_estimators=10, random_state=0),
+        "lr": LogisticRegression(max_iter=500),
+    }.items():
         models[name] = OUT / f"{name}.pkl"
         models[name].write_bytes(pickle.dumps(model.fit(X, y)))
 

@@ -26,10 +26,30 @@ class DeploymentAdmin(admin.ModelAdmin):
     inlines = [DeploymentEventInline]
     actions = ["redeploy", "stop"]
     readonly_fields = [
-        "public_id", "status", "stage", "error", "model_file", "model_filename", "model_format", "model_sha256",
-        "requirements_file", "requirements_filename", "environment_key", "signature", "example_request",
-        "example_response", "artifact", "endpoint_url", "image_uri", "function_arn", "api_id",
-        "created_at", "updated_at", "claimed_at", "ready_at", "stopped_at",
+        "public_id",
+        "status",
+        "stage",
+        "error",
+        "model_file",
+        "model_filename",
+        "model_format",
+        "model_sha256",
+        "requirements_file",
+        "requirements_filename",
+        "environment_key",
+        "signature",
+        "example_request",
+        "example_response",
+        "artifact",
+        "endpoint_url",
+        "image_uri",
+        "function_arn",
+        "api_id",
+        "created_at",
+        "updated_at",
+        "claimed_at",
+        "ready_at",
+        "stopped_at",
     ]
 
     @admin.action(description="Redeploy the selected deployments")
@@ -51,8 +71,12 @@ class DeploymentAdmin(admin.ModelAdmin):
                     count += 1
                 except StageError as exc:
                     self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
-        self.message_user(request, f"{count} deployment(s) stopped (aws ones once a worker has deleted their "
-                                   "resources: their status is 'stopping' until then).", messages.SUCCESS)
+        self.message_user(
+            request,
+            f"{count} deployment(s) stopped (aws ones once a worker has deleted their "
+            "resources: their status is 'stopping' until then).",
+            messages.SUCCESS,
+        )
 
 
 @admin.register(DeploymentEvent)

@@ -35,7 +35,11 @@ class DeploymentDetailSerializer(DeploymentSerializer):
 
     class Meta(DeploymentSerializer.Meta):
         fields = DeploymentSerializer.Meta.fields + [
-            "is_private", "signature", "example_request", "model_sha256", "events",
+            "is_private",
+            "signature",
+            "example_request",
+            "model_sha256",
+            "events",
         ]
 
 

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 import uuid
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from django.conf import settings
@@ -55,7 +55,9 @@ class Environment:
 def _python_tag(python: str) -> str:
     out = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip()
 
@@ -126,8 +128,17 @@ def uv_env() -> dict[str, str]:
     }
     if settings.SERVEML_PACKAGE_INDEX_URL:
         env["UV_DEFAULT_INDEX"] = settings.SERVEML_PACKAGE_INDEX_URL
-    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY",
-                 "https_proxy", "http_proxy", "no_proxy"):
+    for name in (
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "no_proxy",
+    ):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -139,8 +150,16 @@ def _build(staging: Path, requirements: Requirements) -> str:
     commands = [
         [uv, "venv", "--quiet", "--relocatable", "--python", settings.SERVEML_ENV_PYTHON, str(staging)],
         [
-            uv, "pip", "install", "--python", str(staging / "bin" / "python"),
-            "--only-binary", ":all:", "--no-progress", "-r", str(staging / "requirements.txt"),
+            uv,
+            "pip",
+            "install",
+            "--python",
+            str(staging / "bin" / "python"),
+            "--only-binary",
+            ":all:",
+            "--no-progress",
+            "-r",
+            str(staging / "requirements.txt"),
             # No --compile-bytecode: uv would start the new environment's own interpreter
             # here, on the host, and run any .pth file a package ships.
         ],
@@ -179,7 +198,10 @@ def _compile_in_sandbox(staging: Path) -> str:
     limits = sandbox.Limits(memory_bytes=2 * 1024**3, cpu_seconds=600, file_bytes=512 * 1024**2)
     inside = sandbox.INSIDE_ENV if not sandbox.is_disabled() else staging
     launched = sandbox.launch(
-        uid=sandbox.builder_uid(), environment=staging, writable_environment=True, limits=limits,
+        uid=sandbox.builder_uid(),
+        environment=staging,
+        writable_environment=True,
+        limits=limits,
         args=["-m", "compileall", "-q", "-q", str(inside / "lib")],
     )
     result = sandbox.run(launched, wall_seconds=settings.SERVEML_ENV_INSTALL_TIMEOUT_S)
@@ -204,7 +226,7 @@ def _chown_tree(root: Path, uid: int) -> None:
 def _seal(root: Path) -> None:
     """ServeML owns the environment; sandboxes (other uids) may read and run it, never change it."""
     _chown_tree(root, os.geteuid())
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o755)
         for name in files:
             path = os.path.join(folder, name)

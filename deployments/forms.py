@@ -1,5 +1,4 @@
 from django import forms
-from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 from django.template.defaultfilters import filesizeformat
 
@@ -7,8 +6,8 @@ from deployments.allowlist import allowed_packages
 from deployments.inspection import InspectionError, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline import aws
-from deployments.services import deployment_create, display_name
 from deployments.requirements import RequirementsError, parse_requirements
+from deployments.services import deployment_create, display_name
 
 
 class DeploymentForm(forms.Form):
@@ -22,7 +21,9 @@ class DeploymentForm(forms.Form):
     requirements_file = forms.FileField(
         label="requirements.txt",
         help_text="One package per line, pinned: scikit-learn==1.5.2. No options, URLs or paths.",
-        error_messages={"empty": "requirements.txt is empty. List what the model needs, at least scikit-learn==<version>."},
+        error_messages={
+            "empty": "requirements.txt is empty. List what the model needs, at least scikit-learn==<version>."
+        },
     )
     name = forms.CharField(max_length=100, required=False, help_text="Optional; defaults to the model's file name.")
     target = forms.ChoiceField(choices=Deployment.Target.choices, initial=Deployment.Target.LOCAL, required=False)
@@ -38,8 +39,10 @@ class DeploymentForm(forms.Form):
         for field, limit in self.oversized.items():
             if field in self.fields:
                 self._errors[field] = self.error_class(
-                    [f"This file is larger than the {filesizeformat(limit)} limit. Upload a smaller file "
-                     "(an operator can raise SERVEML_MAX_UPLOAD_BYTES)."]
+                    [
+                        f"This file is larger than the {filesizeformat(limit)} limit. Upload a smaller file "
+                        "(an operator can raise SERVEML_MAX_UPLOAD_BYTES)."
+                    ]
                 )
                 self.cleaned_data.pop(field, None)
 

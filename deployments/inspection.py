@@ -310,7 +310,7 @@ class _Input:
     def readline(self) -> bytes:
         """Up to and including the next newline, or to the end of the data."""
         pieces, size = [], 0
-        while available := self._available():
+        while self._available():
             end = self._buffer.find(b"\n", self._offset)
             stop = len(self._buffer) if end < 0 else end + 1
             pieces.append(self._buffer[self._offset : stop])
@@ -691,9 +691,7 @@ class _Walker:
     def _contain(self, items):
         # By identity (_import hands out the one WRAPPER object): `in` would call Global.__eq__ per item.
         if any(map(operator.is_, items, itertools.repeat(WRAPPER))):
-            raise _refused(
-                "passes joblib's array wrapper class around as a value, which joblib.dump never does"
-            )
+            raise _refused("passes joblib's array wrapper class around as a value, which joblib.dump never does")
         return items
 
     def load_empty_tuple(self):
@@ -759,7 +757,7 @@ class _Walker:
     def _set_items(self, target, items: list) -> None:
         if len(items) % 2:
             raise IndexError("an odd number of dict items")
-        for key, value in zip(items[::2], items[1::2]):
+        for key, value in zip(items[::2], items[1::2], strict=True):
             if key == SKLEARN_VERSION_KEY and type(value) is str and len(value) <= 64:
                 self.result.sklearn_versions.add(value)
             if type(target) is _Dict:
@@ -941,8 +939,14 @@ WRAPPER_ATTRIBUTES = {"subclass", "shape", "order", "dtype", "allow_mmap", "nump
 DTYPE_CODE = re.compile(r"([biufcmMOSUV])(0|[1-9][0-9]{0,9})")
 # Item sizes numpy gives the fixed-size kinds, whatever the dtype state says (on 64-bit platforms).
 FIXED_ITEMSIZES = {
-    "b": {1: 1}, "i": {1: 1, 2: 2, 4: 4, 8: 8}, "u": {1: 1, 2: 2, 4: 4, 8: 8}, "f": {2: 2, 4: 4, 8: 8, 16: 16},
-    "c": {8: 8, 16: 16, 32: 32}, "M": {8: 8}, "m": {8: 8}, "O": {4: 8, 8: 8},
+    "b": {1: 1},
+    "i": {1: 1, 2: 2, 4: 4, 8: 8},
+    "u": {1: 1, 2: 2, 4: 4, 8: 8},
+    "f": {2: 2, 4: 4, 8: 8, 16: 16},
+    "c": {8: 8, 16: 16, 32: 32},
+    "M": {8: 8},
+    "m": {8: 8},
+    "O": {4: 8, 8: 8},
 }
 NPY_ITEM_HASOBJECT = 0x01
 
@@ -992,8 +996,13 @@ def _dtype_layout(dtype) -> tuple[int, bool]:
     match = DTYPE_CODE.fullmatch(args[0])
     if not match:
         raise _unreadable_array("its dtype code is not one numpy writes")
-    if not (type(state) is tuple and len(state) in (8, 9) and all(type(state[i]) is int for i in (0, 5, 7))
-            and state[0] in (3, 4) and -128 <= state[7] < 2**64):
+    if not (
+        type(state) is tuple
+        and len(state) in (8, 9)
+        and all(type(state[i]) is int for i in (0, 5, 7))
+        and state[0] in (3, 4)
+        and -128 <= state[7] < 2**64
+    ):
         raise _unreadable_array("its dtype state is not one numpy writes")
     kind, size = match.group(1), int(match.group(2))
     if kind in "SUV":
@@ -1052,16 +1061,28 @@ def _read_schema(stream: BinaryIO) -> bytes:
             info = archive.getinfo("schema.json")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 # zipfile inflates bz2 and lzma members whole, whatever size is asked for.
-                raise _skops_refused("its schema.json is compressed with bz2 or lzma; save it with the default "
-                                     "compression")
+                raise _skops_refused(
+                    "its schema.json is compressed with bz2 or lzma; save it with the default compression"
+                )
             if info.file_size > MAX_SCHEMA_BYTES:
                 raise _skops_refused(f"its schema.json is larger than {MAX_SCHEMA_BYTES // MiB} MiB")
             with archive.open(info) as member:
                 data = _read_at_most(member, MAX_SCHEMA_BYTES + 1)  # the recorded size may lie
     except InspectionError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OverflowError, OSError, EOFError,
-            zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        KeyError,
+        ValueError,
+        OverflowError,
+        OSError,
+        EOFError,
+        zlib.error,
+        lzma.LZMAError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         raise InspectionError(f"The model file is a damaged skops file or not one ({exc}). {REUPLOAD}") from None
     if len(data) > MAX_SCHEMA_BYTES:
         raise _skops_refused(f"its schema.json expands past {MAX_SCHEMA_BYTES // MiB} MiB")

@@ -69,7 +69,10 @@ def _refusal(line: str) -> str:
         if option in {"-r", "--requirement", "-c", "--constraint"}:
             return f"`{option}` is not allowed: list every package in this one file instead of including another."
         if option in {"-e", "--editable"}:
-            return f"`{option}` is not allowed: editable installs build code from a path or URL. Pin a released version instead."
+            return (
+                f"`{option}` is not allowed: editable installs build code from a path or URL. "
+                "Pin a released version instead."
+            )
         return f"`{option}` is a pip option, and options are not allowed in requirements.txt."
     if re.match(rf"^{NAME}(\[[^\]]*\])?\s*@", stripped):
         return "direct references (name @ url) are not allowed: pin a released version instead (name==version)."

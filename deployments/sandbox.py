@@ -70,8 +70,13 @@ class Launch:
     def popen_kwargs(self) -> dict:
         # start_new_session instead of a preexec_fn: it is applied by the C child code,
         # safe with threads, and makes the whole box one process group for kill_group.
-        return {"env": self.env, "cwd": self.cwd, "pass_fds": self.pass_fds, "close_fds": True,
-                "start_new_session": True}
+        return {
+            "env": self.env,
+            "cwd": self.cwd,
+            "pass_fds": self.pass_fds,
+            "close_fds": True,
+            "start_new_session": True,
+        }
 
     def started(self) -> None:
         """The child has its copies of the descriptors: close ours."""
@@ -133,8 +138,14 @@ def _probe() -> str:
             "SERVEML_SANDBOX=off."
         )
     trial = _argv(
-        uid=builder_uid(), environment=None, work=None, binds={}, data={}, writable_environment=False,
-        limits=Limits(memory_bytes=256 * 1024**2, cpu_seconds=5), command=["/usr/bin/true"],
+        uid=builder_uid(),
+        environment=None,
+        work=None,
+        binds={},
+        data={},
+        writable_environment=False,
+        limits=Limits(memory_bytes=256 * 1024**2, cpu_seconds=5),
+        command=["/usr/bin/true"],
     )
     try:
         done = subprocess.run(trial, capture_output=True, text=True, timeout=20, env=_scrubbed_env())
@@ -182,8 +193,12 @@ def _interpreter_home(environment: Path) -> Path | None:
 
 def _prlimit(limits: Limits) -> list[str]:
     argv = [
-        "prlimit", f"--as={limits.memory_bytes}", f"--nproc={limits.processes}",
-        f"--fsize={limits.file_bytes}", f"--nofile={limits.open_files}", "--core=0",
+        "prlimit",
+        f"--as={limits.memory_bytes}",
+        f"--nproc={limits.processes}",
+        f"--fsize={limits.file_bytes}",
+        f"--nofile={limits.open_files}",
+        "--core=0",
     ]
     if limits.cpu_seconds:
         argv.append(f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}")
@@ -192,12 +207,41 @@ def _prlimit(limits: Limits) -> list[str]:
 
 def _argv(*, uid, environment, work, binds, data, writable_environment, limits, command) -> list[str]:
     argv = [
-        "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--die-with-parent", "--new-session", "--hostname", "sandbox",
-        "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-        "--symlink", "usr/bin", "/bin", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-        "--proc", "/proc", "--dev", "/dev",
-        "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
+        "bwrap",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--ro-bind-try",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.cache",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(limits.tmp_bytes),
+        "--tmpfs",
+        "/tmp",
     ]
     if environment is not None:
         home = _interpreter_home(environment)
@@ -212,9 +256,17 @@ def _argv(*, uid, environment, work, binds, data, writable_environment, limits, 
     argv += ["--chdir", str(INSIDE_WORK), "--"]
     argv += _prlimit(limits)
     argv += [
-        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-        "--bounding-set=-all", "--no-new-privs", "--",
-        "unshare", "--user", "--",
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        "unshare",
+        "--user",
+        "--",
     ]
     return argv + command
 
@@ -243,7 +295,7 @@ def launch(
     files, binds = files or {}, binds or {}
     for name in [*files, *binds]:
         _check_name(name)
-    for name, path in binds.items():
+    for path in binds.values():
         if not os.stat(path).st_mode & 0o004:
             raise ValueError(f"{path} is bound into a sandbox without a copy, so it must be world-readable")
     if is_disabled():
@@ -251,8 +303,16 @@ def launch(
     check()
     fds = {name: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for name, path in files.items()}
     command = [str(INSIDE_ENV / "bin" / "python"), "-I", "-B", *args]
-    argv = _argv(uid=uid, environment=environment, work=INSIDE_WORK, binds=binds, data=fds,
-                 writable_environment=writable_environment, limits=limits, command=command)
+    argv = _argv(
+        uid=uid,
+        environment=environment,
+        work=INSIDE_WORK,
+        binds=binds,
+        data=fds,
+        writable_environment=writable_environment,
+        limits=limits,
+        command=command,
+    )
     return Launch(argv=argv, env=_scrubbed_env(extra_env), cwd="/", pass_fds=tuple(fds.values()))
 
 
@@ -262,8 +322,9 @@ def _launch_unsandboxed(environment, args, limits, files, extra_env) -> Launch:
     for name, source in files.items():
         shutil.copyfile(source, workdir / name)
     argv = [*_prlimit(limits), str(environment / "bin" / "python"), "-I", "-B", *args]
-    return Launch(argv=argv, env=_scrubbed_env(extra_env, home=str(workdir)), cwd=str(workdir),
-                  cleanup=[workdir], isolated=False)
+    return Launch(
+        argv=argv, env=_scrubbed_env(extra_env, home=str(workdir)), cwd=str(workdir), cleanup=[workdir], isolated=False
+    )
 
 
 def describe(limits: Limits) -> str:
@@ -290,12 +351,17 @@ def run(launched: Launch, *, wall_seconds: float, stdin: bytes | None = None) ->
     try:
         try:
             proc = subprocess.Popen(
-                launched.argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **launched.popen_kwargs(),
+                launched.argv,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                **launched.popen_kwargs(),
             )
         except OSError as exc:  # a tool vanished since the host was checked
-            raise SandboxUnavailable(f"ServeML's sandbox could not start: {exc}. Models are never loaded "
-                                     "without it; an operator must reinstall bubblewrap and util-linux.") from None
+            raise SandboxUnavailable(
+                f"ServeML's sandbox could not start: {exc}. Models are never loaded "
+                "without it; an operator must reinstall bubblewrap and util-linux."
+            ) from None
         launched.started()
         try:
             out, err = proc.communicate(stdin, timeout=wall_seconds)

@@ -36,8 +36,14 @@ def _lease() -> timedelta:
 
 def _enqueue(deployment: Deployment) -> None:
     """Run the pipeline from its first stage once the transaction commits (a new upload, a redeploy)."""
-    deployment_update(deployment=deployment, completed_stages=[], claim_token="", lease_expires_at=None,
-                      interruptions=0, enqueued_at=None)
+    deployment_update(
+        deployment=deployment,
+        completed_stages=[],
+        claim_token="",
+        lease_expires_at=None,
+        interruptions=0,
+        enqueued_at=None,
+    )
     transaction.on_commit(lambda: _send(deployment.pk, "deploy"))
 
 
@@ -55,10 +61,15 @@ def _send(deployment_id: int, task_name: str, *, quiet: bool = False) -> bool:
         Deployment.objects.filter(pk=deployment_id).update(enqueued_at=None)
         if not quiet:
             what = "queued" if task_name == "deploy" else "teardown queued"
-            DeploymentEvent.objects.create(deployment_id=deployment_id, stage="", level="warning", message=(
-                f"{what}; will start when the broker is back (Redis did not answer). Nothing is lost: "
-                "ServeML sends it to a worker as soon as the broker answers again."
-            ))
+            DeploymentEvent.objects.create(
+                deployment_id=deployment_id,
+                stage="",
+                level="warning",
+                message=(
+                    f"{what}; will start when the broker is back (Redis did not answer). Nothing is lost: "
+                    "ServeML sends it to a worker as soon as the broker answers again."
+                ),
+            )
         return False
     Deployment.objects.filter(pk=deployment_id).update(enqueued_at=timezone.now())
     return True
@@ -179,15 +190,15 @@ def deployment_fail(
     """Fail the deployment with a message for the user; with `token`, only while that task holds it."""
     if token is not None and not _held(deployment, token).select_for_update().exists():
         raise ClaimLost(deployment.pk)
-    deployment_update(deployment=deployment, status=Status.FAILED, error=message, claim_token="",
-                      lease_expires_at=None)
+    deployment_update(deployment=deployment, status=Status.FAILED, error=message, claim_token="", lease_expires_at=None)
     deployment_record_event(deployment=deployment, stage=stage, level="error", message=message, duration_ms=duration_ms)
 
 
 @transaction.atomic
 def deployment_mark_ready(*, deployment: Deployment, token: str) -> None:
-    if not _held(deployment, token).update(status=Status.READY, ready_at=timezone.now(), claim_token="",
-                                           lease_expires_at=None, updated_at=timezone.now()):
+    if not _held(deployment, token).update(
+        status=Status.READY, ready_at=timezone.now(), claim_token="", lease_expires_at=None, updated_at=timezone.now()
+    ):
         raise ClaimLost(deployment.pk)
     deployment.refresh_from_db()
     deployment_record_event(deployment=deployment, stage="", message=f"ready: {deployment.endpoint_url}")
@@ -232,17 +243,30 @@ def _take_back(row: Deployment, now, *, resend: bool = True) -> str:
     stopping = row.status == Status.STOPPING
     stage = Deployment.Stage.TEARDOWN if stopping else row.stage
     where = f"the {stage} stage" if stage else "its first stage"
-    same = Deployment.objects.filter(pk=row.pk, status=row.status, claim_token=row.claim_token,
-                                     lease_expires_at=row.lease_expires_at)
+    same = Deployment.objects.filter(
+        pk=row.pk, status=row.status, claim_token=row.claim_token, lease_expires_at=row.lease_expires_at
+    )
     with transaction.atomic():
         if attempts < limit:
-            if not same.update(claim_token="", lease_expires_at=None, interruptions=attempts, enqueued_at=None,
-                               status=row.status if stopping else Status.QUEUED, updated_at=now):
+            if not same.update(
+                claim_token="",
+                lease_expires_at=None,
+                interruptions=attempts,
+                enqueued_at=None,
+                status=row.status if stopping else Status.QUEUED,
+                updated_at=now,
+            ):
                 return ""
-            deployment_record_event(deployment=row, stage=stage, level="warning", message=(
-                f"the worker {'stopping' if stopping else 'running'} it stopped during {where}; ServeML started "
-                f"it again (attempt {attempts + 1} of {limit}), {'from the teardown' if stopping else 'resuming there'}"
-            ))
+            deployment_record_event(
+                deployment=row,
+                stage=stage,
+                level="warning",
+                message=(
+                    f"the worker {'stopping' if stopping else 'running'} it stopped during {where}; ServeML started "
+                    f"it again (attempt {attempts + 1} of {limit}), "
+                    f"{'from the teardown' if stopping else 'resuming there'}"
+                ),
+            )
             if resend:
                 transaction.on_commit(lambda: _send(row.pk, "stop" if stopping else "deploy"))
             return "requeued"
@@ -250,14 +274,19 @@ def _take_back(row: Deployment, now, *, resend: bool = True) -> str:
             return ""
         why = "this when they run out of memory or are restarted: an operator can find why in the worker's log"
         if stopping:
-            deployment_stop_failed(deployment=Deployment.objects.get(pk=row.pk), message=(
-                f"The worker stopping it stopped {attempts} times; ServeML gave up. Workers stop like {why}."
-            ))
+            deployment_stop_failed(
+                deployment=Deployment.objects.get(pk=row.pk),
+                message=(f"The worker stopping it stopped {attempts} times; ServeML gave up. Workers stop like {why}."),
+            )
         else:
-            deployment_fail(deployment=Deployment.objects.get(pk=row.pk), stage=row.stage, message=(
-                f"The worker running it stopped {attempts} times (the last time during {where}); ServeML gave up. "
-                f"Workers stop like {why}, then redeploy it."
-            ))
+            deployment_fail(
+                deployment=Deployment.objects.get(pk=row.pk),
+                stage=row.stage,
+                message=(
+                    f"The worker running it stopped {attempts} times (the last time during {where}); ServeML gave up. "
+                    f"Workers stop like {why}, then redeploy it."
+                ),
+            )
         return "failed"
 
 
@@ -310,8 +339,14 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
         # Conditional, so two clicks queue one teardown.
         moved = Deployment.objects.filter(
             pk=deployment.pk, status__in=[Deployment.Status.READY, Deployment.Status.FAILED]
-        ).update(status=Deployment.Status.STOPPING, claim_token="", lease_expires_at=None, interruptions=0,
-                 enqueued_at=None, updated_at=timezone.now())
+        ).update(
+            status=Deployment.Status.STOPPING,
+            claim_token="",
+            lease_expires_at=None,
+            interruptions=0,
+            enqueued_at=None,
+            updated_at=timezone.now(),
+        )
         if moved:
             deployment.status = Deployment.Status.STOPPING
             deployment_record_event(
@@ -325,8 +360,14 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
 def deployment_stop_failed(*, deployment: Deployment, message: str) -> None:
     """The teardown gave up: the deployment shows why, and can be stopped again."""
     error = f"Stopping failed: {message} Some of its AWS resources may remain; stop it again once this is fixed."
-    deployment_update(deployment=deployment, status=Deployment.Status.FAILED, stage=Deployment.Stage.TEARDOWN,
-                      error=error, claim_token="", lease_expires_at=None)
+    deployment_update(
+        deployment=deployment,
+        status=Deployment.Status.FAILED,
+        stage=Deployment.Stage.TEARDOWN,
+        error=error,
+        claim_token="",
+        lease_expires_at=None,
+    )
     deployment_record_event(deployment=deployment, stage=Deployment.Stage.TEARDOWN, level="error", message=error)
 
 
@@ -343,8 +384,13 @@ def deployment_stop(*, deployment: Deployment) -> str:
     else:
         summary = local.teardown(deployment)
     with transaction.atomic():
-        deployment_update(deployment=deployment, status=Deployment.Status.STOPPED, stopped_at=timezone.now(),
-                          claim_token="", lease_expires_at=None)
+        deployment_update(
+            deployment=deployment,
+            status=Deployment.Status.STOPPED,
+            stopped_at=timezone.now(),
+            claim_token="",
+            lease_expires_at=None,
+        )
         deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")
     return summary
 
@@ -362,8 +408,14 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
     if deployment.status in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
         return  # a task owns it
     deployment_update(
-        deployment=deployment, status=Deployment.Status.QUEUED, stage="", error="", endpoint_url="",
-        claimed_at=None, ready_at=None, stopped_at=None,
+        deployment=deployment,
+        status=Deployment.Status.QUEUED,
+        stage="",
+        error="",
+        endpoint_url="",
+        claimed_at=None,
+        ready_at=None,
+        stopped_at=None,
     )
     deployment_record_event(deployment=deployment, stage="", message="redeploy requested")
     if deployment.target == Deployment.Target.LOCAL:
@@ -435,10 +487,14 @@ def deployment_key_create(*, deployment: Deployment, name: str) -> tuple[Deploym
         deployment_update(deployment=deployment, is_private=True)
     deployment_record_event(deployment=deployment, stage="", message=f"API key {key} created")
     made_private = not active and deployment.is_private
-    _access_changed(deployment, pending=(
-        f"it will need an API key such as {key} once that is done; until then it still answers without one"
-        if made_private else f"key {key} works once that is done"
-    ))
+    _access_changed(
+        deployment,
+        pending=(
+            f"it will need an API key such as {key} once that is done; until then it still answers without one"
+            if made_private
+            else f"key {key} works once that is done"
+        ),
+    )
     return key, raw
 
 
@@ -460,10 +516,14 @@ def deployment_set_private(*, deployment: Deployment, private: bool) -> None:
     else:
         message = "endpoint is private: calls need an API key" if private else "endpoint is public"
     deployment_record_event(deployment=deployment, stage="", message=message)
-    _access_changed(deployment, pending=(
-        "until that is done, it still answers calls without a key" if private
-        else "until that is done, calls without a key are still refused"
-    ))
+    _access_changed(
+        deployment,
+        pending=(
+            "until that is done, it still answers calls without a key"
+            if private
+            else "until that is done, calls without a key are still refused"
+        ),
+    )
 
 
 def deployment_access_sync(*, deployment: Deployment) -> None:
@@ -482,7 +542,9 @@ def deployment_access_sync(*, deployment: Deployment) -> None:
 
 def deployment_access_sync_failed(*, deployment: Deployment, message: str) -> None:
     deployment_record_event(
-        deployment=deployment, stage="", level="error",
+        deployment=deployment,
+        stage="",
+        level="error",
         message=(
             f"Updating the Lambda function's keys failed: {message.rstrip('.')}. The function may not reflect "
             "the latest change of keys or privacy. To retry, switch the endpoint between public and private again (or "

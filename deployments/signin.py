@@ -57,8 +57,11 @@ def throttled_response(request, response=None, credentials: dict | None = None):
     if request.path.startswith("/api/"):
         answer = JsonResponse({"error": message(seconds), "retry_after": seconds}, status=429)
     else:
-        context = {"form": AuthenticationForm(request), "throttled": message(seconds),
-                   "next": request.POST.get("next") or request.GET.get("next", "")}
+        context = {
+            "form": AuthenticationForm(request),
+            "throttled": message(seconds),
+            "next": request.POST.get("next") or request.GET.get("next", ""),
+        }
         answer = render(request, "registration/login.html", context, status=429)
     answer["Retry-After"] = str(seconds)
     return answer

@@ -44,8 +44,12 @@ def sync_access(self, deployment_id: int) -> None:
         if self.request.retries >= self.max_retries:
             services.deployment_access_sync_failed(deployment=deployment, message=str(exc))
             return
-        services.deployment_record_event(deployment=deployment, stage="", level="warning",
-                                         message=f"{exc} — retrying the update of the Lambda function's keys")
+        services.deployment_record_event(
+            deployment=deployment,
+            stage="",
+            level="warning",
+            message=f"{exc} — retrying the update of the Lambda function's keys",
+        )
         raise self.retry(countdown=backoff(self.request.retries)) from exc
     except StageError as exc:
         services.deployment_access_sync_failed(deployment=deployment, message=str(exc))

@@ -10,8 +10,11 @@ urlpatterns = [
     path("deployments/<uuid:public_id>/stop", views.deployment_stop, name="deployment-stop"),
     path("deployments/<uuid:public_id>/try", views.deployment_try, name="deployment-try"),
     path("deployments/<uuid:public_id>/keys", views.deployment_key_create, name="deployment-key-create"),
-    path("deployments/<uuid:public_id>/keys/<int:key_id>/revoke", views.deployment_key_revoke,
-         name="deployment-key-revoke"),
+    path(
+        "deployments/<uuid:public_id>/keys/<int:key_id>/revoke",
+        views.deployment_key_revoke,
+        name="deployment-key-revoke",
+    ),
     path("deployments/<uuid:public_id>/access", views.deployment_access, name="deployment-access"),
     path("signup", views.signup, name="signup"),
     path("health", views.health, name="health"),

@@ -91,8 +91,14 @@ def timeline(deployment: Deployment) -> list[dict]:
             state = "running"
         else:
             state = "pending"
-        rows.append({"stage": stage, "label": Deployment.Stage(stage).label, "state": state,
-                     "seconds": event.duration_ms / 1000 if event else None})
+        rows.append(
+            {
+                "stage": stage,
+                "label": Deployment.Stage(stage).label,
+                "state": state,
+                "seconds": event.duration_ms / 1000 if event else None,
+            }
+        )
     return rows
 
 
@@ -100,11 +106,7 @@ def curl_example(deployment: Deployment) -> str:
     if not deployment.example_request:
         return ""
     body = json.dumps(deployment.example_request)
-    return (
-        f"curl -X POST {deployment.endpoint_url} \\\n"
-        f"  -H 'Content-Type: application/json' \\\n"
-        f"  -d '{body}'"
-    )
+    return f"curl -X POST {deployment.endpoint_url} \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
 
 
 def detail_context(deployment: Deployment, **extra) -> dict:
@@ -169,12 +171,15 @@ def deployment_try(request, public_id):
         # owner's (only digests), so it cannot call a private cloud endpoint on its own.
         answer, status = (
             "This endpoint is private: paste one of its API keys in the key field to try it "
-            "(ServeML keeps only their digests, so it cannot call it for you).", None
+            "(ServeML keeps only their digests, so it cannot call it for you).",
+            None,
         )
     else:
         try:
             response = httpx.post(
-                client.server_side_url(deployment), content=body.encode(), headers=headers,
+                client.server_side_url(deployment),
+                content=body.encode(),
+                headers=headers,
                 timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
             )
             status, answer = response.status_code, response.text

@@ -205,14 +205,16 @@ SERVEML_RUNTIME_URL = os.environ.get(
 SERVEML_RUNTIME_INTERNAL_URL = os.environ.get("SERVEML_RUNTIME_INTERNAL_URL", SERVEML_RUNTIME_URL).rstrip("/")
 # Shared secret for the worker → runtime control calls (register, stop). By default derived
 # from SECRET_KEY, never SECRET_KEY itself: it travels in a header that a proxy may log.
-SERVEML_RUNTIME_TOKEN = os.environ.get("SERVEML_RUNTIME_TOKEN") or hmac.new(
-    SECRET_KEY.encode(), b"serveml.runtime.token", hashlib.sha256
-).hexdigest()
+SERVEML_RUNTIME_TOKEN = (
+    os.environ.get("SERVEML_RUNTIME_TOKEN")
+    or hmac.new(SECRET_KEY.encode(), b"serveml.runtime.token", hashlib.sha256).hexdigest()
+)
 SERVEML_MODEL_MEMORY_BYTES = env_number("SERVEML_MODEL_MEMORY_BYTES", 2 * 1024**3)
 SERVEML_PREDICT_TIMEOUT_S = env_number("SERVEML_PREDICT_TIMEOUT_S", 30.0, float)
 # Model processes of a deployment nobody called for this long are stopped (scale to zero);
 # the next request starts them again (a cold start). 0 keeps them forever.
 SERVEML_MODEL_IDLE_SECONDS = env_number("SERVEML_MODEL_IDLE_SECONDS", 900.0, float)
+
 
 # Model environments.
 def _default_env_python() -> str:
@@ -252,8 +254,8 @@ SERVEML_EXTRA_ALLOWED_GLOBALS = env_list("SERVEML_EXTRA_ALLOWED_GLOBALS")
 
 # The aws target: off until a region and a Lambda execution role are configured.
 # Credentials come the standard boto3 way (environment, ~/.aws, instance role).
-SERVEML_AWS_REGION = os.environ.get("SERVEML_AWS_REGION") or os.environ.get("AWS_REGION") or os.environ.get(
-    "AWS_DEFAULT_REGION", ""
+SERVEML_AWS_REGION = (
+    os.environ.get("SERVEML_AWS_REGION") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
 )
 SERVEML_LAMBDA_ROLE_ARN = os.environ.get("SERVEML_LAMBDA_ROLE_ARN", "")
 SERVEML_LAMBDA_MEMORY_MB = env_number("SERVEML_LAMBDA_MEMORY_MB", 1024)
@@ -289,8 +291,11 @@ SERVEML_REQUEUE_QUEUED_AFTER_S = env_number("SERVEML_REQUEUE_QUEUED_AFTER_S", 30
 SERVEML_DEPLOY_MAX_ATTEMPTS = env_number("SERVEML_DEPLOY_MAX_ATTEMPTS", 3)
 CELERY_BEAT_SCHEDULE = {
     # Expires: runs missed while no worker listened are dropped, not run in a burst later.
-    "reap-deployments": {"task": "deployments.tasks.reap", "schedule": SERVEML_REAP_INTERVAL_S,
-                         "options": {"expires": SERVEML_REAP_INTERVAL_S}},
+    "reap-deployments": {
+        "task": "deployments.tasks.reap",
+        "schedule": SERVEML_REAP_INTERVAL_S,
+        "options": {"expires": SERVEML_REAP_INTERVAL_S},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 

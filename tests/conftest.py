@@ -22,7 +22,8 @@ from django import db
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployments.allowlist import corpus
 from serveml.celery import app as celery_app
@@ -64,7 +65,10 @@ def private_media(request, settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.STORAGES = {
         **settings.STORAGES,
-        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": tmp_path / "media"}},
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path / "media"},
+        },
     }
 
 
@@ -95,8 +99,12 @@ def make_deployment(iris_rf_bytes):
 
     def make(owner, model_bytes: bytes = iris_rf_bytes, requirements: str = SKLEARN_PIN, fmt="pickle", name="iris"):
         return services.deployment_create(
-            owner=owner, name=name, target="local", model_format=fmt,
-            model_upload=upload(model_bytes), requirements_upload=upload(requirements.encode(), "requirements.txt"),
+            owner=owner,
+            name=name,
+            target="local",
+            model_format=fmt,
+            model_upload=upload(model_bytes),
+            requirements_upload=upload(requirements.encode(), "requirements.txt"),
         )
 
     return make
@@ -106,8 +114,14 @@ def make_deployment(iris_rf_bytes):
 
 
 # What a check may raise while the service it polls is starting (or restarting): "not yet".
-NOT_YET = (OSError, httpx.TransportError, RedisConnectionError, RedisTimeoutError, db.OperationalError,
-           db.InterfaceError)
+NOT_YET = (
+    OSError,
+    httpx.TransportError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    db.OperationalError,
+    db.InterfaceError,
+)
 
 
 def wait_for(check, timeout: float, what: str, log: Path | None = None):
@@ -147,7 +161,11 @@ class Service:
     def start(self):
         self.offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            self.argv,
+            env=self.env,
+            cwd=ROOT,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self
@@ -185,8 +203,11 @@ class Redis(Service):
     def __init__(self, name: str = "redis", port: int | None = None):
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        super().__init__(name, ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                "--appendonly", "no"], dict(os.environ))
+        super().__init__(
+            name,
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            dict(os.environ),
+        )
 
     def start(self):
         import redis as redis_client
@@ -238,14 +259,34 @@ class Stack:
             **(extra_env or {}),
         }
         prefix = f"{name}-" if name else ""
-        self.worker = Service(f"{prefix}worker", [
-            sys.executable, "-m", "celery", "-A", "serveml", "worker", "--concurrency=2", "--loglevel=INFO",
-            "--without-mingle", "--without-gossip", "-n", f"{name or 'worker'}@%h",
-        ], self.env)
-        self.runtime = Service(f"{prefix}runtime", [sys.executable, "manage.py", "runtime", "--port",
-                                                    str(self.runtime_port)], self.env)
-        self.beat = Service(f"{prefix}beat", [sys.executable, "-m", "celery", "-A", "serveml", "beat",
-                                              "--loglevel=INFO"], self.env) if beat else None
+        self.worker = Service(
+            f"{prefix}worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "serveml",
+                "worker",
+                "--concurrency=2",
+                "--loglevel=INFO",
+                "--without-mingle",
+                "--without-gossip",
+                "-n",
+                f"{name or 'worker'}@%h",
+            ],
+            self.env,
+        )
+        self.runtime = Service(
+            f"{prefix}runtime", [sys.executable, "manage.py", "runtime", "--port", str(self.runtime_port)], self.env
+        )
+        self.beat = (
+            Service(
+                f"{prefix}beat", [sys.executable, "-m", "celery", "-A", "serveml", "beat", "--loglevel=INFO"], self.env
+            )
+            if beat
+            else None
+        )
 
     def start(self):
         # All at once, then wait for each: their start-ups overlap.
@@ -270,8 +311,9 @@ class Stack:
         self.wait_runtime()
 
     def wait_runtime(self):
-        wait_for(lambda: httpx.get(f"{self.runtime_url}/health").status_code == 200, 30, "runtime start",
-                 self.runtime.log)
+        wait_for(
+            lambda: httpx.get(f"{self.runtime_url}/health").status_code == 200, 30, "runtime start", self.runtime.log
+        )
 
     def restart_runtime(self):
         self.runtime.stop()

@@ -47,11 +47,23 @@ def start_dockerd(log: Path) -> subprocess.Popen | None:
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
-            "dockerd", "--host", docker_url(), "--data-root", str(DATA_ROOT), "--exec-root", str(EXEC_ROOT),
-            "--pidfile", str(EXEC_ROOT) + ".pid", "--storage-driver=vfs", "--iptables=false", "--ip-masq=false",
+            "dockerd",
+            "--host",
+            docker_url(),
+            "--data-root",
+            str(DATA_ROOT),
+            "--exec-root",
+            str(EXEC_ROOT),
+            "--pidfile",
+            str(EXEC_ROOT) + ".pid",
+            "--storage-driver=vfs",
+            "--iptables=false",
+            "--ip-masq=false",
             "--bridge=none",
         ],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -77,14 +89,18 @@ def ensure_base_image(log: Path) -> str:
         with open(log, "ab") as out:
             subprocess.run(
                 ["debootstrap", "--variant=minbase", "--include=python3", "bookworm", root, DEBIAN_MIRROR],
-                stdout=out, stderr=subprocess.STDOUT, check=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=True,
             )
         shutil.rmtree(Path(root) / "var/cache/apt/archives", ignore_errors=True)
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
             subprocess.run(["tar", "-C", root, "-cf", tar.name, "."], check=True)
             client.api.import_image_from_file(
-                tar.name, repository=BASE_IMAGE.split(":")[0], tag=BASE_IMAGE.split(":")[1],
-                changes=["ENV LAMBDA_TASK_ROOT=/var/task", "WORKDIR /var/task", "CMD [\"python3\"]"],
+                tar.name,
+                repository=BASE_IMAGE.split(":")[0],
+                tag=BASE_IMAGE.split(":")[1],
+                changes=["ENV LAMBDA_TASK_ROOT=/var/task", "WORKDIR /var/task", 'CMD ["python3"]'],
             )
     return BASE_IMAGE
 

@@ -43,9 +43,18 @@ def touch(canary) -> str:
 
 # Every callable the payloads below import: what an operator would have to allow for them to load.
 DANGEROUS = [
-    ("os", "system"), ("posix", "system"), ("subprocess", "Popen"), ("builtins", "exec"), ("builtins", "eval"),
-    ("builtins", "__import__"), ("builtins", "getattr"), ("pip", "main"), ("pkgutil", "resolve_name"),
-    ("importlib", "import_module"), ("runpy", "_run_code"), ("numpy.testing._private.utils", "runstring"),
+    ("os", "system"),
+    ("posix", "system"),
+    ("subprocess", "Popen"),
+    ("builtins", "exec"),
+    ("builtins", "eval"),
+    ("builtins", "__import__"),
+    ("builtins", "getattr"),
+    ("pip", "main"),
+    ("pkgutil", "resolve_name"),
+    ("importlib", "import_module"),
+    ("runpy", "_run_code"),
+    ("numpy.testing._private.utils", "runstring"),
     ("__main__", "Reduce"),
 ]
 
@@ -84,8 +93,6 @@ def computed_global() -> bytes:
 
 def truncated(model_bytes: bytes) -> bytes:
     return model_bytes[: len(model_bytes) // 2]
-
-
 
 
 def loading_bombs(canary) -> dict[str, bytes]:
@@ -153,8 +160,14 @@ def dtype(code: str, itemsize: int = -1, flags: int = 0) -> bytes:
     return _global("numpy", "dtype") + _tuple(_str(code), FALSE, TRUE) + REDUCE + state + BUILD
 
 
-def array_wrapper(shape, dtype_bytes: bytes, alignment: int | None = None, allow_mmap: bool = False,
-                  create: bytes | None = None, **extra: bytes) -> bytes:
+def array_wrapper(
+    shape,
+    dtype_bytes: bytes,
+    alignment: int | None = None,
+    allow_mmap: bool = False,
+    create: bytes | None = None,
+    **extra: bytes,
+) -> bytes:
     """A joblib NumpyArrayWrapper and its BUILD: joblib reads the array's bytes right after it."""
     state = {
         "subclass": _global("numpy", "ndarray"),
@@ -226,8 +239,11 @@ def model_with_a_hidden_call(model, marker: str, module: str = "builtins", name:
     joblib.dump(model, buffer)
     data = buffer.getvalue()
     # The last frame runs to the final STOP (array bytes between frames keep pickletools from finding it).
-    start = next(at for at in range(len(data) - 10, -1, -1)
-                 if data[at] == 0x95 and struct.unpack("<Q", data[at + 1 : at + 9])[0] == len(data) - at - 9)
+    start = next(
+        at
+        for at in range(len(data) - 10, -1, -1)
+        if data[at] == 0x95 and struct.unpack("<Q", data[at + 1 : at + 9])[0] == len(data) - at - 9
+    )
     # Drop the final STOP (and shorten its frame): the model stays on the stack for the gadget below.
     data = data[: start + 1] + struct.pack("<Q", len(data) - start - 10) + data[start + 9 : -1]
     rest_of_frame = hidden_call(marker, module, name) + POP + STOP  # POP drops the gadget's array
@@ -253,8 +269,11 @@ def wrapper_inside_an_object_array(marker: str) -> bytes:
 
 def wrapper_built_through_copyreg(marker: str) -> bytes:
     """copyreg._reconstructor (allowlisted) makes a NumpyArrayWrapper without naming it as the callable."""
-    create = _global("copyreg", "_reconstructor") + _tuple(_global(*JOBLIB_WRAPPER), _global("builtins", "object"),
-                                                           NONE) + REDUCE
+    create = (
+        _global("copyreg", "_reconstructor")
+        + _tuple(_global(*JOBLIB_WRAPPER), _global("builtins", "object"), NONE)
+        + REDUCE
+    )
     region = diverge(runs_after=24, skips_after=0, hidden=hidden_call(marker))
     return PROTO4 + array_wrapper((24,), dtype("u1"), create=create) + region + STOP
 
@@ -270,8 +289,9 @@ def array_read_from_another_file(marker: str, filename: str) -> bytes:
     hidden = hidden_call(marker)
     size = len(hidden) + 16
     region = diverge(runs_after=0, skips_after=size, hidden=hidden)
-    return (PROTO4 + old_wrapper + BUILD + POP + array_wrapper((size,), dtype("u1")) + region
-            + POP + numpy_array() + STOP)
+    return (
+        PROTO4 + old_wrapper + BUILD + POP + array_wrapper((size,), dtype("u1")) + region + POP + numpy_array() + STOP
+    )
 
 
 def joblib_load_output(data: bytes, tmp_path, filename: str = "model.joblib") -> str:

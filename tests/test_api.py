@@ -37,7 +37,8 @@ def test_wrong_credentials_get_a_message_not_a_token(api, user):
 
 
 def test_deploy_answers_202_with_the_contract_fields(api, user, iris_rf_bytes):
-    api.credentials(HTTP_AUTHORIZATION=f"Token {api.post('/api/token', {'username': 'alice', 'password': 'correct-horse-42'}).json()['token']}")
+    token = api.post("/api/token", {"username": "alice", "password": "correct-horse-42"}).json()["token"]
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     response = api.post("/api/deploy", {**files(iris_rf_bytes), "name": "iris"}, format="multipart")
     assert response.status_code == 202
     body = response.json()
@@ -142,8 +143,8 @@ def test_thirty_wrong_passwords_in_a_row_are_throttled_with_when_to_try_again(ap
 
 
 def test_the_right_password_works_again_once_the_cool_off_has_passed(api, user, settings):
-    from datetime import timedelta
     import time
+    from datetime import timedelta
 
     settings.AXES_COOLOFF_TIME = timedelta(seconds=3)
     for n in range(30):
@@ -169,9 +170,19 @@ def test_behind_a_trusted_proxy_failures_count_against_the_address_it_saw(api, u
     settings.SERVEML_TRUSTED_PROXIES = 1
     proxy = "10.0.0.2"
     for n in range(30):  # the client makes up a new address each time, to the left of the proxy's entry
-        api.post("/api/token", {"username": f"nobody-{n}", "password": "x"}, format="json", REMOTE_ADDR=proxy,
-                 HTTP_X_FORWARDED_FOR=f"192.0.2.{n}, {ATTACKER}")
+        api.post(
+            "/api/token",
+            {"username": f"nobody-{n}", "password": "x"},
+            format="json",
+            REMOTE_ADDR=proxy,
+            HTTP_X_FORWARDED_FOR=f"192.0.2.{n}, {ATTACKER}",
+        )
     assert guess(api, "alice", "correct-horse-42", address=proxy).status_code == 200  # another client
-    locked = api.post("/api/token", {"username": "alice", "password": "correct-horse-42"}, format="json",
-                      REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR=ATTACKER)
+    locked = api.post(
+        "/api/token",
+        {"username": "alice", "password": "correct-horse-42"},
+        format="json",
+        REMOTE_ADDR=proxy,
+        HTTP_X_FORWARDED_FOR=ATTACKER,
+    )
     assert locked.status_code == 429

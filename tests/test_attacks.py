@@ -45,12 +45,16 @@ def no_enqueue(monkeypatch):
 def pth_wheel(folder: Path, canary: Path) -> Path:
     """A valid wheel of `evil-pth` 1.0 holding nothing but a .pth line that creates `canary`
     and says, on stderr, which uid it ran as."""
-    line = (f"import os, sys; sys.stderr.write('PTH-RAN uid=%d\\n' % os.getuid()); "
-            f"open({str(canary)!r}, 'w').write('pwned')\n")
+    line = (
+        f"import os, sys; sys.stderr.write('PTH-RAN uid=%d\\n' % os.getuid()); "
+        f"open({str(canary)!r}, 'w').write('pwned')\n"
+    )
     files = {
         "evil_pth.pth": line.encode(),
         "evil_pth-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: evil-pth\nVersion: 1.0\n",
-        "evil_pth-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "evil_pth-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = []
     for name, data in files.items():
@@ -84,12 +88,15 @@ def hostile_index(tmp_path):
 
 
 def test_the_package_list_refuses_an_unreviewed_package_and_says_who_can_add_it(settings):
-    with pytest.raises(RequirementsError, match="evil-pth is not on this ServeML's list of reviewed packages.*"
-                                                "ask an operator to review it and add it"):
-        parse_requirements("evil-pth==1.0\nscikit-learn==1.5.2\n",
-                           allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
-    parse_requirements(SKLEARN_PIN + "numpy\npandas\nscipy\njoblib\nskops\nthreadpoolctl\n",
-                       allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+    with pytest.raises(
+        RequirementsError,
+        match="evil-pth is not on this ServeML's list of reviewed packages.*ask an operator to review it and add it",
+    ):
+        parse_requirements("evil-pth==1.0\nscikit-learn==1.5.2\n", allowed_packages=settings.SERVEML_ALLOWED_PACKAGES)
+    parse_requirements(
+        SKLEARN_PIN + "numpy\npandas\nscipy\njoblib\nskops\nthreadpoolctl\n",
+        allowed_packages=settings.SERVEML_ALLOWED_PACKAGES,
+    )
 
 
 def test_a_pth_package_never_runs_on_the_host_while_its_environment_is_built(hostile_index, settings, tmp_path):
@@ -101,8 +108,12 @@ def test_a_pth_package_never_runs_on_the_host_while_its_environment_is_built(hos
     site = next(environment.path.glob("lib/python*/site-packages"))
     assert (site / "evil_pth.pth").exists()  # installed, so the interpreter runs it at every start
     # Started in the sandbox, it runs, as the deployment's uid, and cannot reach the host's folder.
-    launched = sandbox.launch(uid=sandbox.uid_for(5), environment=environment.path, args=["-c", "pass"],
-                              limits=sandbox.Limits(memory_bytes=1024**3, cpu_seconds=10))
+    launched = sandbox.launch(
+        uid=sandbox.uid_for(5),
+        environment=environment.path,
+        args=["-c", "pass"],
+        limits=sandbox.Limits(memory_bytes=1024**3, cpu_seconds=10),
+    )
     result = sandbox.run(launched, wall_seconds=30)
     assert f"PTH-RAN uid={65534}" in result.stderr.decode()  # nobody inside its own user namespace
     assert not canary.exists()
@@ -121,8 +132,10 @@ def joblib_with_hidden_call(canary: Path) -> bytes:
     hidden = numpy.empty(1, dtype=object)
     hidden[0] = payloads.Reduce(__import__("os").system, f"touch {canary}")
     buffer = io.BytesIO()
-    joblib.dump({"model": __import__("deployments.allowlist.corpus", fromlist=["x"]).logistic_regression(),
-                 "extra": hidden}, buffer)
+    joblib.dump(
+        {"model": __import__("deployments.allowlist.corpus", fromlist=["x"]).logistic_regression(), "extra": hidden},
+        buffer,
+    )
     return buffer.getvalue()
 
 
@@ -134,15 +147,12 @@ def as_if_the_scan_missed(deployment, model_bytes: bytes, missed: set[tuple[str,
 
 
 @pytest.mark.parametrize("joblib_pin", ["", "joblib==1.5.2\n"])
-def test_a_call_the_scan_missed_is_refused_by_the_loader_in_the_sandbox(
-    user, make_deployment, tmp_path, joblib_pin
-):
+def test_a_call_the_scan_missed_is_refused_by_the_loader_in_the_sandbox(user, make_deployment, tmp_path, joblib_pin):
     """joblib 1.6 reads object arrays with a second pure-Python unpickler, older ones with plain
     pickle.load (1.5 and older): both paths go through the restricted loader."""
     canary = tmp_path / "canary"
     model_bytes = joblib_with_hidden_call(canary)
-    deployment = make_deployment(user, model_bytes=model_bytes, fmt="joblib",
-                                 requirements=SKLEARN_PIN + joblib_pin)
+    deployment = make_deployment(user, model_bytes=model_bytes, fmt="joblib", requirements=SKLEARN_PIN + joblib_pin)
     as_if_the_scan_missed(deployment, model_bytes, {("posix", "system")})
     stages.environment(deployment)
     with pytest.raises(StageError, match="imports posix.system, which ServeML did not check and allow"):
@@ -173,6 +183,7 @@ def test_the_loader_maps_the_bare_loss_module_to_scikit_learns_own(tmp_path):
 
 def ndarray_wrapper_pointing_at(path: Path) -> bytes:
     """joblib < 0.10's format: the wrapper names a file that joblib loads with np.load(allow_pickle=True)."""
+
     def text(value: str) -> bytes:
         data = value.encode()
         return b"\x8c" + bytes([len(data)]) + data
@@ -189,8 +200,11 @@ def test_an_ndarray_wrapper_pointing_at_itself_or_another_upload_is_refused(user
         with pytest.raises(StageError, match="joblib.numpy_pickle_compat.NDArrayWrapper"):
             stages.inspect(deployment)
         # And were the scan fooled, the loader refuses it too.
-        services.deployment_update(deployment=deployment, model_format="joblib", allowed_globals=[
-            ["joblib.numpy_pickle", "NumpyArrayWrapper"], ["numpy", "ndarray"]])
+        services.deployment_update(
+            deployment=deployment,
+            model_format="joblib",
+            allowed_globals=[["joblib.numpy_pickle", "NumpyArrayWrapper"], ["numpy", "ndarray"]],
+        )
         stages.environment(deployment)
         with pytest.raises(StageError, match="imports joblib.numpy_pickle_compat.NDArrayWrapper, which ServeML"):
             stages.validate(deployment)

@@ -25,15 +25,28 @@ def no_enqueue(monkeypatch):
 
 @pytest.fixture
 def cloud(settings, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": REGION}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
         monkeypatch.setenv(name, value)
     with mock_aws():
         aws.account_id.cache_clear()
         role = boto3.client("iam", region_name=REGION).create_role(
             RoleName="serveml-lambda",
-            AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+            AssumeRolePolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "lambda.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
         )["Role"]["Arn"]
         settings.SERVEML_AWS_REGION = REGION
         settings.SERVEML_LAMBDA_ROLE_ARN = role
@@ -107,7 +120,9 @@ def test_provision_creates_the_function_and_the_http_api_in_front_of_it(cloud, p
     assert "arm64" in summary
 
 
-@pytest.mark.parametrize("step", ["ensure_api", "ensure_integration", "ensure_route", "ensure_stage", "ensure_permission"])
+@pytest.mark.parametrize(
+    "step", ["ensure_api", "ensure_integration", "ensure_route", "ensure_stage", "ensure_permission"]
+)
 def test_a_provision_interrupted_after_any_step_completes_when_rerun(cloud, pushed, monkeypatch, step):
     real = getattr(aws, step)
 
@@ -217,7 +232,9 @@ class Throttle:
     clients; the `cloud` fixture's own ones stay unthrottled for the test's checks."""
 
     def __init__(self, monkeypatch):
-        self.clients = {name: boto3.client(name, region_name=REGION) for name in ("ecr", "lambda", "apigatewayv2", "sts")}
+        self.clients = {
+            name: boto3.client(name, region_name=REGION) for name in ("ecr", "lambda", "apigatewayv2", "sts")
+        }
         self.rules, self.calls = {}, []
         monkeypatch.setattr(aws, "client", lambda service: self.clients[service])
         for client in self.clients.values():
@@ -235,8 +252,10 @@ class Throttle:
         self.calls.append(model.name)
         if model.name in self.rules and self.calls.count(model.name) > self.rules[model.name]:
             http = type("Answer", (), {"status_code": 400, "headers": {}})()
-            return http, {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
-                          "ResponseMetadata": {"HTTPStatusCode": 400}}
+            return http, {
+                "Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
         return None
 
 
@@ -266,8 +285,19 @@ def test_a_teardown_whose_list_call_stays_throttled_fails_with_why_and_can_be_st
     assert counts(cloud, deployment) == {"apis": 0, "functions": 0}
 
 
-@pytest.mark.parametrize("operation", ["GetApis", "GetIntegrations", "GetRoutes", "GetStages", "GetPolicy",
-                                       "DeleteApi", "DeleteFunction", "DeleteRepository"])
+@pytest.mark.parametrize(
+    "operation",
+    [
+        "GetApis",
+        "GetIntegrations",
+        "GetRoutes",
+        "GetStages",
+        "GetPolicy",
+        "DeleteApi",
+        "DeleteFunction",
+        "DeleteRepository",
+    ],
+)
 def test_every_aws_call_of_provision_and_teardown_turns_throttling_into_a_retry(cloud, pushed, throttle, operation):
     throttle.operation(operation)
     with pytest.raises(TransientStageError, match="ThrottlingException"):
@@ -286,9 +316,18 @@ def test_a_throttled_waiter_is_a_retry_not_a_function_that_failed(cloud, pushed,
 def put_image(ecr, deployment, tag: str) -> None:
     """An image in the deployment's ECR repository under `tag`, as an earlier push left it."""
     aws.ensure_repository(ecr, aws.repository_name(deployment))
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 1,
-                                      "digest": "sha256:" + "0" * 64}, "layers": []})
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": 1,
+                "digest": "sha256:" + "0" * 64,
+            },
+            "layers": [],
+        }
+    )
     ecr.put_image(repositoryName=aws.repository_name(deployment), imageManifest=manifest, imageTag=tag)
 
 
@@ -327,8 +366,9 @@ IMAGE_INPUTS = ["handler", "loader", "requirements", "base image", "lambda platf
 
 
 @pytest.mark.parametrize("change", IMAGE_INPUTS)
-def test_the_image_tag_changes_with_anything_that_goes_into_the_image(user, make_deployment, settings, monkeypatch,
-                                                                      tmp_path, change):
+def test_the_image_tag_changes_with_anything_that_goes_into_the_image(
+    user, make_deployment, settings, monkeypatch, tmp_path, change
+):
     from deployments.pipeline import stages
 
     deployment = make_deployment(user)
@@ -355,8 +395,11 @@ def test_a_redeploy_with_a_new_handler_pushes_a_new_image_instead_of_reusing_the
     stages.package(deployment)
     pushed = []
     monkeypatch.setattr(image, "docker_client", lambda: None)
-    monkeypatch.setattr(image, "push_image", lambda client, source, repository, tag, auth: pushed.append(
-        (source, tag)) or "sha256:" + "1" * 64)
+    monkeypatch.setattr(
+        image,
+        "push_image",
+        lambda client, source, repository, tag, auth: pushed.append((source, tag)) or "sha256:" + "1" * 64,
+    )
     summary = image.push(deployment)
     assert summary.startswith("pushed")
     assert pushed == [(image.local_tag(deployment), image.image_tag(deployment))]
@@ -371,12 +414,15 @@ def test_the_ecr_repository_is_created_once(cloud):
 
 
 def client_error(code: str, status: int = 400, message: str = "nope") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "Op")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
 
 
-@pytest.mark.parametrize("error", [client_error("ThrottlingException"), client_error("TooManyRequestsException", 429),
-                                   client_error("Whatever", 503)])
+@pytest.mark.parametrize(
+    "error",
+    [client_error("ThrottlingException"), client_error("TooManyRequestsException", 429), client_error("Whatever", 503)],
+)
 def test_throttling_and_server_errors_are_transient(error):
     assert isinstance(aws.classify(error, "do it"), TransientStageError)
 
@@ -393,11 +439,14 @@ def test_an_image_too_large_fails_with_what_to_fix():
 
 
 def upload_form(client, iris_rf_bytes, target):
-    return client.post(reverse("deployment-new"), {
-        "model_file": SimpleUploadedFile("model.pkl", iris_rf_bytes),
-        "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
-        "target": target,
-    })
+    return client.post(
+        reverse("deployment-new"),
+        {
+            "model_file": SimpleUploadedFile("model.pkl", iris_rf_bytes),
+            "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
+            "target": target,
+        },
+    )
 
 
 def test_the_aws_target_is_refused_with_what_to_configure(client, user, iris_rf_bytes, settings):
@@ -480,8 +529,9 @@ def test_a_key_created_while_the_function_is_being_created_still_reaches_it(clou
 
     def owner_creates_a_key_meanwhile(gateway, deployment):
         # The function exists with the keys read before; this key's task would find no function_arn.
-        created.append(services.deployment_key_create(deployment=Deployment.objects.get(pk=deployment.pk),
-                                                      name="early")[0])
+        created.append(
+            services.deployment_key_create(deployment=Deployment.objects.get(pk=deployment.pk), name="early")[0]
+        )
         return real(gateway, deployment)
 
     monkeypatch.setattr(aws, "ensure_api", owner_creates_a_key_meanwhile)
@@ -510,8 +560,9 @@ def test_creating_a_key_on_an_aws_deployment_puts_its_digest_in_the_function_aft
     assert "now requires one of its 1 active API key(s)" in deployment.events.last().message
 
 
-def test_a_revoked_key_leaves_the_functions_environment(cloud, pushed, access_task_runs,
-                                                        django_capture_on_commit_callbacks):
+def test_a_revoked_key_leaves_the_functions_environment(
+    cloud, pushed, access_task_runs, django_capture_on_commit_callbacks
+):
     from deployments import services
 
     deployment = ready_on_aws(pushed)
@@ -525,8 +576,9 @@ def test_a_revoked_key_leaves_the_functions_environment(cloud, pushed, access_ta
     assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "1"
 
 
-def test_making_an_aws_deployment_public_tells_the_function(cloud, pushed, access_task_runs,
-                                                            django_capture_on_commit_callbacks):
+def test_making_an_aws_deployment_public_tells_the_function(
+    cloud, pushed, access_task_runs, django_capture_on_commit_callbacks
+):
     from deployments import services
 
     deployment = ready_on_aws(pushed)
@@ -584,8 +636,9 @@ def test_an_update_that_stays_throttled_records_why_and_how_to_retry(cloud, push
     monkeypatch.setattr(aws, "client", lambda service: throttled)
     tasks.sync_access.apply(args=[deployment.pk])
     assert function_variables(cloud, deployment)["SERVEML_PRIVATE"] == "0"  # never applied
-    assert deployment.events.filter(level="warning", message__contains="retrying").count() == \
-        tasks.sync_access.max_retries
+    assert (
+        deployment.events.filter(level="warning", message__contains="retrying").count() == tasks.sync_access.max_retries
+    )
     failure = deployment.events.get(level="error").message
     assert failure.startswith("Updating the Lambda function's keys failed: AWS was busy")
     assert "may not reflect" in failure and "switch the endpoint between public and private again" in failure
@@ -604,8 +657,12 @@ def test_an_aws_deployment_refuses_more_keys_than_its_function_can_hold(cloud, p
     with pytest.raises(services.KeyRefused, match="Revoke keys that are no longer used"):
         services.deployment_key_create(deployment=deployment, name="one too many")
     token = Token.objects.create(user=user).key
-    answer = client.post(reverse("api-deployment-keys", args=[deployment.public_id]), {"name": "x"},
-                         HTTP_AUTHORIZATION=f"Token {token}", content_type="application/json")
+    answer = client.post(
+        reverse("api-deployment-keys", args=[deployment.public_id]),
+        {"name": "x"},
+        HTTP_AUTHORIZATION=f"Token {token}",
+        content_type="application/json",
+    )
     assert answer.status_code == 409 and "4 KB" in answer.json()["error"]
     client.force_login(user)
     page = client.post(reverse("deployment-key-create", args=[deployment.public_id]), {"name": "x"}, follow=True)
@@ -685,8 +742,7 @@ def test_verify_calls_a_private_aws_endpoint_with_a_one_off_key_it_revokes_after
     assert "one-off key, revoked after the call" in summary
 
 
-def test_verify_still_sends_the_runtime_token_to_the_local_runtimes_internal_url(user, make_deployment, sent,
-                                                                                 settings):
+def test_verify_still_sends_the_runtime_token_to_the_local_runtimes_internal_url(user, make_deployment, sent, settings):
     from deployments.pipeline import stages
 
     deployment = with_example(make_deployment(user))

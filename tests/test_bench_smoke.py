@@ -18,8 +18,9 @@ SUMMARY = re.compile(
 
 
 def test_the_benchmark_runs_end_to_end_in_smoke_mode():
-    done = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert SUMMARY.match(last), last
@@ -35,6 +36,8 @@ def test_the_benchmark_runs_end_to_end_in_smoke_mode():
     # wrk stopped after the number of requests the smoke run asks for (a few more may land at c8/c32).
     asked = {(1, 1): 50, (8, 1): 100, (32, 1): 100, (1, 100): 20}
     for case in results["cases"]:
-        assert asked[case["concurrency"], case["rows"]] <= case["requests"] < asked[case["concurrency"], case["rows"]] + 32
+        assert (
+            asked[case["concurrency"], case["rows"]] <= case["requests"] < asked[case["concurrency"], case["rows"]] + 32
+        )
     assert set(results["transport_ms"]) == {"1", "100"} and all(v > 0 for v in results["transport_ms"].values())
     assert "| serveml | lr |" in report.split("## Batch of 100 rows, per row")[1]

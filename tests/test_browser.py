@@ -27,8 +27,14 @@ def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         yield browser
         browser.close()
@@ -85,7 +91,6 @@ def test_a_person_deploys_from_the_browser_and_tries_the_endpoint(stack, live_se
     assert answer == {"prediction": int(model.predict([row])[0]), "model_type": "RandomForestClassifier"}
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "ready-page.png"), full_page=True)
-
 
 
 def test_a_person_sees_why_an_upload_was_refused(live_server, page, tmp_path):

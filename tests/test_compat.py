@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deployments import buildkit, services
-from deployments.allowlist import compat, pack_globals, packs, reviewed_globals, review
+from deployments.allowlist import compat, pack_globals, packs, review, reviewed_globals
 from deployments.inspection import Global, scan_model_file
 from deployments.models import AllowedPackage, Deployment
 from deployments.pipeline import stages
@@ -70,15 +70,20 @@ def no_enqueue(monkeypatch):
 def plan():
     """[(release, estimator, format)]: each family once, alternately from the oldest and the newest
     release, the format turning every two families, so that each release meets every format."""
-    return [((OLDEST, NEWEST)[number % 2], name, compat.FORMATS[(number // 2) % len(compat.FORMATS)])
-            for number, name in enumerate(SAMPLE.values())]
+    return [
+        ((OLDEST, NEWEST)[number % 2], name, compat.FORMATS[(number // 2) % len(compat.FORMATS)])
+        for number, name in enumerate(SAMPLE.values())
+    ]
 
 
 @pytest.fixture(scope="module")
 def generated():
     """{release label: {estimator: record}}, generated in each release's environment, in the sandbox."""
-    wanted = {OLDEST.label: {"GradientBoostingClassifier"}, NEWEST.label: set(),
-              LOSS_RELEASE.label: {"HistGradientBoostingClassifier"}}
+    wanted = {
+        OLDEST.label: {"GradientBoostingClassifier"},
+        NEWEST.label: set(),
+        LOSS_RELEASE.label: {"HistGradientBoostingClassifier"},
+    }
     for release, name, _ in plan():
         wanted[release.label].add(name)
     out = {}
@@ -95,8 +100,11 @@ def model_bytes(release, record, fmt) -> bytes:
 def deploy(user, release, record, fmt) -> Deployment:
     """inspect, environment, validate: the real stages, in order, on the real files."""
     deployment = services.deployment_create(
-        owner=user, name=f"{release.label} {record['estimator']} {fmt}", target="local",
-        model_format=UPLOAD_FORMAT[fmt], model_upload=upload(model_bytes(release, record, fmt), f"model.{fmt}"),
+        owner=user,
+        name=f"{release.label} {record['estimator']} {fmt}",
+        target="local",
+        model_format=UPLOAD_FORMAT[fmt],
+        model_upload=upload(model_bytes(release, record, fmt), f"model.{fmt}"),
         requirements_upload=upload("\n".join(release.requirements).encode() + b"\n", "requirements.txt"),
     )
     for stage in (stages.inspect, stages.environment, stages.validate):
@@ -143,7 +151,11 @@ def test_a_model_its_environment_cannot_load_fails_with_what_to_pin(user, genera
     record = generated[OLDEST.label]["GradientBoostingClassifier"]
     data = model_bytes(OLDEST, record, "pickle")
     deployment = services.deployment_create(
-        owner=user, name="old model, new pins", target="local", model_format="pickle", model_upload=upload(data),
+        owner=user,
+        name="old model, new pins",
+        target="local",
+        model_format="pickle",
+        model_upload=upload(data),
         requirements_upload=upload("\n".join(NEWEST.requirements).encode(), "requirements.txt"),
     )
     with pytest.raises(StageError, match=r"Pin scikit-learn==1\.2\.2"):
@@ -151,15 +163,19 @@ def test_a_model_its_environment_cannot_load_fails_with_what_to_pin(user, genera
     found = scan_model_file(io.BytesIO(data)).globals
     services.deployment_update(deployment=deployment, allowed_globals=sorted([g.module, g.name] for g in found))
     stages.environment(deployment)
-    with pytest.raises(StageError, match=r"saved with scikit-learn 1\.2\.2, and scikit-learn 1\.9\.1 installed "
-                                         r"here cannot load it .*Pin scikit-learn==1\.2\.2 in requirements.txt"):
+    with pytest.raises(
+        StageError,
+        match=r"saved with scikit-learn 1\.2\.2, and scikit-learn 1\.9\.1 installed "
+        r"here cannot load it .*Pin scikit-learn==1\.2\.2 in requirements.txt",
+    ):
         stages.validate(deployment)
 
 
 def test_the_loader_never_imports_a_top_level_loss_module_even_when_one_is_importable(tmp_path, monkeypatch):
     """A package could ship `_loss.py`: the restricted loader resolves `_loss.X` in scikit-learn only."""
-    (tmp_path / "_loss.py").write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n"
-                                       "class CyHalfSquaredError:\n    pass\n")
+    (tmp_path / "_loss.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran').touch()\nclass CyHalfSquaredError:\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "_loss", raising=False)
     loader = load_loader(monkeypatch)
@@ -196,8 +212,14 @@ def test_a_construct_only_class_is_rebuilt_but_never_called_while_a_model_loads(
     rebuilt = pickle.dumps(PathTaker.__new__(PathTaker))  # NEWOBJ, then BUILD: how pickle saves one
     with loader.restricted([pair]):
         assert type(pickle.loads(rebuilt)) is PathTaker
-    called = b"\x80\x04" + payloads._str(__name__) + payloads._str("PathTaker") + b"\x93" + \
-        payloads._str("/etc/passwd") + b"\x85R."  # PathTaker("/etc/passwd")
+    called = (
+        b"\x80\x04"
+        + payloads._str(__name__)
+        + payloads._str("PathTaker")
+        + b"\x93"
+        + payloads._str("/etc/passwd")
+        + b"\x85R."
+    )  # PathTaker("/etc/passwd")
     with loader.restricted([pair]), pytest.raises(loader.RefusedGlobal, match="calls tests.test_compat.PathTaker"):
         pickle.loads(called)
     assert PathTaker.opened == []
@@ -209,8 +231,15 @@ def test_the_reviewed_allowlist_holds_only_pairs_the_review_finds_harmless():
     for g in reviewed_globals():
         allowed, why = review.verdict(g.module, g.name)
         assert allowed, f"{g}: {why}"
-    for name in ["builtins.getattr", "numpy.load", "joblib.load", "pandas.io.pickle.read_pickle",
-                 "scipy.io._matlab._mio.loadmat", "sklearn.metrics._scorer._Scorer", "functools.partial"]:
+    for name in [
+        "builtins.getattr",
+        "numpy.load",
+        "joblib.load",
+        "pandas.io.pickle.read_pickle",
+        "scipy.io._matlab._mio.loadmat",
+        "sklearn.metrics._scorer._Scorer",
+        "functools.partial",
+    ]:
         module, _, attr = name.rpartition(".")
         assert Global(module, attr) not in reviewed_globals()
         assert review.verdict(module, attr)[0] is False
@@ -229,17 +258,29 @@ def test_packs_apply_only_when_the_operator_allows_their_package(settings):
     assert Global("lightgbm.basic", "Booster") not in allowed_globals()
 
 
-def test_a_pipeline_with_an_xgboost_model_and_a_users_own_transformer_is_refused_with_how_to_ask(
-    user, settings
-):
+def test_a_pipeline_with_an_xgboost_model_and_a_users_own_transformer_is_refused_with_how_to_ask(user, settings):
     settings.SERVEML_ALLOWED_PACKAGES = [*settings.SERVEML_ALLOWED_PACKAGES, "xgboost"]
     from tests.payloads import _str
 
     # A Pipeline whose steps name xgboost's classifier and a class of the user's own.
-    data = (b"\x80\x04(" + _str("sklearn.pipeline") + _str("Pipeline") + b"\x93" + _str("xgboost.sklearn") +
-            _str("XGBClassifier") + b"\x93" + _str("my_project.features") + _str("MyScaler") + b"\x93t.")
+    data = (
+        b"\x80\x04("
+        + _str("sklearn.pipeline")
+        + _str("Pipeline")
+        + b"\x93"
+        + _str("xgboost.sklearn")
+        + _str("XGBClassifier")
+        + b"\x93"
+        + _str("my_project.features")
+        + _str("MyScaler")
+        + b"\x93t."
+    )
     deployment = services.deployment_create(
-        owner=user, name="custom", target="local", model_format="pickle", model_upload=upload(data),
+        owner=user,
+        name="custom",
+        target="local",
+        model_format="pickle",
+        model_upload=upload(data),
         requirements_upload=upload(b"scikit-learn==1.9.1\nxgboost==3.2.0\n", "requirements.txt"),
     )
     with pytest.raises(StageError) as refusal:

@@ -169,10 +169,24 @@ def start_engine(log: Path) -> subprocess.Popen | None:
         pytest.skip("dockerd is not installed: run `make test`, which installs Debian's docker.io")
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        ["dockerd", "--host", f"unix://{SOCKET}", "--data-root", str(DATA_ROOT), "--exec-root", str(EXEC_ROOT),
-         "--pidfile", f"{EXEC_ROOT}.pid", "--storage-driver=overlay2", "--iptables=false", "--ip-masq=false",
-         "--bridge=none"],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "dockerd",
+            "--host",
+            f"unix://{SOCKET}",
+            "--data-root",
+            str(DATA_ROOT),
+            "--exec-root",
+            str(EXEC_ROOT),
+            "--pidfile",
+            f"{EXEC_ROOT}.pid",
+            "--storage-driver=overlay2",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--bridge=none",
+        ],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -201,14 +215,37 @@ def stand_in_base(client, log: Path) -> str:
         pass
     with tempfile.TemporaryDirectory(prefix="serveml-base-") as root, open(log, "ab") as out:
         subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,bubblewrap,util-linux",
-             "bookworm", root, docker_engine.DEBIAN_MIRROR], stdout=out, stderr=subprocess.STDOUT, check=True,
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,bubblewrap,util-linux",
+                "bookworm",
+                root,
+                docker_engine.DEBIAN_MIRROR,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
         )
         shutil.rmtree(Path(root) / "var/cache/apt/archives", ignore_errors=True)
         subprocess.run(  # on this host, which reaches the package index; the same Python 3.11 and platform
-            [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "-r",
-             str(ROOT / "requirements.txt"), "-d", str(Path(root) / "wheelhouse")],
-            stdout=out, stderr=subprocess.STDOUT, check=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--only-binary",
+                ":all:",
+                "-r",
+                str(ROOT / "requirements.txt"),
+                "-d",
+                str(Path(root) / "wheelhouse"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=600,
         )
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
             subprocess.run(["tar", "-C", root, "-cf", tar.name, "."], check=True)
@@ -227,7 +264,13 @@ def image():
     tag = f"serveml-test/serveml:{requirements_digest()}"
     log = []
     for chunk in client.api.build(
-        path=str(ROOT), tag=tag, network_mode="none", rm=True, forcerm=True, pull=False, decode=True,
+        path=str(ROOT),
+        tag=tag,
+        network_mode="none",
+        rm=True,
+        forcerm=True,
+        pull=False,
+        decode=True,
         buildargs={"BASE_IMAGE": base, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheelhouse"},
     ):
         log.append(chunk.get("stream", ""))
@@ -242,10 +285,15 @@ def image():
 
 def run(image, command: list[str], **options) -> str:
     client, tag = image
-    environment = {"DJANGO_SETTINGS_MODULE": "serveml.settings", "DJANGO_SECRET_KEY": SECRETS["DJANGO_SECRET_KEY"],
-                   "DJANGO_DEBUG": "0", "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost"}
-    return client.containers.run(tag, command, environment=environment, network_disabled=True, remove=True,
-                                 stdout=True, stderr=True, **options).decode()
+    environment = {
+        "DJANGO_SETTINGS_MODULE": "serveml.settings",
+        "DJANGO_SECRET_KEY": SECRETS["DJANGO_SECRET_KEY"],
+        "DJANGO_DEBUG": "0",
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
+    return client.containers.run(
+        tag, command, environment=environment, network_disabled=True, remove=True, stdout=True, stderr=True, **options
+    ).decode()
 
 
 def healthcheck(service: str) -> str:
@@ -285,8 +333,11 @@ def test_celery_loads_serveml_in_the_image(image):
     assert "software -> celery:" in run(image, ["celery", "-A", "serveml", "report"])
 
 
-SANDBOX_CHECK = ["python", "-c", "import django; django.setup(); from deployments import sandbox; sandbox.check(); "
-                                 "print('sandbox ok')"]
+SANDBOX_CHECK = [
+    "python",
+    "-c",
+    "import django; django.setup(); from deployments import sandbox; sandbox.check(); print('sandbox ok')",
+]
 
 
 @pytest.mark.docker
@@ -300,11 +351,15 @@ def test_the_sandbox_starts_in_the_image_with_what_compose_gives_it(image, servi
 
 @pytest.mark.docker
 @pytest.mark.timeout(1800)  # the first of these builds the stand-in base and the image
-@pytest.mark.parametrize("options", [
-    {},
-    {"cap_add": ["SYS_ADMIN"], "security_opt": ["seccomp=unconfined", "apparmor=unconfined"]},
-    {"cap_add": ["SYS_ADMIN", "NET_ADMIN"], "security_opt": ["apparmor=unconfined"]},
-], ids=["docker defaults", "without NET_ADMIN", "with Docker's seccomp profile"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cap_add": ["SYS_ADMIN"], "security_opt": ["seccomp=unconfined", "apparmor=unconfined"]},
+        {"cap_add": ["SYS_ADMIN", "NET_ADMIN"], "security_opt": ["apparmor=unconfined"]},
+    ],
+    ids=["docker defaults", "without NET_ADMIN", "with Docker's seccomp profile"],
+)
 def test_the_sandbox_refuses_to_start_with_less(image, options):
     import docker
 

@@ -47,14 +47,18 @@ def test_every_corpus_model_deploys_and_predicts_in_every_format(stack, user):
     for name, model in models.items():
         for label, (fmt, compress) in FORMATS.items():
             deployment = services.deployment_create(
-                owner=user, name=f"{name}-{label}", target="local", model_format=fmt,
+                owner=user,
+                name=f"{name}-{label}",
+                target="local",
+                model_format=fmt,
                 model_upload=upload(dump(model, fmt, compress), f"model.{fmt}"),
                 requirements_upload=upload(REQUIREMENTS.encode(), "requirements.txt"),
             )
             submitted.append((name, label, deployment))
     failures = []
     for name, label, deployment in submitted:
-        def settled():
+
+        def settled(deployment=deployment):
             deployment.refresh_from_db()
             return deployment.is_terminal()
 

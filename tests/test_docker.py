@@ -63,8 +63,13 @@ def built(aws_image_settings, engine, user, make_deployment):
 
 def v2_event(body: dict) -> dict:
     return {
-        "version": "2.0", "routeKey": "POST /", "rawPath": "/", "headers": {"content-type": "application/json"},
-        "requestContext": {"http": {"method": "POST", "path": "/"}}, "body": json.dumps(body), "isBase64Encoded": False,
+        "version": "2.0",
+        "routeKey": "POST /",
+        "rawPath": "/",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {"http": {"method": "POST", "path": "/"}},
+        "body": json.dumps(body),
+        "isBase64Encoded": False,
     }
 
 
@@ -93,7 +98,8 @@ def test_the_lambda_image_builds_without_network_and_its_handler_predicts(built,
     listing = client.containers.run(
         image.local_tag(deployment),
         ["sh", "-c", "find /var/task -name __pycache__ -o -name tests -o -name '*.pyc' | head -5"],
-        network_disabled=True, remove=True,
+        network_disabled=True,
+        remove=True,
     ).decode()
     assert listing.strip() == ""
 
@@ -110,8 +116,11 @@ def registry(tmp_path):
         f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(OUTPUT / "logs" / "registry.log", "ab"))
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(OUTPUT / "logs" / "registry.log", "ab"),
+    )
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/").status_code == 200, 20, "registry start")
     yield f"127.0.0.1:{port}"
     proc.terminate()

@@ -61,7 +61,9 @@ def model_pid(deployment_id: str) -> int:
 
 def test_models_deployed_through_the_api_answer_exactly_like_model_predict(stack, live_server, token):
     forest, pipeline, frame_forest = (
-        corpus.random_forest(), corpus.scaled_logistic_regression(), corpus.frame_random_forest()
+        corpus.random_forest(),
+        corpus.scaled_logistic_regression(),
+        corpus.frame_random_forest(),
     )
     uploads = [
         (forest, deploy(live_server, token, forest, name="forest")),
@@ -115,7 +117,9 @@ def test_the_second_deployment_with_the_same_requirements_installs_nothing(stack
     assert environment_summary(second) == (
         f"reused environment {key[:12]} (same requirements as an earlier deployment: nothing installed)"
     )
-    assert {row.environment_key for row in Deployment.objects.filter(public_id__in=[first["id"], second["id"]])} == {key}
+    assert {row.environment_key for row in Deployment.objects.filter(public_id__in=[first["id"], second["id"]])} == {
+        key
+    }
     assert environment_path(key).stat().st_ino == built and (environment_path(key) / COMPLETE_MARKER).exists()
 
 

@@ -69,7 +69,9 @@ def fake_pipeline(monkeypatch, ran, failures: dict):
 
         return function
 
-    monkeypatch.setitem(runner.PIPELINES, "local", [(name, stage(name)) for name in ("inspect", "environment", "validate")])
+    monkeypatch.setitem(
+        runner.PIPELINES, "local", [(name, stage(name)) for name in ("inspect", "environment", "validate")]
+    )
 
 
 class Killed(BaseException):
@@ -114,7 +116,12 @@ def test_an_expired_lease_lets_another_task_take_over_and_the_stale_task_can_wri
         with pytest.raises(services.ClaimLost):
             write()
     fresh.refresh_from_db()
-    assert (fresh.status, fresh.stage, fresh.completed_stages, fresh.claim_token) == ("deploying", "validate", [], "fresh")
+    assert (fresh.status, fresh.stage, fresh.completed_stages, fresh.claim_token) == (
+        "deploying",
+        "validate",
+        [],
+        "fresh",
+    )
 
 
 @pytest.mark.django_db
@@ -152,7 +159,9 @@ def test_a_transient_error_hands_the_deployment_back_and_the_retry_resumes_at_th
         runner.run(deployment.pk, retry_in=120)
     deployment.refresh_from_db()
     assert (deployment.status, deployment.claim_token, deployment.completed_stages) == (
-        "queued", "", ["inspect", "environment"]
+        "queued",
+        "",
+        ["inspect", "environment"],
     )
     assert deployment.events.filter(level="warning", message="the index timed out — retrying").exists()
     # Its retry is due in two minutes: the reaper does not send a second one before.
@@ -164,7 +173,9 @@ def test_a_transient_error_hands_the_deployment_back_and_the_retry_resumes_at_th
 
 
 @pytest.mark.django_db
-def test_the_last_try_of_a_transient_error_fails_the_deployment_with_its_message(user, make_deployment, sent, monkeypatch):
+def test_the_last_try_of_a_transient_error_fails_the_deployment_with_its_message(
+    user, make_deployment, sent, monkeypatch
+):
     deployment = make_deployment(user)
     fake_pipeline(monkeypatch, [], {"environment": [TransientStageError("the index timed out")]})
     runner.run(deployment.pk, retry_in=None)
@@ -180,8 +191,9 @@ def test_the_reaper_gives_up_on_a_deployment_whose_worker_stopped_too_many_times
     deployment = make_deployment(user)
     outcomes = []
     for attempt in range(3):
-        services.deployment_set_stage(deployment=claim(deployment, f"worker-{attempt}"), stage="environment",
-                                      token=f"worker-{attempt}")
+        services.deployment_set_stage(
+            deployment=claim(deployment, f"worker-{attempt}"), stage="environment", token=f"worker-{attempt}"
+        )
         expire_lease(deployment)
         with django_capture_on_commit_callbacks(execute=True):
             outcomes.append(services.deployment_reap())
@@ -193,7 +205,8 @@ def test_the_reaper_gives_up_on_a_deployment_whose_worker_stopped_too_many_times
         "The worker running it stopped 3 times (the last time during the environment stage); ServeML gave up."
     )
     assert [e.message[:40] for e in deployment.events.filter(level="warning")] == [
-        "the worker running it stopped during the", "the worker running it stopped during the"
+        "the worker running it stopped during the",
+        "the worker running it stopped during the",
     ]
     assert "attempt 2 of 3" in deployment.events.filter(level="warning").first().message
 
@@ -273,13 +286,18 @@ class Faults:
     def __init__(self, hold_dir):
         self.hold_dir = hold_dir
         self.redis = Redis("faults-redis")
-        self.stack = Stack(self.redis.url, name="faults", beat=True, extra_env={
-            "SERVEML_CLAIM_LEASE_S": str(LEASE_S),
-            "SERVEML_REAP_INTERVAL_S": "1",
-            "SERVEML_REQUEUE_QUEUED_AFTER_S": "20",
-            "SERVEML_DEPLOY_MAX_ATTEMPTS": "3",
-            "SERVEML_TEST_HOLD_DIR": str(hold_dir),
-        })
+        self.stack = Stack(
+            self.redis.url,
+            name="faults",
+            beat=True,
+            extra_env={
+                "SERVEML_CLAIM_LEASE_S": str(LEASE_S),
+                "SERVEML_REAP_INTERVAL_S": "1",
+                "SERVEML_REQUEUE_QUEUED_AFTER_S": "20",
+                "SERVEML_DEPLOY_MAX_ATTEMPTS": "3",
+                "SERVEML_TEST_HOLD_DIR": str(hold_dir),
+            },
+        )
         self.seen: set[str] = set()
         self.killed: list[int] = []
 
@@ -307,7 +325,9 @@ class Faults:
 
     def upload(self, live_server, token: str) -> str:
         response = httpx.post(
-            f"{live_server.url}/api/deploy", headers={"Authorization": f"Token {token}"}, timeout=60,
+            f"{live_server.url}/api/deploy",
+            headers={"Authorization": f"Token {token}"},
+            timeout=60,
             files={"model_file": ("model.pkl", MODEL), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
         )
         assert response.status_code == 202, response.text
@@ -328,8 +348,9 @@ def fault_stack(django_db_setup, django_db_blocker, tmp_path_factory):
         django_settings.SERVEML_RUNTIME_URL = django_settings.SERVEML_RUNTIME_INTERNAL_URL = fixture.stack.runtime_url
         yield fixture
     finally:
-        groups = [service.proc.pid for service in (fixture.worker, fixture.stack.beat, fixture.stack.runtime)
-                  if service.proc]
+        groups = [
+            service.proc.pid for service in (fixture.worker, fixture.stack.beat, fixture.stack.runtime) if service.proc
+        ]
         fixture.stack.stop()
         fixture.redis.stop()
         use_broker(previous[0])
@@ -337,8 +358,11 @@ def fault_stack(django_db_setup, django_db_blocker, tmp_path_factory):
         OUTPUT.mkdir(exist_ok=True)
         (OUTPUT / "faults.json").write_text(json.dumps(FIGURES, indent=1))
     # Once the stack is stopped, nothing of it runs: no worker, beat or runtime process, no model process.
-    leftovers = [pid for group in groups for pid in subprocess.run(
-        ["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()]
+    leftovers = [
+        pid
+        for group in groups
+        for pid in subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
+    ]
     assert leftovers == []
     assert [pid for public_id in fixture.seen for pid in model_pids(public_id)] == []
     assert not [pid for pid in fixture.killed if alive(pid)]
@@ -418,7 +442,8 @@ def test_a_worker_killed_during_each_stage_loses_nothing_and_the_deployment_fini
 
         faults.held(f"{stage}.done")  # re-queued by the reaper, resumed at this stage, and its work done
         FIGURES[f"{stage}: pool process SIGKILLed, until a fresh task resumed the stage"] = round(
-            time.monotonic() - killed, 1)
+            time.monotonic() - killed, 1
+        )
         main = faults.worker.proc.pid
         faults.killed.extend(pid for pid in faults.worker.group() if pid != main)
         kill(faults, main)  # its pool processes die with it (Celery gives them PDEATHSIG)
@@ -431,7 +456,8 @@ def test_a_worker_killed_during_each_stage_loses_nothing_and_the_deployment_fini
     faults.restart_worker()
     deployment = settled(public_id)
     FIGURES[f"{stage}: worker SIGKILLed after the stage's work, until ready with a restarted worker"] = round(
-        time.monotonic() - killed, 1)
+        time.monotonic() - killed, 1
+    )
     assert_sound(faults, deployment)
     assert deployment.interruptions == 2
     assert deployment.events.filter(level="warning", message__contains=f"stopped during the {stage} stage").count() == 2
@@ -453,7 +479,8 @@ def test_a_worker_asked_to_stop_mid_stage_finishes_the_deployment_first(faults, 
     released = time.monotonic()
     deployment = settled(public_id)
     FIGURES["worker SIGTERMed mid-stage (warm shutdown): ready after the stage resumed"] = round(
-        time.monotonic() - released, 1)
+        time.monotonic() - released, 1
+    )
     assert faults.worker.proc.wait(60) == 0
     assert_sound(faults, deployment)
     assert deployment.interruptions == 0
@@ -479,7 +506,8 @@ def test_a_worker_killed_when_its_shutdown_grace_ends_hands_the_deployment_back(
     faults.restart_worker()
     deployment = settled(public_id)
     FIGURES["worker SIGTERMed, then SIGKILLed at the end of its grace period, restarted"] = round(
-        time.monotonic() - killed, 1)
+        time.monotonic() - killed, 1
+    )
     assert_sound(faults, deployment)
 
 
@@ -498,8 +526,9 @@ def test_a_deployment_whose_worker_dies_every_time_fails_and_says_so(faults, liv
     FIGURES["a worker that dies at every attempt: failed after the 3rd"] = round(time.monotonic() - killed, 1)
     assert_sound(faults, deployment, status="failed")
     assert deployment.stage == "validate" and deployment.interruptions == 3
-    assert deployment.error.startswith("The worker running it stopped 3 times (the last time during the validate "
-                                       "stage); ServeML gave up.")
+    assert deployment.error.startswith(
+        "The worker running it stopped 3 times (the last time during the validate stage); ServeML gave up."
+    )
 
 
 @pytest.mark.e2e

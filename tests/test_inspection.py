@@ -31,7 +31,9 @@ def test_every_corpus_model_imports_only_allowlisted_names(name, fmt):
     assert result.sklearn_version
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(payloads.payloads("/tmp/x")) if n != "hidden after a valid estimator"])
+@pytest.mark.parametrize(
+    "name", [n for n in sorted(payloads.payloads("/tmp/x")) if n != "hidden after a valid estimator"]
+)
 def test_it_lists_the_dangerous_import_of_each_payload(name, tmp_path):
     canary = tmp_path / "canary"
     result = scan(payloads.payloads(canary)[name])
@@ -84,13 +86,33 @@ def test_the_reviewed_allowlist_names_only_modules_of_the_packages_models_are_ma
     from deployments.allowlist import reviewed_globals
 
     # `_loss` is scikit-learn 1.5-1.8's name for sklearn._loss._loss: the loader imports it only under that.
-    packages = {"sklearn", "numpy", "scipy", "pandas", "joblib", "builtins", "__builtin__", "copyreg",
-                "collections", "datetime", "_codecs", "_loss"}
+    packages = {
+        "sklearn",
+        "numpy",
+        "scipy",
+        "pandas",
+        "joblib",
+        "builtins",
+        "__builtin__",
+        "copyreg",
+        "collections",
+        "datetime",
+        "_codecs",
+        "_loss",
+    }
     outside = sorted(str(g) for g in reviewed_globals() if g.module.split(".")[0] not in packages)
     assert outside == []
     # Callables that run code or read files, even inside those packages, stay out.
-    for name in ["numpy.load", "numpy.testing._private.utils.runstring", "pandas.read_pickle", "builtins.eval",
-                 "builtins.exec", "builtins.getattr", "builtins.__import__", "numpy.core._ufunc_reconstruct"]:
+    for name in [
+        "numpy.load",
+        "numpy.testing._private.utils.runstring",
+        "pandas.read_pickle",
+        "builtins.eval",
+        "builtins.exec",
+        "builtins.getattr",
+        "builtins.__import__",
+        "numpy.core._ufunc_reconstruct",
+    ]:
         module, _, attr = name.rpartition(".")
         assert Global(module, attr) not in reviewed_globals()
 

@@ -67,11 +67,15 @@ DESYNCS = {
     # an object array's pickle is unpickled plainly (the old walk skipped an array inside it).
     "array wrapper inside an object array": (payloads.wrapper_inside_an_object_array, LISTS),
     # copyreg._reconstructor builds a wrapper joblib reads an array for (the old walk did not).
-    "array wrapper built by copyreg._reconstructor": (payloads.wrapper_built_through_copyreg,
-                                                      "passes joblib's array wrapper class around"),
+    "array wrapper built by copyreg._reconstructor": (
+        payloads.wrapper_built_through_copyreg,
+        "passes joblib's array wrapper class around",
+    ),
     # NDArrayWrapper np.load()s the model file itself with pickles allowed, reading it plainly.
-    "array read from a file by NDArrayWrapper": (lambda marker: payloads.array_read_from_another_file(
-        marker, "model.joblib"), "old multi-file array format"),
+    "array read from a file by NDArrayWrapper": (
+        lambda marker: payloads.array_read_from_another_file(marker, "model.joblib"),
+        "old multi-file array format",
+    ),
 }
 
 
@@ -111,8 +115,9 @@ def test_the_logistic_regression_with_a_hidden_call_still_loads_and_predicts(tmp
     import sys
 
     code = "import sys, joblib; m = joblib.load(sys.argv[1]); print('predicts', m.predict([[5.1, 3.5, 1.4, 0.2]]))"
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.joblib")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "model.joblib")], capture_output=True, text=True, timeout=120
+    )
     assert MARKER in done.stdout and "predicts [0]" in done.stdout, done.stderr
 
 
@@ -137,7 +142,9 @@ def test_it_refuses_an_array_wrapper_imported_under_another_name():
 
 def test_it_refuses_a_file_that_changes_a_class_while_loading():
     # BUILD on a global sets attributes on the class itself (say, a __setstate__ for later objects).
-    setattr_state = payloads._tuple(payloads.NONE, payloads._dict({"__setstate__": payloads._global("builtins", "exec")}))
+    setattr_state = payloads._tuple(
+        payloads.NONE, payloads._dict({"__setstate__": payloads._global("builtins", "exec")})
+    )
     data = payloads.PROTO4 + payloads._global("collections", "OrderedDict") + setattr_state + payloads.BUILD
     refusal(data + payloads.STOP, "changes collections.OrderedDict itself")
 
@@ -217,8 +224,9 @@ def test_it_caps_the_memo(monkeypatch):
     refusal(payloads.PROTO4 + payloads.NONE + payloads.MEMOIZE * 1001 + payloads.STOP, "memoizes more than 1,000")
 
 
-@pytest.mark.parametrize("opcode", [b"\x8e", b"\x8d", b"\x96", b"\x95"], ids=["BINBYTES8", "BINUNICODE8",
-                                                                              "BYTEARRAY8", "FRAME"])
+@pytest.mark.parametrize(
+    "opcode", [b"\x8e", b"\x8d", b"\x96", b"\x95"], ids=["BINBYTES8", "BINUNICODE8", "BYTEARRAY8", "FRAME"]
+)
 def test_it_never_allocates_the_length_a_opcode_declares(opcode, tmp_path):
     # A real file, as uploads are: BufferedReader.read(2**60) would try to allocate it all at once.
     path = tmp_path / "model.pkl"
@@ -234,11 +242,14 @@ def test_it_never_allocates_the_length_a_long4_declares():
     refusal(payloads.PROTO4 + b"\x8b" + struct.pack("<i", 2**31 - 1) + b"\x01" * 100, "not a complete pickle")
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((2**40, 2**40), "more elements than numpy can hold"),
-    ((-1,), "shape is not a tuple of sizes"),
-    ((2**30, 2**30 - 1), "ends inside an array"),  # fits int64; the file just is not that long
-])
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2**40, 2**40), "more elements than numpy can hold"),
+        ((-1,), "shape is not a tuple of sizes"),
+        ((2**30, 2**30 - 1), "ends inside an array"),  # fits int64; the file just is not that long
+    ],
+)
 def test_it_refuses_an_array_of_impossible_shape(shape, match):
     shape_bytes = payloads._tuple(*(b"\x8a\x08" + n.to_bytes(8, "little", signed=True) for n in shape))  # LONG1
     wrapper = payloads.array_wrapper(shape_bytes, payloads.dtype("f8"))

@@ -97,7 +97,9 @@ def test_inspect_catches_a_scikit_learn_pin_older_than_the_model(user, make_depl
     deployment = make_deployment(user, requirements="scikit-learn==1.3.0\n")
     with pytest.raises(StageError) as refused:
         stages.inspect(deployment)
-    assert f"requirements pin scikit-learn 1.3.0 but the model was saved with {sklearn.__version__}" in str(refused.value)
+    assert f"requirements pin scikit-learn 1.3.0 but the model was saved with {sklearn.__version__}" in str(
+        refused.value
+    )
     assert f"Pin scikit-learn=={sklearn.__version__}" in str(refused.value)
 
 
@@ -109,7 +111,9 @@ def test_inspect_catches_a_scikit_learn_pin_newer_than_the_model(user, make_depl
     deployment = make_deployment(user, model_bytes=data)
     with pytest.raises(StageError) as refused:
         stages.inspect(deployment)
-    assert f"requirements pin scikit-learn {sklearn.__version__} but the model was saved with {saved}" in str(refused.value)
+    assert f"requirements pin scikit-learn {sklearn.__version__} but the model was saved with {saved}" in str(
+        refused.value
+    )
 
 
 def test_inspect_catches_a_numpy_1_pin_for_a_model_saved_with_numpy_2(user, make_deployment):
@@ -138,8 +142,9 @@ def environment_ready(user, make_deployment):
     """A deployment through inspect and environment; a hostile one skips inspect, as if allowed."""
 
     def make(model_bytes=None, requirements=SKLEARN_PIN, allow=None):
-        deployment = make_deployment(user, **({"model_bytes": model_bytes} if model_bytes else {}),
-                                     requirements=requirements)
+        deployment = make_deployment(
+            user, **({"model_bytes": model_bytes} if model_bytes else {}), requirements=requirements
+        )
         if allow:
             operator_allowed(deployment, *allow)
         else:
@@ -265,13 +270,16 @@ def test_package_copies_the_handler_renders_the_dockerfile_and_stores_the_contex
 def test_the_handler_loads_only_the_globals_the_inspect_stage_found(user, make_deployment):
     deployment = make_deployment(user)
     stages.inspect(deployment)
-    services.deployment_update(deployment=deployment, allowed_globals=[
-        pair for pair in deployment.allowed_globals if pair[1] != "RandomForestClassifier"
-    ])
+    services.deployment_update(
+        deployment=deployment,
+        allowed_globals=[pair for pair in deployment.allowed_globals if pair[1] != "RandomForestClassifier"],
+    )
     stages.package(deployment)
     handler = load_handler(stages.build_dir(deployment))
-    with pytest.raises(Exception, match="imports sklearn.ensemble._forest.RandomForestClassifier, which ServeML "
-                                        "did not check and allow"):
+    with pytest.raises(
+        Exception,
+        match="imports sklearn.ensemble._forest.RandomForestClassifier, which ServeML did not check and allow",
+    ):
         handler.model()
 
 
@@ -286,10 +294,17 @@ def test_the_handler_answers_api_gateway_v2_and_v1_events(handler, iris_rf):
 
     row = [6.7, 3.0, 5.2, 2.3]
     expected = int(iris_rf.predict([row])[0])
-    v2 = {"version": "2.0", "requestContext": {"http": {"method": "POST"}}, "body": json.dumps({"data": row}),
-          "isBase64Encoded": False}
-    v1 = {"httpMethod": "POST", "body": base64.b64encode(json.dumps({"data": row}).encode()).decode(),
-          "isBase64Encoded": True}
+    v2 = {
+        "version": "2.0",
+        "requestContext": {"http": {"method": "POST"}},
+        "body": json.dumps({"data": row}),
+        "isBase64Encoded": False,
+    }
+    v1 = {
+        "httpMethod": "POST",
+        "body": base64.b64encode(json.dumps({"data": row}).encode()).decode(),
+        "isBase64Encoded": True,
+    }
     for event in (v2, v1):
         answer = handler.lambda_handler(event, None)
         assert answer["statusCode"] == 200
@@ -339,8 +354,6 @@ def test_the_handler_takes_texts_for_a_text_pipeline(user, make_deployment):
     assert status == 200 and json.loads(answer)["predictions"] == model.predict(["great movie", "awful film"]).tolist()
 
 
-
-
 def v2_event(headers: dict) -> dict:
     """An HTTP API (payload 2.0) event: API Gateway lower-cases header names, but be ready for any case."""
     return {"version": "2.0", "headers": headers, "body": '{"data": [6.7, 3.0, 5.2, 2.3]}', "isBase64Encoded": False}
@@ -379,8 +392,9 @@ def test_a_private_function_refuses_a_wrong_or_revoked_key(private_function, whi
     assert answer["statusCode"] == 401
 
 
-@pytest.mark.parametrize("header", ["authorization", "Authorization", "AUTHORIZATION", "x-api-key", "X-API-Key",
-                                    "X-Api-Key"])
+@pytest.mark.parametrize(
+    "header", ["authorization", "Authorization", "AUTHORIZATION", "x-api-key", "X-API-Key", "X-Api-Key"]
+)
 def test_a_private_function_answers_a_live_key_in_either_header_in_any_case(private_function, header, iris_rf):
     import json
 

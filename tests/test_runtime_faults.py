@@ -64,8 +64,10 @@ class Stream:
 
     def slowest_after(self, moment: float, window: float = 5.0) -> float:
         """The longest wait of a request answered in the `window` seconds after `moment`."""
-        return max((answered - sent for sent, answered, _ in self.answers if moment <= answered <= moment + window),
-                   default=0.0)
+        return max(
+            (answered - sent for sent, answered, _ in self.answers if moment <= answered <= moment + window),
+            default=0.0,
+        )
 
     def wait_for_answers(self, count: int, timeout: float = 60):
         deadline = time.monotonic() + timeout
@@ -89,8 +91,10 @@ def test_a_model_process_killed_under_load_costs_at_most_the_requests_it_held(st
     # clients, so at most four in flight), never a hang.
     assert len(failed) <= 4 and set(failed) <= {502}, failed
     assert all(outcome == 200 for _, _, outcome in stream.answers[-50:])
-    print(f"\nmodel process killed under load: {len(failed)} of {len(stream.answers)} requests failed; "
-          f"the slowest answer in the 5 s after the kill took {stream.slowest_after(killed_at):.2f} s")
+    print(
+        f"\nmodel process killed under load: {len(failed)} of {len(stream.answers)} requests failed; "
+        f"the slowest answer in the 5 s after the kill took {stream.slowest_after(killed_at):.2f} s"
+    )
 
 
 def test_the_runtime_killed_under_load_serves_again_within_seconds(stack, live_server, token):
@@ -115,8 +119,10 @@ def test_the_runtime_killed_under_load_serves_again_within_seconds(stack, live_s
     assert recovered - started_at < 10  # the ready deployment is loaded again on its first request
     failed = stream.failures()
     assert set(failed) <= {"ConnectError", "RemoteProtocolError", "ReadError", 502, 503}, set(failed)
-    print(f"\nruntime killed under load: {len(failed)} requests failed while it was down; serving again "
-          f"{recovered - killed_at:.2f} s after the kill ({recovered - started_at:.2f} s after it started)")
+    print(
+        f"\nruntime killed under load: {len(failed)} requests failed while it was down; serving again "
+        f"{recovered - killed_at:.2f} s after the kill ({recovered - started_at:.2f} s after it started)"
+    )
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="terminates PostgreSQL backends")
@@ -144,5 +150,7 @@ def test_database_connections_terminated_under_load_break_no_prediction_and_ever
     # The worker and the web process reconnect by themselves: a new deployment goes through.
     again = wait_ready(stack, token, deploy(live_server, token, corpus.logistic_regression()))
     assert httpx.post(again["endpoint_url"], json={"data": ROWS[0].tolist()}).status_code == 200
-    print(f"\n{terminated} database connections terminated under load: 0 of {len(stream.answers)} predictions "
-          "failed; the next deployment went through")
+    print(
+        f"\n{terminated} database connections terminated under load: 0 of {len(stream.answers)} predictions "
+        "failed; the next deployment went through"
+    )

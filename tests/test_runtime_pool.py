@@ -14,7 +14,7 @@ from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import Spec
 
-HANDLER = '''
+HANDLER = """
 import os, time
 
 def model():
@@ -35,7 +35,7 @@ def handle_many(bodies):
             continue
         answers.append((200, b"%d:%s" % (len(bodies), body)))
     return answers
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,16 @@ def test_every_request_gets_its_own_answer_and_waiting_ones_share_a_frame(pool_f
     assert max(batch_sizes) <= ModelPool.MAX_BATCH
 
 
-@pytest.mark.parametrize("body, status, says", [
-    (b"hang", 504, "longer than 1 s"),  # the timeout kills it
-    (b"crash", 502, "exit code 7"),  # it exits on its own
-])
-def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(pool_for, tmp_path, settings, body, status, says):
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        (b"hang", 504, "longer than 1 s"),  # the timeout kills it
+        (b"crash", 502, "exit code 7"),  # it exits on its own
+    ],
+)
+def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(
+    pool_for, tmp_path, settings, body, status, says
+):
     settings.SERVEML_PREDICT_TIMEOUT_S = 1
 
     async def scenario():
@@ -187,7 +192,7 @@ def test_answers_split_across_pipe_reads_are_put_back_together():
         process = Process()
         process.channel = channel = _Channel(process)
         for start in range(0, len(stream), chunk_size):
-            channel.pipe_data_received(1, stream[start:start + chunk_size])
+            channel.pipe_data_received(1, stream[start : start + chunk_size])
         assert process.answers == bodies, chunk_size
         assert channel.buffer == b""
 
@@ -218,8 +223,12 @@ def test_the_protocol_module_imports_nothing_but_the_standard_library():
     from deployments.runtime import protocol
 
     tree = ast.parse(Path(protocol.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported <= set(sys.stdlib_module_names)
 
 
@@ -310,15 +319,18 @@ def test_a_body_of_200_kb_of_nested_brackets_answers_400_and_the_model_process_k
     assert same_process
 
 
-@pytest.mark.parametrize("body, problem", [
-    (b'{"data": [5.1, 3.5, 1.4, 0.2]}', None),
-    (b"[" * 32 + b"]" * 32, None),
-    (b"[" * 33 + b"]" * 33, "request body is nested deeper than 32 levels"),
-    (b'{"a": ' * 33 + b"1" + b"}" * 33, "request body is nested deeper than 32 levels"),
-    (b'["' + b"[" * 100 + b'"]', None),  # brackets inside a string nest nothing
-    (b'{"data": [1, 2', "request body is not valid JSON"),
-    (b"", "request body is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        (b'{"data": [5.1, 3.5, 1.4, 0.2]}', None),
+        (b"[" * 32 + b"]" * 32, None),
+        (b"[" * 33 + b"]" * 33, "request body is nested deeper than 32 levels"),
+        (b'{"a": ' * 33 + b"1" + b"}" * 33, "request body is nested deeper than 32 levels"),
+        (b'["' + b"[" * 100 + b'"]', None),  # brackets inside a string nest nothing
+        (b'{"data": [1, 2', "request body is not valid JSON"),
+        (b"", "request body is not valid JSON"),
+    ],
+)
 def test_the_runtime_lets_through_only_json_nested_at_most_32_levels(body, problem):
     from deployments.runtime.app import body_problem
 

@@ -34,8 +34,9 @@ def environment():
 
 
 def run_code(environment, code: str, *, uid: int = 2_000_901, files=None, binds=None, wall_seconds=30):
-    launched = sandbox.launch(uid=uid, environment=environment, args=["-c", code], limits=LIMITS,
-                              files=files, binds=binds)
+    launched = sandbox.launch(
+        uid=uid, environment=environment, args=["-c", code], limits=LIMITS, files=files, binds=binds
+    )
     return sandbox.run(launched, wall_seconds=wall_seconds)
 
 
@@ -59,7 +60,9 @@ def host_processes() -> dict[int, dict]:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         found[int(entry.name)] = {
-            "uid": int(fields["Uid"].split()[0]), "ppid": int(fields["PPid"]), "cmdline": cmdline,
+            "uid": int(fields["Uid"].split()[0]),
+            "ppid": int(fields["PPid"]),
+            "cmdline": cmdline,
         }
     return found
 
@@ -94,8 +97,11 @@ def test_a_sandboxed_process_runs_as_its_deployments_own_uid_never_root(environm
 
 
 def test_one_tenant_cannot_see_trace_or_write_into_another_tenants_process(environment, tmp_path):
-    victim = start_code(environment, "import time; open('/tmp/secret', 'w').write('x'); time.sleep(60)  # victim",
-                        uid=sandbox.uid_for(1))
+    victim = start_code(
+        environment,
+        "import time; open('/tmp/secret', 'w').write('x'); time.sleep(60)  # victim",
+        uid=sandbox.uid_for(1),
+    )
     try:
         victim_pid, _ = wait_for_process("# victim")
         attack = f"""
@@ -135,8 +141,14 @@ def test_a_model_sees_only_its_binds_not_the_data_folder_the_database_or_the_sou
     secret = settings.DATA_DIR / "media" / "another-tenant-model.pkl"
     secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_bytes(b"another tenant's model")
-    targets = [str(secret), str(settings.DATA_DIR / "serveml.sqlite3"), str(settings.BASE_DIR / "serveml" / "settings.py"),
-               "/etc/passwd", "/root", str(Path.home())]
+    targets = [
+        str(secret),
+        str(settings.DATA_DIR / "serveml.sqlite3"),
+        str(settings.BASE_DIR / "serveml" / "settings.py"),
+        "/etc/passwd",
+        "/root",
+        str(Path.home()),
+    ]
     code = f"""
 import json, os
 found = {{}}
@@ -254,8 +266,12 @@ def test_the_sandbox_scrubs_secrets_from_the_environment(environment, monkeypatc
 
 
 def test_the_sandbox_enforces_its_cpu_limit(environment):
-    launched = sandbox.launch(uid=2_000_903, environment=environment, args=["-c", "while True: pass"],
-                              limits=sandbox.Limits(memory_bytes=1024**3, cpu_seconds=1))
+    launched = sandbox.launch(
+        uid=2_000_903,
+        environment=environment,
+        args=["-c", "while True: pass"],
+        limits=sandbox.Limits(memory_bytes=1024**3, cpu_seconds=1),
+    )
     result = sandbox.run(launched, wall_seconds=30)
     assert result.returncode != 0 and not result.timed_out
 
@@ -282,7 +298,8 @@ def test_without_bubblewrap_validate_fails_with_what_to_install_and_loads_nothin
     # As if an operator had allowed os.system: only the sandbox stands between it and the host.
     deployment = make_deployment(user, model_bytes=payloads.call("os", "system", f"touch {canary}"))
     services.deployment_update(
-        deployment=deployment, allowed_globals=[["os", "system"]],
+        deployment=deployment,
+        allowed_globals=[["os", "system"]],
         environment_key=ensure_environment(parse_requirements(SKLEARN_PIN)).key,
     )
     with pytest.raises(StageError, match="bwrap not found. Install bubblewrap") as failed:
@@ -335,7 +352,7 @@ def test_a_typo_in_a_switch_is_an_error_not_off(monkeypatch):
 
 # ------------------------------------------------------------------ two tenants' real model processes
 
-TENANT_HANDLER = '''
+TENANT_HANDLER = """
 import json, os, subprocess
 
 def model():
@@ -367,7 +384,7 @@ def handle(body):
         except OSError as exc:
             report[name] = type(exc).__name__
     return 200, json.dumps(report).encode()
-'''
+"""
 
 
 def tenant_pool(environment, tmp_path, number: int):
@@ -377,12 +394,17 @@ def tenant_pool(environment, tmp_path, number: int):
 
     build = tmp_path / f"tenant-{number}"
     build.mkdir()
-    for name, text in {"serveml_handler.py": TENANT_HANDLER, "serveml_loader.py": "", "serveml.json": "{}",
-                       "model.pkl": ""}.items():
+    for name, text in {
+        "serveml_handler.py": TENANT_HANDLER,
+        "serveml_loader.py": "",
+        "serveml.json": "{}",
+        "model.pkl": "",
+    }.items():
         (build / name).write_text(text)
         (build / name).chmod(0o444)
-    spec = Spec(f"0f0e0d0c-0000-4000-8000-00000000000{number}", environment, build, build / "model.pkl",
-                sandbox.uid_for(number))
+    spec = Spec(
+        f"0f0e0d0c-0000-4000-8000-00000000000{number}", environment, build, build / "model.pkl", sandbox.uid_for(number)
+    )
     return ModelPool(spec, Access(), max_size=1)
 
 
@@ -394,9 +416,13 @@ def test_two_tenants_model_processes_cannot_reach_each_other(environment, tmp_pa
         try:
             _, answer = await victim.predict(b'{"do": "pid"}')
             inner_pid = json.loads(answer)["pid"]
-            victim_host_pid = next(pid for pid, info in host_processes().items()
-                                   if info["uid"] == sandbox.uid_for(1) and victim.spec.deployment_id in info["cmdline"]
-                                   and info["cmdline"].startswith("/env/bin/python"))
+            victim_host_pid = next(
+                pid
+                for pid, info in host_processes().items()
+                if info["uid"] == sandbox.uid_for(1)
+                and victim.spec.deployment_id in info["cmdline"]
+                and info["cmdline"].startswith("/env/bin/python")
+            )
             request = {"do": "attack", "victim_pid": victim_host_pid, "victim_folder": str(tmp_path / "tenant-1")}
             _, report = await attacker.predict(json.dumps(request).encode())
             return inner_pid, victim_host_pid, json.loads(report)

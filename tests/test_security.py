@@ -98,15 +98,26 @@ def test_the_refusal_points_old_scikit_learn_paths_to_a_version_fix(user, make_d
 
 
 @pytest.mark.parametrize(
-    "client_name", ["../../../../etc/cron.d/evil", "/etc/passwd", "model\x00.pkl", "x" * 3000 + ".pkl", "....//....//x.pkl", "C:\\evil.pkl"]
+    "client_name",
+    [
+        "../../../../etc/cron.d/evil",
+        "/etc/passwd",
+        "model\x00.pkl",
+        "x" * 3000 + ".pkl",
+        "....//....//x.pkl",
+        "C:\\evil.pkl",
+    ],
 )
 def test_the_clients_file_name_never_becomes_a_path(client, user, iris_rf_bytes, client_name):
     client.force_login(user)
     client.raise_request_exception = False
-    response = client.post(reverse("deployment-new"), {
-        "model_file": SimpleUploadedFile(client_name, iris_rf_bytes),
-        "requirements_file": SimpleUploadedFile(client_name, SKLEARN_PIN.encode()),
-    })
+    response = client.post(
+        reverse("deployment-new"),
+        {
+            "model_file": SimpleUploadedFile(client_name, iris_rf_bytes),
+            "requirements_file": SimpleUploadedFile(client_name, SKLEARN_PIN.encode()),
+        },
+    )
     stored = sorted(p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file()) if settings.MEDIA_ROOT.exists() else []
     if response.status_code == 400:  # Django refuses some names outright ("..")
         assert Deployment.objects.count() == 0 and stored == []
@@ -132,12 +143,19 @@ def test_celery_only_speaks_json():
 
 def test_check_deploy_is_clean_with_production_settings():
     env = {
-        **os.environ, "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "k" * 20 + "-production-secret-0123456789-abcdefghij",
+        **os.environ,
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "k" * 20 + "-production-secret-0123456789-abcdefghij",
         "DJANGO_ALLOWED_HOSTS": "serveml.example.com",
     }
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # a test-only switch (browser tests), never set in production
-    done = subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=settings.BASE_DIR, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "System check identified no issues" in done.stdout
 
@@ -165,22 +183,29 @@ def test_forms_carry_csrf_protection(client, user):
     assert client.post(reverse("deployment-new"), {}).status_code == 403
 
 
-def test_uploads_the_database_and_the_data_folder_are_private_to_servemls_user(client, user, iris_rf_bytes,
-                                                                               tmp_path):
+def test_uploads_the_database_and_the_data_folder_are_private_to_servemls_user(client, user, iris_rf_bytes, tmp_path):
     client.force_login(user)
-    client.post(reverse("deployment-new"), {
-        "model_file": SimpleUploadedFile("model.pkl", iris_rf_bytes),
-        "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
-    })
+    client.post(
+        reverse("deployment-new"),
+        {
+            "model_file": SimpleUploadedFile("model.pkl", iris_rf_bytes),
+            "requirements_file": SimpleUploadedFile("requirements.txt", SKLEARN_PIN.encode()),
+        },
+    )
     stored = [p for p in settings.MEDIA_ROOT.rglob("*")]
-    assert stored and all(
-        (p.stat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600) for p in stored
-    ), {str(p): oct(p.stat().st_mode & 0o777) for p in stored}
+    assert stored and all((p.stat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600) for p in stored), {
+        str(p): oct(p.stat().st_mode & 0o777) for p in stored
+    }
     # A fresh ServeML on SQLite: the data folder and the database (password hashes, tokens) are 0700 / 0600.
     env = {**os.environ, "SERVEML_DATA_DIR": str(tmp_path / "data")}
     env.pop("DATABASE_URL", None)
-    done = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=settings.BASE_DIR, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "data" / "serveml.sqlite3").stat().st_mode & 0o777 == 0o600

@@ -41,7 +41,12 @@ def test_uploads_and_the_build_context_are_stored_in_s3_when_configured(s3_stora
     shutil.rmtree(stages.build_dir(deployment))
     restored = stages.restore_context(deployment)
     assert {p.name for p in restored.iterdir()} == {
-        "serveml_handler.py", "serveml_loader.py", "serveml.json", "Dockerfile", "model.pkl", "requirements.txt"
+        "serveml_handler.py",
+        "serveml_loader.py",
+        "serveml.json",
+        "Dockerfile",
+        "model.pkl",
+        "requirements.txt",
     }
     local = stages.local_model_path(deployment)
     assert local.read_bytes() == deployment.model_file.open("rb").read()

@@ -73,7 +73,9 @@ def test_a_bad_model_file_is_refused_on_the_form_and_nothing_is_stored(signed_in
         (b"\xff\xfe bad bytes", "not UTF-8 text"),
     ],
 )
-def test_bad_requirements_are_refused_on_the_form_and_nothing_is_stored(signed_in, iris_rf_bytes, requirements, message):
+def test_bad_requirements_are_refused_on_the_form_and_nothing_is_stored(
+    signed_in, iris_rf_bytes, requirements, message
+):
     response = post(signed_in, iris_rf_bytes, requirements)
     assert message in response.content.decode()
     assert Deployment.objects.count() == 0

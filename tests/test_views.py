@@ -38,7 +38,8 @@ def test_the_status_fragment_polls_until_the_deployment_is_terminal(client, user
     url = reverse("deployment-status", args=[deployment.public_id])
     assert 'hx-trigger="every 1s"' in client.get(url).content.decode()
     Deployment.objects.filter(pk=deployment.pk).update(
-        status=Deployment.Status.FAILED, stage="inspect",
+        status=Deployment.Status.FAILED,
+        stage="inspect",
         error="requirements pin scikit-learn 1.3.0 but the model was saved with 1.5.2",
     )
     fragment = client.get(url).content.decode()
@@ -50,7 +51,8 @@ def test_the_status_fragment_polls_until_the_deployment_is_terminal(client, user
 def test_the_ready_page_shows_the_url_a_curl_example_and_the_try_it_form(client, user, make_deployment):
     deployment = make_deployment(user)
     Deployment.objects.filter(pk=deployment.pk).update(
-        status=Deployment.Status.READY, endpoint_url="http://127.0.0.1:8001/predict/x",
+        status=Deployment.Status.READY,
+        endpoint_url="http://127.0.0.1:8001/predict/x",
         example_request={"data": [0.0, 0.0, 0.0, 0.0]},
         signature={"model_type": "RandomForestClassifier", "n_features_in": 4, "methods": ["predict"]},
     )
@@ -62,9 +64,14 @@ def test_the_ready_page_shows_the_url_a_curl_example_and_the_try_it_form(client,
 
 
 def test_sign_up_creates_an_account_and_signs_in(client):
-    response = client.post(reverse("signup"), {
-        "username": "newcomer", "password1": "a-long-pass-phrase-9", "password2": "a-long-pass-phrase-9",
-    })
+    response = client.post(
+        reverse("signup"),
+        {
+            "username": "newcomer",
+            "password1": "a-long-pass-phrase-9",
+            "password2": "a-long-pass-phrase-9",
+        },
+    )
     assert response.status_code == 302
     assert client.get(reverse("deployment-list")).status_code == 200
 
@@ -225,8 +232,11 @@ def test_try_it_on_a_private_aws_endpoint_asks_for_a_key_and_never_sends_the_run
 ):
     deployment = make_deployment(user)
     Deployment.objects.filter(pk=deployment.pk).update(
-        target=Deployment.Target.AWS, status=Deployment.Status.READY, is_private=True,
-        endpoint_url="https://abc123.execute-api.us-east-1.amazonaws.com/", example_request={"data": [0, 0, 0, 0]},
+        target=Deployment.Target.AWS,
+        status=Deployment.Status.READY,
+        is_private=True,
+        endpoint_url="https://abc123.execute-api.us-east-1.amazonaws.com/",
+        example_request={"data": [0, 0, 0, 0]},
     )
     client.force_login(user)
     page = client.get(deployment.get_absolute_url()).content.decode()
@@ -247,7 +257,8 @@ def test_try_it_on_a_private_aws_endpoint_asks_for_a_key_and_never_sends_the_run
 def test_try_it_on_a_public_aws_endpoint_sends_no_runtime_token(client, user, make_deployment, aws_endpoint):
     deployment = make_deployment(user)
     Deployment.objects.filter(pk=deployment.pk).update(
-        target=Deployment.Target.AWS, status=Deployment.Status.READY,
+        target=Deployment.Target.AWS,
+        status=Deployment.Status.READY,
         endpoint_url="https://abc123.execute-api.us-east-1.amazonaws.com/",
     )
     client.force_login(user)
@@ -264,6 +275,7 @@ def test_the_sign_in_page_answers_429_and_says_when_to_try_again_after_too_many_
     assert "Too many failed sign-ins for this account or from this address. Try again in 15 minutes." in text
     assert 'name="password"' in text  # the form is still there, for when the time has passed
     assert 0 < int(page["Retry-After"]) <= 15 * 60
-    right = client.post(reverse("login"), {"username": "alice", "password": "correct-horse-42"},
-                        REMOTE_ADDR="203.0.113.7")
+    right = client.post(
+        reverse("login"), {"username": "alice", "password": "correct-horse-42"}, REMOTE_ADDR="203.0.113.7"
+    )
     assert right.status_code == 429 and "_auth_user_id" not in client.session

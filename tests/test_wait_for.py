@@ -10,7 +10,7 @@ from tests.conftest import wait_for
 
 def test_an_assertion_inside_a_check_fails_at_once_instead_of_as_a_timeout():
     def ready():
-        assert False, "the deployment failed: inspect refused the model"
+        raise AssertionError("the deployment failed: inspect refused the model")
 
     started = time.monotonic()
     with pytest.raises(AssertionError, match="the deployment failed: inspect refused the model"):
@@ -46,7 +46,9 @@ def test_a_timeout_says_what_did_not_happen_and_the_last_error_seen(tmp_path):
     with pytest.raises(AssertionError) as failed:
         wait_for(check, 0.5, "runtime start", log)
     message = str(failed.value)
-    assert message.startswith("runtime start did not happen within 0.5 s (last error: ConnectError: connection refused)")
+    assert message.startswith(
+        "runtime start did not happen within 0.5 s (last error: ConnectError: connection refused)"
+    )
     assert "listening on a port nobody asked for" in message
 
 

@@ -58,26 +58,118 @@ class Release:
 # trained with), all binary wheels for CPython 3.11 on Linux. skops 0.16 needs
 # scikit-learn 1.3+; 1.2.2 gets the newest skops that still supports it.
 RELEASES = [
-    Release("1.2.2", ("scikit-learn==1.2.2", "numpy==1.24.4", "scipy==1.10.1", "pandas==1.5.3", "joblib==1.2.0",
-                      "threadpoolctl==3.1.0", "skops==0.11.0")),
-    Release("1.3.2", ("scikit-learn==1.3.2", "numpy==1.26.4", "scipy==1.11.4", "pandas==2.1.4", "joblib==1.3.2",
-                      "threadpoolctl==3.2.0", "skops==0.16.0")),
-    Release("1.4.2", ("scikit-learn==1.4.2", "numpy==1.26.4", "scipy==1.13.0", "pandas==2.2.2", "joblib==1.4.0",
-                      "threadpoolctl==3.4.0", "skops==0.16.0")),
-    Release("1.5.2", ("scikit-learn==1.5.2", "numpy==2.1.1", "scipy==1.14.1", "pandas==2.2.3", "joblib==1.4.2",
-                      "threadpoolctl==3.5.0", "skops==0.16.0")),
-    Release("1.6.1", ("scikit-learn==1.6.1", "numpy==2.2.2", "scipy==1.15.1", "pandas==2.2.3", "joblib==1.4.2",
-                      "threadpoolctl==3.5.0", "skops==0.16.0")),
-    Release("1.7.2", ("scikit-learn==1.7.2", "numpy==2.3.3", "scipy==1.16.2", "pandas==2.3.2", "joblib==1.5.2",
-                      "threadpoolctl==3.6.0", "skops==0.16.0")),
-    Release("1.8.0", ("scikit-learn==1.8.0", "numpy==2.3.5", "scipy==1.16.3", "pandas==2.3.3", "joblib==1.5.2",
-                      "threadpoolctl==3.6.0", "skops==0.16.0")),
-    Release("1.9.1", ("scikit-learn==1.9.1", "numpy==2.4.6", "scipy==1.17.1", "pandas==3.1.1", "joblib==1.6.0",
-                      "threadpoolctl==3.8.0", "skops==0.16.0")),
+    Release(
+        "1.2.2",
+        (
+            "scikit-learn==1.2.2",
+            "numpy==1.24.4",
+            "scipy==1.10.1",
+            "pandas==1.5.3",
+            "joblib==1.2.0",
+            "threadpoolctl==3.1.0",
+            "skops==0.11.0",
+        ),
+    ),
+    Release(
+        "1.3.2",
+        (
+            "scikit-learn==1.3.2",
+            "numpy==1.26.4",
+            "scipy==1.11.4",
+            "pandas==2.1.4",
+            "joblib==1.3.2",
+            "threadpoolctl==3.2.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.4.2",
+        (
+            "scikit-learn==1.4.2",
+            "numpy==1.26.4",
+            "scipy==1.13.0",
+            "pandas==2.2.2",
+            "joblib==1.4.0",
+            "threadpoolctl==3.4.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.5.2",
+        (
+            "scikit-learn==1.5.2",
+            "numpy==2.1.1",
+            "scipy==1.14.1",
+            "pandas==2.2.3",
+            "joblib==1.4.2",
+            "threadpoolctl==3.5.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.6.1",
+        (
+            "scikit-learn==1.6.1",
+            "numpy==2.2.2",
+            "scipy==1.15.1",
+            "pandas==2.2.3",
+            "joblib==1.4.2",
+            "threadpoolctl==3.5.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.7.2",
+        (
+            "scikit-learn==1.7.2",
+            "numpy==2.3.3",
+            "scipy==1.16.2",
+            "pandas==2.3.2",
+            "joblib==1.5.2",
+            "threadpoolctl==3.6.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.8.0",
+        (
+            "scikit-learn==1.8.0",
+            "numpy==2.3.5",
+            "scipy==1.16.3",
+            "pandas==2.3.3",
+            "joblib==1.5.2",
+            "threadpoolctl==3.6.0",
+            "skops==0.16.0",
+        ),
+    ),
+    Release(
+        "1.9.1",
+        (
+            "scikit-learn==1.9.1",
+            "numpy==2.4.6",
+            "scipy==1.17.1",
+            "pandas==3.1.1",
+            "joblib==1.6.0",
+            "threadpoolctl==3.8.0",
+            "skops==0.16.0",
+        ),
+    ),
     # The packs' current versions, with the newest scikit-learn.
-    Release("1.9.1+xgboost+lightgbm", ("scikit-learn==1.9.1", "numpy==2.4.6", "scipy==1.17.1", "pandas==3.1.1",
-                                       "joblib==1.6.0", "threadpoolctl==3.8.0", "skops==0.16.0", "xgboost==3.2.0",
-                                       "lightgbm==4.7.0"), packs=("xgboost", "lightgbm")),
+    Release(
+        "1.9.1+xgboost+lightgbm",
+        (
+            "scikit-learn==1.9.1",
+            "numpy==2.4.6",
+            "scipy==1.17.1",
+            "pandas==3.1.1",
+            "joblib==1.6.0",
+            "threadpoolctl==3.8.0",
+            "skops==0.16.0",
+            "xgboost==3.2.0",
+            "lightgbm==4.7.0",
+        ),
+        packs=("xgboost", "lightgbm"),
+    ),
 ]
 RELEASES_BY_LABEL = {release.label: release for release in RELEASES}
 
@@ -137,10 +229,14 @@ def run_worker(env, args: list[str], files: dict[str, Path], *, wall: float):
     """compat_worker.py in the sandbox, in this environment: ServeML's one way to run a user's environment."""
     from deployments import buildkit, sandbox
 
-    limits = sandbox.Limits(memory_bytes=6 * GiB, cpu_seconds=None, processes=64, file_bytes=1 * GiB,
-                            open_files=512, tmp_bytes=1 * GiB)
+    limits = sandbox.Limits(
+        memory_bytes=6 * GiB, cpu_seconds=None, processes=64, file_bytes=1 * GiB, open_files=512, tmp_bytes=1 * GiB
+    )
     launched = sandbox.launch(
-        uid=sandbox.builder_uid(), environment=env.path, args=["compat_worker.py", *args], limits=limits,
+        uid=sandbox.builder_uid(),
+        environment=env.path,
+        args=["compat_worker.py", *args],
+        limits=limits,
         files={"compat_worker.py": WORKER, "serveml_loader.py": buildkit.LOADER, **files},
     )
     return sandbox.run(launched, wall_seconds=wall)
@@ -175,19 +271,26 @@ def generate(release: Release, env, only: list[str] | None = None) -> dict[str, 
     names = only or listing(release, env)["estimators"]
     if release.packs and not only:  # the packs' estimators alone: the rest is the same release's matrix
         classes = listing(release, env)["classes"]
-        names = [name for name in names
-                 if review.pack_of(classes.get(name.rstrip("]").split(",")[-1], ["", ""])[0])]
+        names = [name for name in names if review.pack_of(classes.get(name.rstrip("]").split(",")[-1], ["", ""])[0])]
     files = release_dir(release) / "files"
     files.mkdir(exist_ok=True)
     missing = [name for name in names if not _current(files / name / "record.json")]
     for start in range(0, len(missing), CHUNK):
-        chunk = missing[start:start + CHUNK]
+        chunk = missing[start : start + CHUNK]
         log(f"{release.label}: generating {len(chunk)} estimators ({start + len(chunk)}/{len(missing)})")
         done = _generate_chunk(env, chunk, files)
         for name in [n for n in chunk if n not in done]:  # the chunk's process died: one by one
             if not _generate_chunk(env, [name], files):
-                _write_record(files, name, {"estimator": name, "files": {}, "data_version": DATA_VERSION,
-                                            "unfit": "the generator's process died fitting or saving it"})
+                _write_record(
+                    files,
+                    name,
+                    {
+                        "estimator": name,
+                        "files": {},
+                        "data_version": DATA_VERSION,
+                        "unfit": "the generator's process died fitting or saving it",
+                    },
+                )
     return {name: json.loads((files / name / "record.json").read_text()) for name in names}
 
 
@@ -217,8 +320,10 @@ def _generate_chunk(env, names: list[str], files: Path) -> set[str]:
     except (tarfile.TarError, EOFError):
         pass  # a process that died mid-stream: keep the estimators it finished
     if result.returncode != 0 or result.timed_out:
-        log(f"generator exited {result.returncode}{' (timed out)' if result.timed_out else ''}: "
-            f"{result.stderr.decode(errors='replace')[-800:]}")
+        log(
+            f"generator exited {result.returncode}{' (timed out)' if result.timed_out else ''}: "
+            f"{result.stderr.decode(errors='replace')[-800:]}"
+        )
     return done
 
 
@@ -238,8 +343,11 @@ def scan_file(path: Path) -> dict:
             scan = scan_model_file(handle)
         except InspectionError as exc:
             return {"error": str(exc)}
-    return {"format": scan.format, "globals": sorted([g.module, g.name] for g in scan.globals),
-            "sklearn_version": scan.sklearn_version}
+    return {
+        "format": scan.format,
+        "globals": sorted([g.module, g.name] for g in scan.globals),
+        "sklearn_version": scan.sklearn_version,
+    }
 
 
 def scans(release: Release, records: dict[str, dict]) -> dict[str, dict]:
@@ -277,7 +385,6 @@ def allowed_for(release: Release):
 def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
     """{file: answer of the restricted loader in the sandbox}, cached by file, allowed globals and loader."""
     from deployments import buildkit
-
     from deployments.allowlist.compat_worker import OUTPUTS_VERSION
 
     loader = sha256(buildkit.LOADER.read_bytes() + str(OUTPUTS_VERSION).encode())
@@ -291,8 +398,10 @@ def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
     pending = [item for item in todo if cache.get(item["file"], {}).get("key") != key(item)]
     while pending:
         batch, pending = pending[:200], pending[200:]
-        log(f"{release.label}: loading {len(batch)} files with the restricted loader in the sandbox "
-            f"({len(pending)} more after these)")
+        log(
+            f"{release.label}: loading {len(batch)} files with the restricted loader in the sandbox "
+            f"({len(pending)} more after these)"
+        )
         answers = _load_batch(env, batch, files)
         unanswered = [item for item in batch if item["id"] not in answers]
         for item in batch:
@@ -302,8 +411,11 @@ def loads(release: Release, env, todo: list[dict]) -> dict[str, dict]:
             # Answers come in order: the first file without one killed the process. It goes alone.
             culprit = unanswered[0]
             solo = _load_batch(env, [culprit], files) if len(batch) > 1 else {}
-            cache[culprit["file"]] = {"key": key(culprit), "answer": solo.get(culprit["id"]) or
-                                      {"error": "the loading process died (crash, memory or time limit)"}}
+            cache[culprit["file"]] = {
+                "key": key(culprit),
+                "answer": solo.get(culprit["id"])
+                or {"error": "the loading process died (crash, memory or time limit)"},
+            }
             pending = unanswered[1:] + pending
         write_json(cache_path, cache)
     return {item["file"]: cache[item["file"]]["answer"] for item in todo}
@@ -316,10 +428,21 @@ def _load_batch(env, batch: list[dict], files: Path) -> dict[str, dict]:
             for item in batch:
                 archive.add(files / item["file"], arcname=item["file"])
         manifest = Path(tmp) / "manifest.json"
-        write_json(manifest, {"archive": "models.tar", "files": [
-            {key: item[key] for key in ("id", "file", "format", "allowed_globals", "data")} for item in batch]})
-        result = run_worker(env, ["check", "manifest.json"], {"manifest.json": manifest, "models.tar": archive_path},
-                            wall=60 + 20 * len(batch))
+        write_json(
+            manifest,
+            {
+                "archive": "models.tar",
+                "files": [
+                    {key: item[key] for key in ("id", "file", "format", "allowed_globals", "data")} for item in batch
+                ],
+            },
+        )
+        result = run_worker(
+            env,
+            ["check", "manifest.json"],
+            {"manifest.json": manifest, "models.tar": archive_path},
+            wall=60 + 20 * len(batch),
+        )
     answers = {}
     for line in result.stdout.decode(errors="replace").splitlines():
         try:
@@ -328,8 +451,10 @@ def _load_batch(env, batch: list[dict], files: Path) -> dict[str, dict]:
             continue
         answers[answer.pop("id")] = answer
     if result.returncode != 0 or result.timed_out:
-        log(f"checker exited {result.returncode}{' (timed out)' if result.timed_out else ''}: "
-            f"{result.stderr.decode(errors='replace')[-800:]}")
+        log(
+            f"checker exited {result.returncode}{' (timed out)' if result.timed_out else ''}: "
+            f"{result.stderr.decode(errors='replace')[-800:]}"
+        )
     return answers
 
 
@@ -352,9 +477,15 @@ def run_release(release: Release, only: list[str] | None = None) -> list[dict]:
     rows, todo = [], []
     for name, record in sorted(records.items()):
         for fmt, entry in sorted(record["files"].items()):
-            row = {"release": release.label, "estimator": name, "format": fmt, "file": entry.get("file"),
-                   "model_class": record.get("model_class"), "versions": record.get("versions", {}),
-                   "variant": is_variant(name)}
+            row = {
+                "release": release.label,
+                "estimator": name,
+                "format": fmt,
+                "file": entry.get("file"),
+                "model_class": record.get("model_class"),
+                "versions": record.get("versions", {}),
+                "variant": is_variant(name),
+            }
             rows.append(row)
             if "unsaved" in entry:
                 row.update(status="not saved", detail=entry["unsaved"])
@@ -371,9 +502,14 @@ def run_release(release: Release, only: list[str] | None = None) -> list[dict]:
             if missing:
                 row.update(status="refused by the allowlist", missing=missing)
                 continue
-            item = {"id": str(len(todo)), "file": entry["file"], "format": LOADER_FORMAT[fmt],
-                    "allowed_globals": scan["globals"], "data": record["data"],
-                    "sha": sha256((files / entry["file"]).read_bytes())}
+            item = {
+                "id": str(len(todo)),
+                "file": entry["file"],
+                "format": LOADER_FORMAT[fmt],
+                "allowed_globals": scan["globals"],
+                "data": record["data"],
+                "sha": sha256((files / entry["file"]).read_bytes()),
+            }
             todo.append(item)
             row["_item"] = item
     answers = loads(release, env, todo) if todo else {}
@@ -392,8 +528,10 @@ def run_release(release: Release, only: list[str] | None = None) -> list[dict]:
             row["status"] = "accepted"
     unfit = sorted(name for name, record in records.items() if "unfit" in record)
     defaults = [r for r in matrix_rows(rows) if not r["variant"]]
-    log(f"{release.label}: {sum(r['status'] == 'accepted' for r in defaults)}/{len(defaults)} accepted "
-        f"({len(unfit)} estimators do not fit on toy data with defaults) in {time.monotonic() - started:.0f} s")
+    log(
+        f"{release.label}: {sum(r['status'] == 'accepted' for r in defaults)}/{len(defaults)} accepted "
+        f"({len(unfit)} estimators do not fit on toy data with defaults) in {time.monotonic() - started:.0f} s"
+    )
     write_json(release_dir(release) / "unfit.json", {name: records[name]["unfit"] for name in unfit}, indent=1)
     return rows
 

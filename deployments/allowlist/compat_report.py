@@ -5,8 +5,12 @@ import time
 from collections import defaultdict
 
 FORMATS = ("pickle", "joblib", "joblib-zlib", "skops")
-FORMAT_TITLES = {"pickle": "pickle.dump", "joblib": "joblib.dump", "joblib-zlib": "joblib.dump(compress=3)",
-                 "skops": "skops.io.dump"}
+FORMAT_TITLES = {
+    "pickle": "pickle.dump",
+    "joblib": "joblib.dump",
+    "joblib-zlib": "joblib.dump(compress=3)",
+    "skops": "skops.io.dump",
+}
 IN_MATRIX = lambda row: row["status"] not in ("not saved", "plain load fails")  # noqa: E731
 
 
@@ -52,28 +56,47 @@ def render(rows: list[dict]) -> str:
     in_matrix = [r for r in rows if IN_MATRIX(r) and "+" not in r["release"] and not r.get("variant")]
     accepted = sum(r["status"] == "accepted" for r in in_matrix)
     if in_matrix:
-        lines += [f"**scikit-learn, default parameters: {accepted} of {len(in_matrix)} files accepted "
-                  f"({100 * accepted / len(in_matrix):.2f}%)** across {len(core)} releases."]
-    for title, chosen in (("allowlist packs", [r for r in rows if IN_MATRIX(r) and "+" in r["release"]]),
-                          ("beyond default parameters", [r for r in rows if IN_MATRIX(r) and r.get("variant")])):
+        lines += [
+            f"**scikit-learn, default parameters: {accepted} of {len(in_matrix)} files accepted "
+            f"({100 * accepted / len(in_matrix):.2f}%)** across {len(core)} releases."
+        ]
+    for title, chosen in (
+        ("allowlist packs", [r for r in rows if IN_MATRIX(r) and "+" in r["release"]]),
+        ("beyond default parameters", [r for r in rows if IN_MATRIX(r) and r.get("variant")]),
+    ):
         if chosen:
             count = sum(r["status"] == "accepted" for r in chosen)
             lines.append(f"{title.capitalize()}: {count} of {len(chosen)} accepted.")
-    lines += ["", "`bin/build-allowlist` regenerates `deployments/allowlist/allowlist.json` from this matrix "
-              "(through the review in `deployments/allowlist/review.py`), then runs it again.", ""]
+    lines += [
+        "",
+        "`bin/build-allowlist` regenerates `deployments/allowlist/allowlist.json` from this matrix "
+        "(through the review in `deployments/allowlist/review.py`), then runs it again.",
+        "",
+    ]
     defaults = {label: [r for r in by_release[label] if not r.get("variant")] for label in releases}
     variants = {label: [r for r in by_release[label] if r.get("variant")] for label in releases}
     lines += _table(core, defaults)
     if packs:
-        lines += ["", "## Allowlist packs (enabled when the operator allows the package)", "",
-                  "xgboost's and lightgbm's scikit-learn estimators, alone and after a StandardScaler in a Pipeline,",
-                  "with the scikit-learn estimators of the same release.", ""]
+        lines += [
+            "",
+            "## Allowlist packs (enabled when the operator allows the package)",
+            "",
+            "xgboost's and lightgbm's scikit-learn estimators, alone and after a StandardScaler in a Pipeline,",
+            "with the scikit-learn estimators of the same release.",
+            "",
+        ]
         lines += _table(packs, defaults)
     if any(variants.values()):
         names = sorted({r["estimator"] for rows_ in variants.values() for r in rows_})
-        lines += ["", "## Beyond default parameters", "",
-                  "Common settings that pickle internals the defaults do not (not counted above): "
-                  + ", ".join(f"`{n}`" for n in names) + ".", ""]
+        lines += [
+            "",
+            "## Beyond default parameters",
+            "",
+            "Common settings that pickle internals the defaults do not (not counted above): "
+            + ", ".join(f"`{n}`" for n in names)
+            + ".",
+            "",
+        ]
         lines += _table([label for label in releases if variants[label]], variants)
     lines += ["", "## Every refusal", ""]
     refused = [r for r in rows if IN_MATRIX(r) and r["status"] != "accepted"]
@@ -102,8 +125,10 @@ def _python(rows) -> str:
 
 
 def _table(releases, by_release) -> list[str]:
-    lines = ["| scikit-learn | with | " + " | ".join(FORMAT_TITLES[f] for f in FORMATS) + " | all |",
-             "|---|---|" + "---|" * (len(FORMATS) + 1)]
+    lines = [
+        "| scikit-learn | with | " + " | ".join(FORMAT_TITLES[f] for f in FORMATS) + " | all |",
+        "|---|---|" + "---|" * (len(FORMATS) + 1),
+    ]
     for label in releases:
         rows = by_release[label]
         cells = [_cell([r for r in rows if r["format"] == f]) for f in FORMATS]
@@ -119,12 +144,16 @@ def _outside(releases, by_release) -> list[str]:
         unfit_path = matrix_dir() / label / "unfit.json"
         unfit = json.loads(unfit_path.read_text()) if unfit_path.exists() else {}
         if unfit:
-            lines.append(f"- {label}: estimators that do not fit on toy data with default parameters: "
-                         + ", ".join(f"{name} ({_short(reason, 90)})" for name, reason in sorted(unfit.items())))
+            lines.append(
+                f"- {label}: estimators that do not fit on toy data with default parameters: "
+                + ", ".join(f"{name} ({_short(reason, 90)})" for name, reason in sorted(unfit.items()))
+            )
         for row in by_release[label]:
             if not IN_MATRIX(row):
-                lines.append(f"- {label} {row['estimator']} ({row['format']}): {row['status']}: "
-                             f"{_short(row.get('detail') or '', 160)}")
+                lines.append(
+                    f"- {label} {row['estimator']} ({row['format']}): {row['status']}: "
+                    f"{_short(row.get('detail') or '', 160)}"
+                )
     return lines or ["Nothing."]
 
 

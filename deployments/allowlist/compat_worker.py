@@ -39,12 +39,10 @@ DATA_VERSION = 2
 # Bumped whenever outputs() or encode() changes: loads checked with other code are stale.
 OUTPUTS_VERSION = 1
 N_FEATURES = 10
-METHODS = ("predict", "predict_proba", "decision_function", "score_samples", "transform", "mahalanobis",
-           "kneighbors")
+METHODS = ("predict", "predict_proba", "decision_function", "score_samples", "transform", "mahalanobis", "kneighbors")
 # What the validate stage's probe asks a model (its example input is a row of zeros).
 PROBE_METHODS = ("predict", "predict_proba", "decision_function")
 FORMATS = {"pickle": ".pkl", "joblib": ".joblib", "joblib-zlib": ".joblib.z", "skops": ".skops"}
-
 
 
 # ---------------------------------------------------------------- toy data
@@ -56,10 +54,16 @@ def datasets():
     import numpy as np
     from sklearn.datasets import make_classification, make_regression
 
-    X, y = make_classification(n_samples=120, n_features=N_FEATURES, n_informative=4, n_redundant=0, n_classes=3,
-                               n_clusters_per_class=1, random_state=0)
-    Xb, yb = make_classification(n_samples=120, n_features=N_FEATURES, n_informative=4, n_redundant=0,
-                                 random_state=1)
+    X, y = make_classification(
+        n_samples=120,
+        n_features=N_FEATURES,
+        n_informative=4,
+        n_redundant=0,
+        n_classes=3,
+        n_clusters_per_class=1,
+        random_state=0,
+    )
+    Xb, yb = make_classification(n_samples=120, n_features=N_FEATURES, n_informative=4, n_redundant=0, random_state=1)
     Xr, yr = make_regression(n_samples=120, n_features=N_FEATURES, n_informative=4, noise=1.0, random_state=0)
     rng = np.random.RandomState(0)
     Xp = rng.randint(0, 5, size=(120, N_FEATURES)).astype(float)
@@ -68,15 +72,21 @@ def datasets():
     cities = ["paris", "lyon", "nice"]
     dicts = [{"city": cities[i % 3], "temp": float(rng.randint(0, 30)), "wet": float(i % 2)} for i in range(60)]
     labels = np.array(["cat", "dog", "bird"])[y]
-    multilabels = [sorted({str(a), str(b)}) for a, b in zip(y, yb)]
+    multilabels = [sorted({str(a), str(b)}) for a, b in zip(y, yb, strict=True)]
     y_multi = np.column_stack([y == 0, X[:, 0] > 0]).astype(int)
     y_multi_reg = np.column_stack([yr, 2 * Xr[:, 0] + rng.normal(size=120)])
     images = rng.rand(6, 8, 8)
     kernel = X @ X.T
     import pandas as pd
 
-    frame = pd.DataFrame({"age": X[:, 0] * 10 + 40, "income": X[:, 1] * 1e4 + 5e4,
-                          "city": np.array(cities)[y], "wet": (X[:, 2] > 0).astype(float)})
+    frame = pd.DataFrame(
+        {
+            "age": X[:, 0] * 10 + 40,
+            "income": X[:, 1] * 1e4 + 5e4,
+            "city": np.array(cities)[y],
+            "wet": (X[:, 2] > 0).astype(float),
+        }
+    )
     t = slice(100, 120)  # the fixed input: rows the models were fitted on too (transductive ones answer them)
     return {
         # name: (fit args, input for the methods)
@@ -99,19 +109,38 @@ def datasets():
 
 
 SPECIAL_DATA = {
-    "CountVectorizer": "text", "TfidfVectorizer": "text", "HashingVectorizer": "text",
-    "DictVectorizer": "dicts", "FeatureHasher": "dicts",
-    "LabelEncoder": "labels", "LabelBinarizer": "labels", "MultiLabelBinarizer": "multilabels",
-    "IsotonicRegression": "one-feature", "PatchExtractor": "images", "KernelCenterer": "kernel",
-    "MultiOutputClassifier": "multi-output-classification", "ClassifierChain": "multi-output-classification",
-    "MultiOutputRegressor": "multi-output-regression", "RegressorChain": "multi-output-regression",
-    "MultiTaskLasso": "multi-output-regression", "MultiTaskElasticNet": "multi-output-regression",
-    "MultiTaskLassoCV": "multi-output-regression", "MultiTaskElasticNetCV": "multi-output-regression",
-    "CCA": "multi-output-regression", "PLSCanonical": "multi-output-regression",
+    "CountVectorizer": "text",
+    "TfidfVectorizer": "text",
+    "HashingVectorizer": "text",
+    "DictVectorizer": "dicts",
+    "FeatureHasher": "dicts",
+    "LabelEncoder": "labels",
+    "LabelBinarizer": "labels",
+    "MultiLabelBinarizer": "multilabels",
+    "IsotonicRegression": "one-feature",
+    "PatchExtractor": "images",
+    "KernelCenterer": "kernel",
+    "MultiOutputClassifier": "multi-output-classification",
+    "ClassifierChain": "multi-output-classification",
+    "MultiOutputRegressor": "multi-output-regression",
+    "RegressorChain": "multi-output-regression",
+    "MultiTaskLasso": "multi-output-regression",
+    "MultiTaskElasticNet": "multi-output-regression",
+    "MultiTaskLassoCV": "multi-output-regression",
+    "MultiTaskElasticNetCV": "multi-output-regression",
+    "CCA": "multi-output-regression",
+    "PLSCanonical": "multi-output-regression",
     "PLSSVD": "multi-output-regression",
 }
-FALLBACK_DATA = ["classification", "binary", "counts", "regression", "positive-regression",
-                 "multi-output-regression", "multi-output-classification"]
+FALLBACK_DATA = [
+    "classification",
+    "binary",
+    "counts",
+    "regression",
+    "positive-regression",
+    "multi-output-regression",
+    "multi-output-classification",
+]
 
 
 def data_order(name, model):
@@ -145,8 +174,13 @@ def required_params(name, cls):
 
     regressor = name.endswith("Regressor") or name == "RegressorChain"
     params = _parameters(cls)
-    required = {p for p, spec in params.items() if spec.default is inspect.Parameter.empty
-                and spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL) and p != "self"}
+    required = {
+        p
+        for p, spec in params.items()
+        if spec.default is inspect.Parameter.empty
+        and spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL)
+        and p != "self"
+    }
     values = {}
     for param in required:
         if param in ("estimator", "base_estimator"):
@@ -155,9 +189,11 @@ def required_params(name, cls):
                 data = datasets()["classification"][0]
                 values[param] = LogisticRegression().fit(*data)
         elif param == "estimators":
-            values[param] = ([("linear", LinearRegression()), ("tree", DecisionTreeRegressor(random_state=0))]
-                             if regressor else
-                             [("linear", LogisticRegression()), ("tree", DecisionTreeClassifier(random_state=0))])
+            values[param] = (
+                [("linear", LinearRegression()), ("tree", DecisionTreeRegressor(random_state=0))]
+                if regressor
+                else [("linear", LogisticRegression()), ("tree", DecisionTreeClassifier(random_state=0))]
+            )
         elif param == "transformers":
             values[param] = [("scale", StandardScaler(), [0, 1])]
         elif param == "transformer_list":
@@ -194,8 +230,10 @@ def fit(name, cls):
     if forced_data == "mixed-frame" and cls_name == "ColumnTransformer":
         from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-        params["transformers"] = [("num", StandardScaler(), ["age", "income"]),
-                                  ("cat", OneHotEncoder(handle_unknown="ignore"), ["city"])]
+        params["transformers"] = [
+            ("num", StandardScaler(), ["age", "income"]),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["city"]),
+        ]
     attempts = [params]
     optional = {"estimator", "base_estimator"} & set(_parameters(getattr(cls, "wraps", cls))) - set(params)
     for param in sorted(optional):  # a default that does not fit alone (SelfTrainingClassifier 1.6+)
@@ -235,10 +273,16 @@ def encode(value):
         return {"repr": repr(value)[:2000]}
     if array.dtype.kind in "biufcmM":
         array = np.ascontiguousarray(array)
-        return {"dtype": array.dtype.str, "shape": list(array.shape),
-                "data": base64.b64encode(array.tobytes()).decode()}
-    return {"dtype": array.dtype.str, "shape": list(array.shape),
-            "items": json.dumps(array.tolist(), default=repr, sort_keys=True)[:100_000]}
+        return {
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode(),
+        }
+    return {
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+        "items": json.dumps(array.tolist(), default=repr, sort_keys=True)[:100_000],
+    }
 
 
 def outputs(model, kind):
@@ -335,8 +379,12 @@ def versions():
     import numpy
     import sklearn
 
-    found = {"scikit-learn": sklearn.__version__, "numpy": numpy.__version__, "joblib": joblib.__version__,
-             "python": sys.version.split()[0]}
+    found = {
+        "scikit-learn": sklearn.__version__,
+        "numpy": numpy.__version__,
+        "joblib": joblib.__version__,
+        "python": sys.version.split()[0],
+    }
     try:
         import skops
 
@@ -370,8 +418,10 @@ def estimators():
 def pack_estimators():
     """xgboost's and lightgbm's scikit-learn estimators, when installed."""
     found = {}
-    for package, names in (("xgboost", ("XGBClassifier", "XGBRegressor")),
-                           ("lightgbm", ("LGBMClassifier", "LGBMRegressor"))):
+    for package, names in (
+        ("xgboost", ("XGBClassifier", "XGBRegressor")),
+        ("lightgbm", ("LGBMClassifier", "LGBMRegressor")),
+    ):
         try:
             module = __import__(package)
         except ImportError:
@@ -383,14 +433,23 @@ def pack_estimators():
 # Beyond default parameters: common settings that pickle internals the defaults do not (a binary
 # target, other trees, distances and losses), and a scorer. Reported apart from the defaults' matrix.
 VARIANTS = [
-    "GradientBoostingClassifier@binary", "HistGradientBoostingClassifier@binary", "LogisticRegression@binary",
-    "GradientBoostingRegressor(loss='huber')", "GradientBoostingRegressor(loss='absolute_error')",
-    "GradientBoostingRegressor(loss='quantile')", "HistGradientBoostingRegressor(loss='absolute_error')",
-    "HistGradientBoostingRegressor(loss='poisson')", "HistGradientBoostingRegressor(loss='quantile', quantile=0.5)",
-    "SGDClassifier(loss='log_loss')", "SGDClassifier(loss='modified_huber')",
-    "KNeighborsClassifier(algorithm='ball_tree')", "KNeighborsClassifier(metric='manhattan')",
-    "KNeighborsClassifier(metric='chebyshev')", "KNeighborsRegressor(metric='minkowski', p=3)",
-    "RandomForestClassifier(class_weight='balanced')", "GridSearchCV(scoring='accuracy')",
+    "GradientBoostingClassifier@binary",
+    "HistGradientBoostingClassifier@binary",
+    "LogisticRegression@binary",
+    "GradientBoostingRegressor(loss='huber')",
+    "GradientBoostingRegressor(loss='absolute_error')",
+    "GradientBoostingRegressor(loss='quantile')",
+    "HistGradientBoostingRegressor(loss='absolute_error')",
+    "HistGradientBoostingRegressor(loss='poisson')",
+    "HistGradientBoostingRegressor(loss='quantile', quantile=0.5)",
+    "SGDClassifier(loss='log_loss')",
+    "SGDClassifier(loss='modified_huber')",
+    "KNeighborsClassifier(algorithm='ball_tree')",
+    "KNeighborsClassifier(metric='manhattan')",
+    "KNeighborsClassifier(metric='chebyshev')",
+    "KNeighborsRegressor(metric='minkowski', p=3)",
+    "RandomForestClassifier(class_weight='balanced')",
+    "GridSearchCV(scoring='accuracy')",
     "ColumnTransformer@mixed-frame",
 ]
 
@@ -404,7 +463,7 @@ def resolve(name, available):
     import ast
 
     if name.startswith("Pipeline[") and name.endswith("]"):
-        steps = [available[part] for part in name[len("Pipeline["):-1].split(",")]
+        steps = [available[part] for part in name[len("Pipeline[") : -1].split(",")]
 
         def make():
             from sklearn.pipeline import make_pipeline
@@ -430,9 +489,18 @@ def resolve(name, available):
 
 # Modules whose classes a parameter chooses among (a kernel, a distance, a loss, a CV splitter): a model
 # pickles whichever member its parameters picked, so the whole family is listed, as each release names it.
-FAMILIES = ["sklearn.gaussian_process.kernels", "sklearn.metrics._dist_metrics", "sklearn.linear_model._sgd_fast",
-            "sklearn._loss.loss", "sklearn._loss.link", "sklearn._loss._loss", "sklearn.ensemble._gb_losses",
-            "sklearn.model_selection._split", "sklearn.neighbors._kd_tree", "sklearn.neighbors._ball_tree"]
+FAMILIES = [
+    "sklearn.gaussian_process.kernels",
+    "sklearn.metrics._dist_metrics",
+    "sklearn.linear_model._sgd_fast",
+    "sklearn._loss.loss",
+    "sklearn._loss.link",
+    "sklearn._loss._loss",
+    "sklearn.ensemble._gb_losses",
+    "sklearn.model_selection._split",
+    "sklearn.neighbors._kd_tree",
+    "sklearn.neighbors._ball_tree",
+]
 
 
 def family_members():
@@ -449,8 +517,11 @@ def family_members():
             unpickler = name.startswith("__pyx_unpickle_") and callable(value)
             if not (isinstance(value, type) or unpickler) or name.startswith("__pyx_unpickle_Enum"):
                 continue
-            if isinstance(value, type) and (name.startswith("_") or value.__module__ not in (module_name, "_loss")
-                                            and not value.__module__.endswith(module_name.rsplit(".", 1)[-1])):
+            if isinstance(value, type) and (
+                name.startswith("_")
+                or value.__module__ not in (module_name, "_loss")
+                and not value.__module__.endswith(module_name.rsplit(".", 1)[-1])
+            ):
                 continue  # private helpers and what the module only imports from elsewhere
             found.append([getattr(value, "__module__", None) or module_name, name])
     return found
@@ -464,8 +535,15 @@ def command_list():
     names += [variant for variant in VARIANTS if variant.split("@")[0].split("(")[0] in available]
     # Every estimator class, fitted here or not: a user fits it on real data.
     classes = {name: [cls.__module__, cls.__qualname__] for name, cls in available.items()}
-    return json.dumps({"estimators": names, "classes": classes, "families": family_members(),
-                       "formats": formats(), "versions": versions()})
+    return json.dumps(
+        {
+            "estimators": names,
+            "classes": classes,
+            "families": family_members(),
+            "formats": formats(),
+            "versions": versions(),
+        }
+    )
 
 
 def command_generate(names, channel):
@@ -482,8 +560,13 @@ def command_generate(names, channel):
                 cls = resolve(name.split("@")[0], available)
                 model, kind, filled = fit(name, cls)
                 expected, unstable = deterministic(model, kind)
-                record.update(data=kind, filled=filled, outputs=expected, nondeterministic=unstable,
-                              model_class=f"{type(model).__module__}.{type(model).__name__}")
+                record.update(
+                    data=kind,
+                    filled=filled,
+                    outputs=expected,
+                    nondeterministic=unstable,
+                    model_class=f"{type(model).__module__}.{type(model).__name__}",
+                )
                 np.random.seed(0)
                 record["probe_outputs"] = probe_outputs(model)
                 if not expected:

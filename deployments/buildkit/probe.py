@@ -29,7 +29,7 @@ def categories(estimator, out):
             if hasattr(transformer, "steps"):
                 encoder = next((s for _, s in transformer.steps if hasattr(s, "categories_")), None)
             if encoder is not None and hasattr(encoder, "categories_") and isinstance(columns, (list, tuple)):
-                for column, known in zip(columns, encoder.categories_):
+                for column, known in zip(columns, encoder.categories_, strict=False):
                     if len(known):
                         out[str(column)] = known[0].item() if hasattr(known[0], "item") else known[0]
     for _, step in getattr(estimator, "steps", []):
@@ -100,11 +100,15 @@ def main():
         X = as_input(row, names)
         outputs = {method: plain(getattr(model, method)(X))[0] for method in methods}
     except Exception as exc:
-        channel.write(json.dumps({
-            "signature": signature,
-            "error": f"the model could not predict on an example input built from its signature "
-                     f"({json.dumps(row)[:200]}): {type(exc).__name__}: {exc}",
-        }))
+        channel.write(
+            json.dumps(
+                {
+                    "signature": signature,
+                    "error": f"the model could not predict on an example input built from its signature "
+                    f"({json.dumps(row)[:200]}): {type(exc).__name__}: {exc}",
+                }
+            )
+        )
         return 0
     signature["input"] = "records" if isinstance(row, dict) else "text" if isinstance(row, str) else "numbers"
     channel.write(json.dumps({"signature": signature, "example": row, "outputs": outputs}))

@@ -125,7 +125,9 @@ def _matrix(m, rows):
                 raise BadRequest(f"expected {m.n_features} features per row, got {len(row)}")
             for value in row:
                 if isinstance(value, (list, dict)):
-                    raise BadRequest(f"row {number} holds a nested {type(value).__name__}: features must be numbers or strings")
+                    raise BadRequest(
+                        f"row {number} holds a nested {type(value).__name__}: features must be numbers or strings"
+                    )
         if m.feature_names is not None:
             return _frame(m, rows)
         import numpy
@@ -243,7 +245,7 @@ def handle_many(bodies):
             continue
         start = 0
         for index, single, X in members:
-            answers[index] = (200, _dumps(_answer(m, result[start:start + len(X)], single)))
+            answers[index] = (200, _dumps(_answer(m, result[start : start + len(X)], single)))
             start += len(X)
     return answers
 
@@ -283,10 +285,17 @@ def _lambda_answer(status, out):
 
 def lambda_handler(event, context):
     if not authorised(event.get("headers")):
-        return _lambda_answer(401, _dumps({"error": (
-            "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
-            "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
-        )}))
+        return _lambda_answer(
+            401,
+            _dumps(
+                {
+                    "error": (
+                        "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+                        "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
+                    )
+                }
+            ),
+        )
     body = event.get("body") or b""
     if event.get("isBase64Encoded") and body:
         try:

@@ -50,8 +50,7 @@ def _check(module, name):
         raise RefusedGlobal("the restricted loader was not configured; nothing may be imported")
     if (module, name) not in _allowed:
         raise RefusedGlobal(
-            f"the model file imports {module}.{name}, which ServeML did not check and allow; "
-            "nothing was imported"
+            f"the model file imports {module}.{name}, which ServeML did not check and allow; nothing was imported"
         )
     return ALIASES.get(module, module)
 
@@ -61,8 +60,10 @@ def _guard(found, module, name):
         _guarded[found] = found.__dict__.get("__init__", _MISSING)
 
         def refuse(self, *args, **kwargs):
-            raise RefusedGlobal(f"the model file calls {module}.{name}(...) while loading, which no saved "
-                                "model does (its constructor can read a file by name); nothing was loaded")
+            raise RefusedGlobal(
+                f"the model file calls {module}.{name}(...) while loading, which no saved "
+                "model does (its constructor can read a file by name); nothing was loaded"
+            )
 
         found.__init__ = refuse
     return found
@@ -87,8 +88,7 @@ def _unguard():
 
 
 def _load(file, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
-    return RestrictedUnpickler(file, fix_imports=fix_imports, encoding=encoding, errors=errors,
-                               buffers=buffers).load()
+    return RestrictedUnpickler(file, fix_imports=fix_imports, encoding=encoding, errors=errors, buffers=buffers).load()
 
 
 def _loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
@@ -181,12 +181,16 @@ def pin_advice(path, exc):
     detail = f"{type(exc).__name__}: {exc}"[:300]
     text = str(exc)
     if "numpy._core" in text and isinstance(exc, ImportError):
-        return (f"The model was saved with numpy 2, and this environment has numpy 1, which cannot load it "
-                f"({detail}). Pin numpy 2 in requirements.txt (numpy==2.x, with scikit-learn 1.4.2 or newer), "
-                "or save the model again with numpy 1.")
+        return (
+            f"The model was saved with numpy 2, and this environment has numpy 1, which cannot load it "
+            f"({detail}). Pin numpy 2 in requirements.txt (numpy==2.x, with scikit-learn 1.4.2 or newer), "
+            "or save the model again with numpy 1."
+        )
     if "compiled using NumPy 1.x" in text or "numpy.core.multiarray failed to import" in text:
-        return (f"This environment's packages were built for numpy 1 but numpy 2 was installed ({detail}). "
-                "Pin numpy<2 in requirements.txt (numpy==1.26.4), as the model's scikit-learn needs.")
+        return (
+            f"This environment's packages were built for numpy 1 but numpy 2 was installed ({detail}). "
+            "Pin numpy<2 in requirements.txt (numpy==1.26.4), as the model's scikit-learn needs."
+        )
     try:
         import sklearn
 
@@ -196,17 +200,22 @@ def pin_advice(path, exc):
     saved = saved_sklearn_version(path)
     sklearn_error = isinstance(exc, (ImportError, AttributeError)) and "sklearn" in text
     if saved and saved != installed:
-        return (f"The model was saved with scikit-learn {saved}, and scikit-learn {installed} installed here "
-                f"cannot load it ({detail}). Pin scikit-learn=={saved} in requirements.txt.")
+        return (
+            f"The model was saved with scikit-learn {saved}, and scikit-learn {installed} installed here "
+            f"cannot load it ({detail}). Pin scikit-learn=={saved} in requirements.txt."
+        )
     if sklearn_error and not saved:
-        return (f"The model refers to scikit-learn internals that scikit-learn {installed} does not have "
-                f"({detail}). Pin in requirements.txt the scikit-learn version the model was trained with.")
+        return (
+            f"The model refers to scikit-learn internals that scikit-learn {installed} does not have "
+            f"({detail}). Pin in requirements.txt the scikit-learn version the model was trained with."
+        )
     return ""
 
 
 # The key, a memo opcode (protocol 4: MEMOIZE; 2 and 3: BINPUT, LONG_BINPUT), then the value's string opcode.
 VERSION_IN_PICKLE = re.compile(
-    rb"_sklearn_version(?:\x94|q.|r....)?(?:\x8c([\x01-\x40])|X([\x01-\x40])\x00\x00\x00)", re.DOTALL)
+    rb"_sklearn_version(?:\x94|q.|r....)?(?:\x8c([\x01-\x40])|X([\x01-\x40])\x00\x00\x00)", re.DOTALL
+)
 VERSION_IN_SKOPS = re.compile(rb'"_sklearn_version":\s*\{[^}]*?"content":\s*"(?:\\")?([0-9][^"\\]{0,40})')
 
 
@@ -232,6 +241,6 @@ def saved_sklearn_version(path, limit=64 * 1024 * 1024):
     size = (found.group(1) or found.group(2))[0]
     start = found.end()
     try:
-        return data[start:start + size].decode("ascii")
+        return data[start : start + size].decode("ascii")
     except UnicodeDecodeError:
         return None

@@ -27,9 +27,18 @@ from deployments.pipeline.errors import StageError, TransientStageError
 
 RETRIES = Config(retries={"max_attempts": 6, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
 TRANSIENT_CODES = {
-    "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
-    "ServiceException", "InternalFailure", "InternalServerError", "InternalServiceError", "RequestTimeout",
-    "RequestTimeoutException", "EC2ThrottledException",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "ServiceException",
+    "InternalFailure",
+    "InternalServerError",
+    "InternalServiceError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "EC2ThrottledException",
 }
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
 ROUTE_KEY = "POST /"
@@ -117,20 +126,31 @@ def repository_name(deployment: Deployment) -> str:
 
 
 def ensure_repository(ecr, name: str) -> dict:
-    found = call(ecr.describe_repositories, "look up the ECR repository", ignore=("RepositoryNotFoundException",),
-                 repositoryNames=[name])
+    found = call(
+        ecr.describe_repositories,
+        "look up the ECR repository",
+        ignore=("RepositoryNotFoundException",),
+        repositoryNames=[name],
+    )
     if found:
         return found["repositories"][0]
-    return call(ecr.create_repository, "create the ECR repository", repositoryName=name,
-                imageScanningConfiguration={"scanOnPush": True}, tags=[{"Key": "serveml", "Value": "true"}])[
-        "repository"
-    ]
+    return call(
+        ecr.create_repository,
+        "create the ECR repository",
+        repositoryName=name,
+        imageScanningConfiguration={"scanOnPush": True},
+        tags=[{"Key": "serveml", "Value": "true"}],
+    )["repository"]
 
 
 def image_exists(ecr, repository: str, tag: str) -> bool:
-    found = call(ecr.describe_images, "look up the image in ECR",
-                 ignore=("ImageNotFoundException", "RepositoryNotFoundException"),
-                 repositoryName=repository, imageIds=[{"imageTag": tag}])
+    found = call(
+        ecr.describe_images,
+        "look up the image in ECR",
+        ignore=("ImageNotFoundException", "RepositoryNotFoundException"),
+        repositoryName=repository,
+        imageIds=[{"imageTag": tag}],
+    )
     return found is not None
 
 
@@ -159,8 +179,9 @@ def function_environment(deployment: Deployment, current: dict | None = None) ->
 def ensure_function(lam, deployment: Deployment) -> tuple[str, dict]:
     """Create or update the function; returns its ARN and the access variables it was given."""
     name = resource_name(deployment)
-    found = call(lam.get_function, "look up the Lambda function", ignore=("ResourceNotFoundException",),
-                 FunctionName=name)
+    found = call(
+        lam.get_function, "look up the Lambda function", ignore=("ResourceNotFoundException",), FunctionName=name
+    )
     existing = found["Configuration"] if found else None
     current = (existing or {}).get("Environment", {}).get("Variables", {})
     variables = function_environment(deployment, current)
@@ -173,16 +194,26 @@ def ensure_function(lam, deployment: Deployment) -> tuple[str, dict]:
     applied = {name: value for name, value in variables.items() if name in ACCESS_VARIABLES}
     if existing is None:
         created = call(
-            lam.create_function, "create the Lambda function", FunctionName=name, PackageType="Image",
-            Code={"ImageUri": deployment.image_uri}, Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE],
-            Tags={"serveml": "true"}, **config,
+            lam.create_function,
+            "create the Lambda function",
+            FunctionName=name,
+            PackageType="Image",
+            Code={"ImageUri": deployment.image_uri},
+            Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE],
+            Tags={"serveml": "true"},
+            **config,
         )
         arn = created["FunctionArn"]
         _wait(lam, "function_active_v2", name)
         return arn, applied
     # A rerun, or a redeploy: bring the function to this image and these settings.
-    call(lam.update_function_code, "update the Lambda function's image", FunctionName=name,
-         ImageUri=deployment.image_uri, Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE])
+    call(
+        lam.update_function_code,
+        "update the Lambda function's image",
+        FunctionName=name,
+        ImageUri=deployment.image_uri,
+        Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE],
+    )
     _wait(lam, "function_updated_v2", name)
     call(lam.update_function_configuration, "configure the Lambda function", FunctionName=name, **config)
     _wait(lam, "function_updated_v2", name)
@@ -197,14 +228,23 @@ def update_access(deployment: Deployment, lam=None) -> str:
     lam = lam or client("lambda")
     name = resource_name(deployment)
     # get_function, not get_function_configuration: the README's IAM policy already allows it.
-    found = call(lam.get_function, "read the Lambda function's configuration", ignore=("ResourceNotFoundException",),
-                 FunctionName=name)
+    found = call(
+        lam.get_function,
+        "read the Lambda function's configuration",
+        ignore=("ResourceNotFoundException",),
+        FunctionName=name,
+    )
     if not found:
         return "no Lambda function to update: its next deployment applies the keys"
     current = found["Configuration"].get("Environment", {}).get("Variables", {})
     variables = function_environment(deployment, current)
-    updated = call(lam.update_function_configuration, "update the Lambda function's keys",
-                   ignore=("ResourceConflictException",), FunctionName=name, Environment={"Variables": variables})
+    updated = call(
+        lam.update_function_configuration,
+        "update the Lambda function's keys",
+        ignore=("ResourceConflictException",),
+        FunctionName=name,
+        Environment={"Variables": variables},
+    )
     if updated is None:  # another update (a deploy, a key) is still running
         raise TransientStageError(f"the Lambda function {name} is still applying an earlier update")
     _wait(lam, "function_updated_v2", name)
@@ -259,39 +299,59 @@ def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
         if item.get("IntegrationUri") == function_arn:
             return item["IntegrationId"]
     return call(
-        gateway.create_integration, "connect the HTTP API to the function", ApiId=api_id,
-        IntegrationType="AWS_PROXY", IntegrationUri=function_arn, IntegrationMethod="POST",
+        gateway.create_integration,
+        "connect the HTTP API to the function",
+        ApiId=api_id,
+        IntegrationType="AWS_PROXY",
+        IntegrationUri=function_arn,
+        IntegrationMethod="POST",
         PayloadFormatVersion="2.0",
     )["IntegrationId"]
 
 
 def ensure_route(gateway, api_id: str, integration_id: str) -> None:
-    if any(route["RouteKey"] == ROUTE_KEY for route in items(gateway, "get_routes", "list the HTTP API's routes",
-                                                               ApiId=api_id)):
+    if any(
+        route["RouteKey"] == ROUTE_KEY
+        for route in items(gateway, "get_routes", "list the HTTP API's routes", ApiId=api_id)
+    ):
         return
-    call(gateway.create_route, "add the POST route", ApiId=api_id, RouteKey=ROUTE_KEY,
-         Target=f"integrations/{integration_id}")
+    call(
+        gateway.create_route,
+        "add the POST route",
+        ApiId=api_id,
+        RouteKey=ROUTE_KEY,
+        Target=f"integrations/{integration_id}",
+    )
 
 
 def ensure_stage(gateway, api_id: str) -> None:
-    if any(stage["StageName"] == "$default" for stage in items(gateway, "get_stages", "list the HTTP API's stages",
-                                                                   ApiId=api_id)):
+    if any(
+        stage["StageName"] == "$default"
+        for stage in items(gateway, "get_stages", "list the HTTP API's stages", ApiId=api_id)
+    ):
         return
     call(gateway.create_stage, "create the $default stage", ApiId=api_id, StageName="$default", AutoDeploy=True)
 
 
 def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
     name = resource_name(deployment)
-    found = call(lam.get_policy, "read the Lambda function's policy", ignore=("ResourceNotFoundException",),
-                 FunctionName=name)  # not found: no policy yet
-    if found and any(statement.get("Sid") == PERMISSION_STATEMENT
-                     for statement in json.loads(found["Policy"])["Statement"]):
+    found = call(
+        lam.get_policy, "read the Lambda function's policy", ignore=("ResourceNotFoundException",), FunctionName=name
+    )  # not found: no policy yet
+    if found and any(
+        statement.get("Sid") == PERMISSION_STATEMENT for statement in json.loads(found["Policy"])["Statement"]
+    ):
         return
     source = f"arn:aws:execute-api:{settings.SERVEML_AWS_REGION}:{account_id()}:{api_id}/*/*"
     call(  # a conflict means it was added meanwhile: fine
-        lam.add_permission, "let API Gateway invoke the function", ignore=("ResourceConflictException",),
-        FunctionName=name, StatementId=PERMISSION_STATEMENT, Action="lambda:InvokeFunction",
-        Principal="apigateway.amazonaws.com", SourceArn=source,
+        lam.add_permission,
+        "let API Gateway invoke the function",
+        ignore=("ResourceConflictException",),
+        FunctionName=name,
+        StatementId=PERMISSION_STATEMENT,
+        Action="lambda:InvokeFunction",
+        Principal="apigateway.amazonaws.com",
+        SourceArn=source,
     )
 
 
@@ -322,18 +382,38 @@ def teardown(deployment: Deployment) -> str:
     deleted = []
     gateway, lam, ecr = client("apigatewayv2"), client("lambda"), client("ecr")
     # The APIs named for this deployment: the one on record and any an interrupted run left behind.
-    api_ids = {api["ApiId"] for api in items(gateway, "get_apis", "list the HTTP APIs")
-               if api["Name"] == resource_name(deployment) or api["ApiId"] == deployment.api_id}
+    api_ids = {
+        api["ApiId"]
+        for api in items(gateway, "get_apis", "list the HTTP APIs")
+        if api["Name"] == resource_name(deployment) or api["ApiId"] == deployment.api_id
+    }
     for api_id in sorted(api_ids):
-        if call(gateway.delete_api, f"delete the HTTP API {api_id}", ignore=("NotFoundException",),
-                ApiId=api_id) is not None:
+        if (
+            call(gateway.delete_api, f"delete the HTTP API {api_id}", ignore=("NotFoundException",), ApiId=api_id)
+            is not None
+        ):
             deleted.append(f"HTTP API {api_id}")
     function = resource_name(deployment)
-    if call(lam.delete_function, f"delete the Lambda function {function}", ignore=("ResourceNotFoundException",),
-            FunctionName=function) is not None:
+    if (
+        call(
+            lam.delete_function,
+            f"delete the Lambda function {function}",
+            ignore=("ResourceNotFoundException",),
+            FunctionName=function,
+        )
+        is not None
+    ):
         deleted.append(f"Lambda function {function}")
     repository = repository_name(deployment)
-    if call(ecr.delete_repository, f"delete the ECR repository {repository}",
-            ignore=("RepositoryNotFoundException",), repositoryName=repository, force=True) is not None:
+    if (
+        call(
+            ecr.delete_repository,
+            f"delete the ECR repository {repository}",
+            ignore=("RepositoryNotFoundException",),
+            repositoryName=repository,
+            force=True,
+        )
+        is not None
+    ):
         deleted.append(f"ECR repository {repository}")
     return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"

@@ -43,8 +43,13 @@ def docker_client() -> docker.DockerClient:
 
 # The settings that shape the image besides the build context: its base, and the
 # platform and index its dependencies are installed for.
-IMAGE_SETTINGS = ("SERVEML_LAMBDA_BASE_IMAGE", "SERVEML_LAMBDA_ARCHITECTURE", "SERVEML_LAMBDA_MANYLINUX",
-                  "SERVEML_LAMBDA_PYTHON_VERSION", "SERVEML_PACKAGE_INDEX_URL")
+IMAGE_SETTINGS = (
+    "SERVEML_LAMBDA_BASE_IMAGE",
+    "SERVEML_LAMBDA_ARCHITECTURE",
+    "SERVEML_LAMBDA_MANYLINUX",
+    "SERVEML_LAMBDA_PYTHON_VERSION",
+    "SERVEML_PACKAGE_INDEX_URL",
+)
 
 
 def image_tag(deployment: Deployment) -> str:
@@ -58,8 +63,9 @@ def image_tag(deployment: Deployment) -> str:
     for name in IMAGE_SETTINGS:
         digest.update(f"{name}={getattr(settings, name)}\n".encode())
     # deps/ is not an input: install_lambda_dependencies makes it from requirements.txt and the settings.
-    files = sorted(path for path in context.rglob("*")
-                   if path.is_file() and path.relative_to(context).parts[0] != "deps")
+    files = sorted(
+        path for path in context.rglob("*") if path.is_file() and path.relative_to(context).parts[0] != "deps"
+    )
     for path in files:
         digest.update(f"{path.relative_to(context).as_posix()}\0{path.stat().st_size}\0".encode())
         with open(path, "rb") as handle:
@@ -79,9 +85,20 @@ def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
     architecture = settings.SERVEML_LAMBDA_ARCHITECTURE
     platform = f"{MACHINES[architecture]}-{settings.SERVEML_LAMBDA_MANYLINUX}"
     command = [
-        uv_binary(), "pip", "install", "--target", str(target), "--no-progress",
-        "--python-platform", platform, "--python-version", settings.SERVEML_LAMBDA_PYTHON_VERSION,
-        "--only-binary", ":all:", "-r", str(restore_context(deployment) / "requirements.txt"),
+        uv_binary(),
+        "pip",
+        "install",
+        "--target",
+        str(target),
+        "--no-progress",
+        "--python-platform",
+        platform,
+        "--python-version",
+        settings.SERVEML_LAMBDA_PYTHON_VERSION,
+        "--only-binary",
+        ":all:",
+        "-r",
+        str(restore_context(deployment) / "requirements.txt"),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, env=uv_env(), timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S
@@ -92,8 +109,7 @@ def install_lambda_dependencies(deployment: Deployment, target: Path) -> str:
             f"for Python {settings.SERVEML_LAMBDA_PYTHON_VERSION} on {platform}. Recent releases (scikit-learn "
             "1.8 and later, say) publish no manylinux2014 wheels for the python:3.11 image's Amazon Linux 2: "
             "pin an older release, or have an operator use an Amazon Linux 2023 base image with "
-            "SERVEML_LAMBDA_MANYLINUX=manylinux_2_28.\n"
-            + "\n".join(done.stderr.strip().splitlines()[-6:])
+            "SERVEML_LAMBDA_MANYLINUX=manylinux_2_28.\n" + "\n".join(done.stderr.strip().splitlines()[-6:])
         )
     trimmed = trim(target)
     return f"dependencies for Lambda {architecture} installed ({trimmed // 1024**2} MB trimmed)"
@@ -105,8 +121,10 @@ def trim(root: Path) -> int:
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if not path.exists():
             continue
-        drop = (path.is_dir() and path.name in TRIM_DIRS) or path.suffix in {".pyc", ".pyx", ".pxd", ".c", ".h"} or (
-            path.parent.name.endswith(".dist-info") and path.name in TRIM_DIST_INFO
+        drop = (
+            (path.is_dir() and path.name in TRIM_DIRS)
+            or path.suffix in {".pyc", ".pyx", ".pxd", ".c", ".h"}
+            or (path.parent.name.endswith(".dist-info") and path.name in TRIM_DIST_INFO)
         )
         if drop:
             if path.is_dir():
@@ -157,7 +175,13 @@ def build(deployment: Deployment) -> str:
     log = BuildLog(deployment)
     try:
         for chunk in client.api.build(
-            path=str(context), tag=tag, network_mode="none", rm=True, forcerm=True, pull=False, decode=True,
+            path=str(context),
+            tag=tag,
+            network_mode="none",
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
             platform=f"linux/{'amd64' if settings.SERVEML_LAMBDA_ARCHITECTURE == 'x86_64' else 'arm64'}",
         ):
             if "error" in chunk:
@@ -205,10 +229,15 @@ def push(deployment: Deployment) -> str:
     token = aws.call(ecr.get_authorization_token, "get an ECR login token")["authorizationData"][0]
     username, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
     digest = push_image(
-        docker_client(), local_tag(deployment), repository["repositoryUri"], tag,
+        docker_client(),
+        local_tag(deployment),
+        repository["repositoryUri"],
+        tag,
         {"username": username, "password": password, "serveraddress": token["proxyEndpoint"]},
     )
-    services.deployment_update(deployment=deployment, image_uri=f"{repository['repositoryUri']}@{digest}" if digest
-                               else f"{repository['repositoryUri']}:{tag}")
+    services.deployment_update(
+        deployment=deployment,
+        image_uri=f"{repository['repositoryUri']}@{digest}" if digest else f"{repository['repositoryUri']}:{tag}",
+    )
     size = deployment.image_size_bytes or 0
     return f"pushed {repository['repositoryUri']} ({size / 1024**2:.0f} MB, {digest or 'tag ' + tag[:12]})"

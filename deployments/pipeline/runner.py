@@ -69,26 +69,33 @@ def _run_stages(deployment: Deployment, token: str, retry_in: float | None) -> N
             _hold_for_tests(deployment, f"{stage}.done")
         except TransientStageError as exc:
             if retry_in is None:
-                services.deployment_fail(deployment=deployment, stage=stage, message=str(exc),
-                                         duration_ms=_ms(started), token=token)
+                services.deployment_fail(
+                    deployment=deployment, stage=stage, message=str(exc), duration_ms=_ms(started), token=token
+                )
                 return
-            services.deployment_requeue(deployment=deployment, reason=f"{exc} — retrying", token=token,
-                                        retry_in=retry_in)
+            services.deployment_requeue(
+                deployment=deployment, reason=f"{exc} — retrying", token=token, retry_in=retry_in
+            )
             raise
         except StageError as exc:
-            services.deployment_fail(deployment=deployment, stage=stage, message=str(exc),
-                                     duration_ms=_ms(started), token=token)
+            services.deployment_fail(
+                deployment=deployment, stage=stage, message=str(exc), duration_ms=_ms(started), token=token
+            )
             return
         except Exception as exc:  # a bug, not the user's fault: say so without a traceback
             log.exception("stage %s of deployment %s crashed", stage, deployment.pk)
             services.deployment_fail(
-                deployment=deployment, stage=stage, duration_ms=_ms(started), token=token,
+                deployment=deployment,
+                stage=stage,
+                duration_ms=_ms(started),
+                token=token,
                 message=f"ServeML hit an internal error in the {stage} stage ({type(exc).__name__}). "
                 "An operator can find the details in the worker log; redeploy once it is fixed.",
             )
             return
-        services.deployment_complete_stage(deployment=deployment, stage=stage, token=token, message=summary,
-                                           duration_ms=_ms(started))
+        services.deployment_complete_stage(
+            deployment=deployment, stage=stage, token=token, message=summary, duration_ms=_ms(started)
+        )
     services.deployment_mark_ready(deployment=deployment, token=token)
 
 

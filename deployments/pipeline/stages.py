@@ -13,7 +13,8 @@ import httpx
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from jinja2 import Environment as Jinja, FileSystemLoader, StrictUndefined
+from jinja2 import Environment as Jinja
+from jinja2 import FileSystemLoader, StrictUndefined
 from packaging.version import Version
 
 from deployments import buildkit, sandbox, services
@@ -23,8 +24,8 @@ from deployments.environments import EnvironmentBuildError, ensure_environment, 
 from deployments.inspection import InspectionError, ScanResult, scan_model_file
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
-from deployments.runtime import client
 from deployments.requirements import Requirements, RequirementsError, parse_requirements
+from deployments.runtime import client
 
 jinja = Jinja(loader=FileSystemLoader(buildkit.TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
 
@@ -66,8 +67,9 @@ def inspect(deployment: Deployment) -> str:
     requirements = requirements_of(deployment)
     warning = check_versions(scan, requirements)
     if warning:
-        services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.INSPECT,
-                                         message=warning, level="warning")
+        services.deployment_record_event(
+            deployment=deployment, stage=Deployment.Stage.INSPECT, message=warning, level="warning"
+        )
     services.deployment_update(
         deployment=deployment,
         model_format=scan.format,
@@ -76,7 +78,11 @@ def inspect(deployment: Deployment) -> str:
         allowed_globals=sorted([g.module, g.name] for g in scan.globals),
         signature={**deployment.signature, "pickled_sklearn_version": scan.sklearn_version},
     )
-    saved = f"saved with scikit-learn {scan.sklearn_version}" if scan.sklearn_version else "no scikit-learn version recorded"
+    saved = (
+        f"saved with scikit-learn {scan.sklearn_version}"
+        if scan.sklearn_version
+        else "no scikit-learn version recorded"
+    )
     return (
         f"{scan.format} file{f' ({scan.compression})' if scan.compression else ''}: "
         f"{len(scan.globals)} imported names, all on the allowlist; {saved}; "
@@ -106,7 +112,10 @@ def check_versions(scan: ScanResult, requirements: Requirements) -> str:
                 "or save the model again with the version you pin."
             )
         if pinned != trained:
-            warning = f"requirements pin scikit-learn {pin.version}, the model was saved with {saved}: same minor release, usually compatible."
+            warning = (
+                f"requirements pin scikit-learn {pin.version}, the model was saved with {saved}: "
+                "same minor release, usually compatible."
+            )
     numpy_pin = requirements.get("numpy")
     if scan.uses_numpy2_layout and numpy_pin and numpy_pin.version and Version(numpy_pin.version).major < 2:
         raise StageError(
@@ -163,8 +172,9 @@ def handler_config(deployment: Deployment) -> dict:
 
 
 def validate_limits() -> sandbox.Limits:
-    return sandbox.Limits(memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES,
-                          cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS)
+    return sandbox.Limits(
+        memory_bytes=settings.SERVEML_SANDBOX_MEMORY_BYTES, cpu_seconds=settings.SERVEML_SANDBOX_CPU_SECONDS
+    )
 
 
 def validate(deployment: Deployment) -> str:
@@ -176,19 +186,26 @@ def validate(deployment: Deployment) -> str:
         config.flush()
         try:
             launched = sandbox.launch(
-                uid=sandbox.uid_for(deployment.pk), environment=python.parent.parent, args=["probe.py"],
+                uid=sandbox.uid_for(deployment.pk),
+                environment=python.parent.parent,
+                args=["probe.py"],
                 limits=limits,
                 files={
-                    "probe.py": buildkit.PROBE, "serveml_loader.py": buildkit.LOADER,
-                    buildkit.CONFIG_FILE: Path(config.name), model_name: local_model_path(deployment),
+                    "probe.py": buildkit.PROBE,
+                    "serveml_loader.py": buildkit.LOADER,
+                    buildkit.CONFIG_FILE: Path(config.name),
+                    model_name: local_model_path(deployment),
                 },
             )
             result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
         except sandbox.SandboxUnavailable as exc:
             raise StageError(str(exc)) from None
-    services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.VALIDATE,
-                                     message=f"sandbox: {sandbox.describe(limits)}",
-                                     level="warning" if sandbox.is_disabled() else "info")
+    services.deployment_record_event(
+        deployment=deployment,
+        stage=Deployment.Stage.VALIDATE,
+        message=f"sandbox: {sandbox.describe(limits)}",
+        level="warning" if sandbox.is_disabled() else "info",
+    )
     if result.timed_out:
         raise StageError(
             f"Loading and testing the model took longer than {settings.SERVEML_SANDBOX_WALL_SECONDS} s, "
@@ -207,7 +224,7 @@ def validate(deployment: Deployment) -> str:
         elif "MemoryError" in "".join(tail):
             reason = f"it ran out of its {settings.SERVEML_SANDBOX_MEMORY_BYTES // 1024**2} MiB memory limit"
         else:
-            reason = "it exited with code %s: %s" % (result.returncode, " ".join(tail)[-400:])
+            reason = f"it exited with code {result.returncode}: {' '.join(tail)[-400:]}"
         raise StageError(f"Loading the model in its sandbox failed: {reason}.")
     if "error" in report:
         if report.get("signature"):
@@ -222,8 +239,11 @@ def validate(deployment: Deployment) -> str:
         example_response={"prediction": outputs["predict"], "model_type": signature["model_type"]},
     )
     features = (
-        f"{len(signature['feature_names_in'])} named features" if signature.get("feature_names_in")
-        else f"{signature['n_features_in']} features" if signature.get("n_features_in") else "text input"
+        f"{len(signature['feature_names_in'])} named features"
+        if signature.get("feature_names_in")
+        else f"{signature['n_features_in']} features"
+        if signature.get("n_features_in")
+        else "text input"
     )
     return (
         f"{signature['model_type']} loaded with scikit-learn {signature['sklearn_version']}: {features}, "
@@ -282,7 +302,9 @@ def package(deployment: Deployment) -> str:
 
 def same_prediction(expected, actual) -> bool:
     if isinstance(expected, list) and isinstance(actual, list):
-        return len(expected) == len(actual) and all(same_prediction(e, a) for e, a in zip(expected, actual))
+        return len(expected) == len(actual) and all(
+            same_prediction(e, a) for e, a in zip(expected, actual, strict=True)
+        )
     if isinstance(expected, float) or isinstance(actual, float):
         try:
             return math.isclose(float(expected), float(actual), rel_tol=1e-6, abs_tol=1e-9)
@@ -292,8 +314,9 @@ def same_prediction(expected, actual) -> bool:
 
 
 def verify(deployment: Deployment) -> str:
-    private_aws = (deployment.target == Deployment.Target.AWS
-                   and Deployment.objects.values_list("is_private", flat=True).get(pk=deployment.pk))
+    private_aws = deployment.target == Deployment.Target.AWS and Deployment.objects.values_list(
+        "is_private", flat=True
+    ).get(pk=deployment.pk)
     if not private_aws:
         return _verify_call(deployment, client.server_side_headers(deployment))
     # A private Lambda answers only its keys, and the runtime's token stays on this host:
@@ -308,14 +331,15 @@ def verify(deployment: Deployment) -> str:
 def _verify_call(deployment: Deployment, headers: dict) -> str:
     try:
         response = httpx.post(
-            client.server_side_url(deployment), json=deployment.example_request, headers=headers, timeout=60,
+            client.server_side_url(deployment),
+            json=deployment.example_request,
+            headers=headers,
+            timeout=60,
         )
     except httpx.HTTPError as exc:
         raise StageError(f"The endpoint {deployment.endpoint_url} did not answer: {exc}.") from None
     if response.status_code != 200:
-        raise StageError(
-            f"The endpoint answered {response.status_code} to the example request: {response.text[:300]}"
-        )
+        raise StageError(f"The endpoint answered {response.status_code} to the example request: {response.text[:300]}")
     answer = response.json()
     expected = deployment.example_response["prediction"]
     if not same_prediction(expected, answer.get("prediction")):

@@ -177,10 +177,14 @@ class Runtime:
                     send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
                 )
             if not pool.access.allows(headers, self.token):
-                return await respond(send, 401, _error(
-                    "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
-                    "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
-                ))
+                return await respond(
+                    send,
+                    401,
+                    _error(
+                        "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+                        "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
+                    ),
+                )
             if problem := body_problem(body):
                 return await respond(send, 400, _error(problem))
             status, answer = await pool.predict(body)
@@ -280,9 +284,11 @@ async def read_body(receive) -> bytes | None:
 
 
 async def respond(send, status: int, body: bytes) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": JSON + [(b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": JSON + [(b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from deployments import buildkit
+from deployments import buildkit, sandbox
 from deployments.runtime import protocol
 from deployments.runtime.registry import Spec
-from deployments import sandbox
 from deployments.sandbox import kill_group
 
 log = logging.getLogger("serveml.runtime")
@@ -131,8 +130,9 @@ class ModelProcess:
         except ModelUnavailable:
             self.stop()
             raise
-        log.info("model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id,
-                 self.isolation)
+        log.info(
+            "model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id, self.isolation
+        )
 
     async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
         """Start model_server.py in the deployment's sandbox: the one place that knows how."""
@@ -145,7 +145,9 @@ class ModelProcess:
         build = self.spec.build_dir
         try:
             launched = sandbox.launch(
-                uid=self.spec.uid, environment=self.spec.environment, limits=limits,
+                uid=self.spec.uid,
+                environment=self.spec.environment,
+                limits=limits,
                 # The id is only a label, so operators can tell model processes apart in `ps`.
                 args=["model_server.py", ".", self.spec.deployment_id],
                 files=MODEL_SERVER_FILES,
@@ -161,8 +163,11 @@ class ModelProcess:
         try:
             with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
                 transport, _ = await loop.subprocess_exec(
-                    lambda: channel, *launched.argv,
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                    lambda: channel,
+                    *launched.argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=stderr,
                     **launched.popen_kwargs(),
                 )
         except OSError as exc:  # e.g. its environment was deleted: redeploy it
@@ -178,8 +183,9 @@ class ModelProcess:
             async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
                 status, body = await self.loaded
         except TimeoutError:
-            raise ModelUnavailable(503, "the model process did not load the model in "
-                                        f"{settings.SERVEML_SANDBOX_WALL_SECONDS} s") from None
+            raise ModelUnavailable(
+                503, f"the model process did not load the model in {settings.SERVEML_SANDBOX_WALL_SECONDS} s"
+            ) from None
         if status != 200:
             raise ModelUnavailable(503, body.decode(errors="replace"))
 
@@ -187,9 +193,13 @@ class ModelProcess:
         self.waiting.extend(batch)
         self.transport.get_pipe_transport(0).write(protocol.encode_requests([request.body for request in batch]))
         timeout = settings.SERVEML_PREDICT_TIMEOUT_S
-        self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, ModelUnavailable(
-            504, f"the model took longer than {timeout:g} s to answer; its process is restarted on the next request"
-        ))
+        self.timer = asyncio.get_running_loop().call_later(
+            timeout,
+            self.fail,
+            ModelUnavailable(
+                504, f"the model took longer than {timeout:g} s to answer; its process is restarted on the next request"
+            ),
+        )
 
     def answered(self, status: int, body: bytes) -> None:
         if not self.loaded.done():
@@ -209,26 +219,33 @@ class ModelProcess:
         limit = protocol.MAX_ANSWER_BYTES // 1024**2
         if not self.loaded.done():
             self.stop()
-            self.loaded.set_exception(ModelUnavailable(
-                503, f"the model process wrote more than {limit} MB while it loaded the model"
-            ))
+            self.loaded.set_exception(
+                ModelUnavailable(503, f"the model process wrote more than {limit} MB while it loaded the model")
+            )
             return
-        self.fail(ModelUnavailable(
-            502, f"the model's answer was larger than {limit} MB ({size} bytes); "
-            "its process is restarted on the next request"
-        ))
+        self.fail(
+            ModelUnavailable(
+                502,
+                f"the model's answer was larger than {limit} MB ({size} bytes); "
+                "its process is restarted on the next request",
+            )
+        )
 
     def exited(self) -> None:
         code = self.returncode
         if not self.loaded.done():
-            self.loaded.set_exception(ModelUnavailable(
-                503, f"the model process exited before it loaded the model (exit code {code})"
-            ))
+            self.loaded.set_exception(
+                ModelUnavailable(503, f"the model process exited before it loaded the model (exit code {code})")
+            )
         elif self.waiting:
-            self.fail(ModelUnavailable(
-                502, f"the model process crashed while answering (exit code {code}); "
-                "it is restarted on the next request"
-            ), lost=True)
+            self.fail(
+                ModelUnavailable(
+                    502,
+                    f"the model process crashed while answering (exit code {code}); "
+                    "it is restarted on the next request",
+                ),
+                lost=True,
+            )
 
     def fail(self, error: ModelUnavailable, lost: bool = False) -> None:
         """Stop the process and answer every request in flight with `error`, or, when it

@@ -40,14 +40,23 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     from deployments.models import Deployment
 
     close_old_connections()
-    deployment = _servable(Deployment.objects).filter(
-        public_id=deployment_id, target=Deployment.Target.LOCAL
-    ).exclude(environment_key="").exclude(artifact="").first()
+    deployment = (
+        _servable(Deployment.objects)
+        .filter(public_id=deployment_id, target=Deployment.Target.LOCAL)
+        .exclude(environment_key="")
+        .exclude(artifact="")
+        .first()
+    )
     if deployment is None:
         return None
     build_dir = restore_context(deployment)
-    spec = Spec(deployment_id, environment_path(deployment.environment_key), build_dir,
-                build_dir / deployment.model_basename(), sandbox.uid_for(deployment.pk))
+    spec = Spec(
+        deployment_id,
+        environment_path(deployment.environment_key),
+        build_dir,
+        build_dir / deployment.model_basename(),
+        sandbox.uid_for(deployment.pk),
+    )
     return spec, access_for(deployment)
 
 

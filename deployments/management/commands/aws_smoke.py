@@ -40,9 +40,14 @@ class Command(BaseCommand):
         owner, _ = get_user_model().objects.get_or_create(username="aws-smoke")
         started = time.monotonic()
         deployment = services.deployment_create(
-            owner=owner, name="aws smoke test", target=Deployment.Target.AWS, model_format="pickle",
+            owner=owner,
+            name="aws smoke test",
+            target=Deployment.Target.AWS,
+            model_format="pickle",
             model_upload=SimpleUploadedFile("model.pkl", buffer.getvalue()),
-            requirements_upload=SimpleUploadedFile("requirements.txt", f"scikit-learn=={sklearn.__version__}\n".encode()),
+            requirements_upload=SimpleUploadedFile(
+                "requirements.txt", f"scikit-learn=={sklearn.__version__}\n".encode()
+            ),
         )
         deployment.refresh_from_db()
         try:
@@ -54,9 +59,11 @@ class Command(BaseCommand):
             answer = httpx.post(deployment.endpoint_url, json={"instances": rows}, timeout=60).json()
             if answer.get("predictions") != model.predict(rows).tolist():
                 raise CommandError(f"unexpected answer from {deployment.endpoint_url}: {answer}")
-            self.stdout.write(self.style.SUCCESS(
-                f"ready in {time.monotonic() - started:.0f} s at {deployment.endpoint_url}; predictions match"
-            ))
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"ready in {time.monotonic() - started:.0f} s at {deployment.endpoint_url}; predictions match"
+                )
+            )
         finally:
             self.stdout.write(services.deployment_stop(deployment=deployment))
         self.stdout.write(f"base image {settings.SERVEML_LAMBDA_BASE_IMAGE}")
