@@ -1,0 +1,1 @@
+"""serveml: the ServeML command-line client."""
