@@ -170,7 +170,11 @@ def _build(staging: Path, requirements: Requirements) -> str:
             (staging / "requirements.txt").write_text(requirements.normalised())
         try:
             done = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S
+                dies_with_parent(command),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=settings.SERVEML_ENV_INSTALL_TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentBuildError(
@@ -181,6 +185,18 @@ def _build(staging: Path, requirements: Requirements) -> str:
         if done.returncode != 0:
             raise EnvironmentBuildError(_explain_install_failure(done.stderr))
     return "\n".join(line for line in logs if line)
+
+
+def dies_with_parent(command: list[str]) -> list[str]:
+    """`command`, killed by the kernel if the process that started it dies (a worker SIGKILLed
+    mid-install): otherwise uv would go on writing into a staging folder the cleanup removes."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise EnvironmentBuildError(
+            "setpriv (util-linux) is not installed, and ServeML needs it to run installs. "
+            "Install util-linux (Debian: apt-get install util-linux) and deploy again."
+        )
+    return [setpriv, "--pdeathsig", "KILL", "--", *command]
 
 
 def _compile_in_sandbox(staging: Path) -> str:

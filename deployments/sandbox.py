@@ -282,13 +282,14 @@ def launch(
     environment: Path,
     args: list[str],
     limits: Limits,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
     binds: dict[str, Path] | None = None,
     writable_environment: bool = False,
     extra_env: dict[str, str] | None = None,
 ) -> Launch:
     """Run `<environment>/bin/python -I -B *args` in a fresh sandbox, in /work holding `files`
-    (copied in through a descriptor, so they may be private to ServeML) and `binds` (bound
+    (copied in through a descriptor, so they may be private to ServeML; bytes are given
+    through an anonymous memory file, so nothing is left on disk) and `binds` (bound
     read-only, no copy: they must be world-readable, as build contexts are).
 
     Raises SandboxUnavailable when the sandbox cannot be built."""
@@ -301,7 +302,7 @@ def launch(
     if is_disabled():
         return _launch_unsandboxed(environment, args, limits, {**files, **binds}, extra_env)
     check()
-    fds = {name: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for name, path in files.items()}
+    fds = {name: _descriptor(name, source) for name, source in files.items()}
     command = [str(INSIDE_ENV / "bin" / "python"), "-I", "-B", *args]
     argv = _argv(
         uid=uid,
@@ -316,11 +317,23 @@ def launch(
     return Launch(argv=argv, env=_scrubbed_env(extra_env), cwd="/", pass_fds=tuple(fds.values()))
 
 
+def _descriptor(name: str, source: Path | bytes) -> int:
+    if not isinstance(source, bytes):
+        return os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, source)  # memfd writes are not short
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _launch_unsandboxed(environment, args, limits, files, extra_env) -> Launch:
     """SERVEML_SANDBOX=off: limits and a scrubbed environment only, in a private folder."""
     workdir = Path(tempfile.mkdtemp(prefix="serveml-unsandboxed-"))
     for name, source in files.items():
-        shutil.copyfile(source, workdir / name)
+        if isinstance(source, bytes):
+            (workdir / name).write_bytes(source)
+        else:
+            shutil.copyfile(source, workdir / name)
     argv = [*_prlimit(limits), str(environment / "bin" / "python"), "-I", "-B", *args]
     return Launch(
         argv=argv, env=_scrubbed_env(extra_env, home=str(workdir)), cwd=str(workdir), cleanup=[workdir], isolated=False

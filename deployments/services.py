@@ -357,8 +357,12 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
 
 
 @transaction.atomic
-def deployment_stop_failed(*, deployment: Deployment, message: str) -> None:
-    """The teardown gave up: the deployment shows why, and can be stopped again."""
+def deployment_stop_failed(*, deployment: Deployment, message: str, token: str | None = None) -> None:
+    """The teardown gave up: the deployment shows why, and can be stopped again.
+
+    With `token`, only while that task holds it."""
+    if token is not None and not _held(deployment, token, Status.STOPPING).select_for_update().exists():
+        raise ClaimLost(deployment.pk)
     error = f"Stopping failed: {message} Some of its AWS resources may remain; stop it again once this is fixed."
     deployment_update(
         deployment=deployment,

@@ -289,6 +289,13 @@ SERVEML_CLAIM_LEASE_S = env_number("SERVEML_CLAIM_LEASE_S", 60.0, float)
 SERVEML_REAP_INTERVAL_S = env_number("SERVEML_REAP_INTERVAL_S", 30.0, float)
 SERVEML_REQUEUE_QUEUED_AFTER_S = env_number("SERVEML_REQUEUE_QUEUED_AFTER_S", 300.0, float)
 SERVEML_DEPLOY_MAX_ATTEMPTS = env_number("SERVEML_DEPLOY_MAX_ATTEMPTS", 3)
+# A stage that runs longer than this fails its deployment (its heartbeat stops renewing
+# the lease and says so), whatever it waits on; every step inside a stage has its own,
+# shorter timeout (an environment: install and compile, SERVEML_ENV_INSTALL_TIMEOUT_S each).
+SERVEML_STAGE_TIMEOUT_S = env_number("SERVEML_STAGE_TIMEOUT_S", 2400.0, float)
+# The backstop: Celery kills a task's pool process (and, through their parent-death signal,
+# the installs it runs) that outlives the longest pipeline (eight stages) by five minutes.
+CELERY_TASK_TIME_LIMIT = int(SERVEML_STAGE_TIMEOUT_S * 8 + 300)
 CELERY_BEAT_SCHEDULE = {
     # Expires: runs missed while no worker listened are dropped, not run in a burst later.
     "reap-deployments": {

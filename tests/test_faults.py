@@ -11,12 +11,15 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from datetime import timedelta
 
 import httpx
 import pytest
 from django.conf import settings as django_settings
+from django.db import connection
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 from rest_framework.authtoken.models import Token
@@ -83,7 +86,8 @@ def test_a_live_heartbeat_keeps_the_claim_for_longer_than_its_lease(user, make_d
     settings.SERVEML_CLAIM_LEASE_S = 0.6
     deployment = make_deployment(user)
     assert claim(deployment, "live")
-    with runner.Heartbeat(deployment.pk, "live"):
+    with runner.Heartbeat(deployment.pk, "live", on_overrun=runner._fail_overrun) as heartbeat:
+        heartbeat.stage_started("environment")
         time.sleep(2.0)  # more than three leases
         assert services.deployment_reap() == {"requeued": 0, "failed": 0, "resent": 0}
         assert claim(deployment, "another") is None
@@ -91,6 +95,72 @@ def test_a_live_heartbeat_keeps_the_claim_for_longer_than_its_lease(user, make_d
     assert deployment.claim_token == "live" and deployment.interruptions == 0
     time.sleep(1.0)  # with no heartbeat, the same claim lapses within one lease
     assert services.deployment_reap()["requeued"] == 1
+
+
+def run_in_thread(function, *args) -> threading.Thread:
+    """A task running in another thread of this process (with its own database connection)."""
+
+    def target():
+        try:
+            function(*args)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stage_hung_past_its_timeout_fails_with_why_and_the_stuck_task_writes_nothing_later(
+    user, make_deployment, sent, settings, monkeypatch
+):
+    settings.SERVEML_CLAIM_LEASE_S, settings.SERVEML_STAGE_TIMEOUT_S = 0.6, 1.5
+    release = threading.Event()
+
+    def environment(deployment):
+        release.wait(30)  # hung on something with no timeout of its own
+        return "environment done"
+
+    monkeypatch.setitem(runner.PIPELINES, "local", [("inspect", lambda d: "inspected"), ("environment", environment)])
+    deployment = make_deployment(user)
+    task = run_in_thread(runner.run, deployment.pk)
+    try:
+        failed = wait_for(
+            lambda: Deployment.objects.filter(pk=deployment.pk, status="failed").first(), 15, "the hung stage failed"
+        )
+    finally:
+        release.set()
+        task.join(15)
+    assert failed.stage == "environment" and failed.claim_token == "" and failed.completed_stages == ["inspect"]
+    assert failed.error.startswith("The environment stage did not finish within 0.025 minutes")
+    assert "Try again" in failed.error
+    # Released, the stuck task found its claim gone and recorded nothing more.
+    deployment.refresh_from_db()
+    assert (deployment.status, deployment.completed_stages) == ("failed", ["inspect"])
+    assert not deployment.events.filter(message="environment done").exists()
+    assert services.deployment_reap() == {"requeued": 0, "failed": 0, "resent": 0}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_teardown_hung_past_its_timeout_fails_and_can_be_stopped_again(
+    user, make_deployment, sent, settings, monkeypatch
+):
+    settings.SERVEML_CLAIM_LEASE_S, settings.SERVEML_STAGE_TIMEOUT_S = 0.6, 1.5
+    release = threading.Event()
+    monkeypatch.setattr(services, "deployment_stop", lambda deployment: release.wait(30))
+    deployment = make_deployment(user)
+    Deployment.objects.filter(pk=deployment.pk).update(status="stopping", target="aws")
+    task = run_in_thread(runner.stop, deployment.pk)
+    try:
+        failed = wait_for(
+            lambda: Deployment.objects.filter(pk=deployment.pk, status="failed").first(), 15, "the hung teardown failed"
+        )
+    finally:
+        release.set()
+        task.join(15)
+    assert failed.stage == "teardown" and failed.claim_token == ""
+    assert "The teardown stage did not finish within" in failed.error and failed.can_stop()
 
 
 @pytest.mark.django_db
@@ -278,6 +348,33 @@ def alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_install_dies_with_the_worker_process_that_started_it(tmp_path):
+    """uv runs through environments.dies_with_parent: SIGKILL the process that started it
+    (a Celery pool process) and the install is killed too, instead of writing on."""
+    pidfile = tmp_path / "install.pid"
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; from deployments.environments import dies_with_parent; "
+            "subprocess.run(dies_with_parent(['sh', '-c', 'echo $$ > ' + sys.argv[1] + '; exec sleep 300']))",
+            str(pidfile),
+        ],
+        cwd=django_settings.BASE_DIR,
+    )
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the install started")
+        install = int(pidfile.read_text())
+        assert alive(install)
+        starter.kill()
+        starter.wait()
+        wait_for(lambda: not alive(install), 10, "the install killed with the process that started it")
+    finally:
+        starter.kill()
+        if pidfile.exists() and pidfile.read_text().strip() and alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 class Faults:

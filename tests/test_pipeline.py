@@ -169,9 +169,24 @@ def test_the_environment_is_built_once_and_reused(environment_ready):
     assert probe.returncode != 0
 
 
-def test_validate_records_the_signature_and_the_example_in_a_sandbox(environment_ready, iris_rf):
+def test_validate_records_the_signature_and_the_example_in_a_sandbox(environment_ready, iris_rf, monkeypatch, tmp_path):
+    # While the probe runs (when a worker could be killed) nothing of it is on disk to leak.
+    import tempfile
+
+    from deployments import sandbox
+
+    (scratch := tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real_run, on_disk = sandbox.run, []
+
+    def run(launched, **kwargs):
+        on_disk.extend(scratch.iterdir())
+        return real_run(launched, **kwargs)
+
+    monkeypatch.setattr(sandbox, "run", run)
     deployment = environment_ready()
     summary = stages.validate(deployment)
+    assert on_disk == []
     assert summary.startswith("RandomForestClassifier loaded")
     assert deployment.signature["n_features_in"] == 4
     assert deployment.signature["classes"] == [0, 1, 2]

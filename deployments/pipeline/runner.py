@@ -50,18 +50,19 @@ def run(deployment_id: int, *, retry_in: float | None = None) -> None:
     if deployment.completed_stages:
         log.info("deployment %s resumes after %s", deployment_id, ", ".join(deployment.completed_stages))
     try:
-        with Heartbeat(deployment_id, token):
-            _run_stages(deployment, token, retry_in)
+        with Heartbeat(deployment_id, token, on_overrun=_fail_overrun) as heartbeat:
+            _run_stages(deployment, token, retry_in, heartbeat)
     except services.ClaimLost:
         # Our lease ran out (this worker stalled) and another task has it now: leave it alone.
         log.warning("deployment %s was taken over by another task; this one stops", deployment_id)
 
 
-def _run_stages(deployment: Deployment, token: str, retry_in: float | None) -> None:
+def _run_stages(deployment: Deployment, token: str, retry_in: float | None, heartbeat: "Heartbeat") -> None:
     for stage, function in PIPELINES[deployment.target]:
         if stage in deployment.completed_stages:
             continue  # stages are idempotent, but a finished one need not run again
         services.deployment_set_stage(deployment=deployment, stage=stage, token=token)
+        heartbeat.stage_started(stage)
         started = time.monotonic()
         try:
             _hold_for_tests(deployment, stage)
@@ -106,7 +107,8 @@ def stop(deployment_id: int, *, retry_in: float | None = None) -> None:
     if deployment is None:
         return  # stopped by an earlier delivery of this task, or another task is stopping it
     try:
-        with Heartbeat(deployment_id, token):
+        with Heartbeat(deployment_id, token, on_overrun=_fail_stop_overrun) as heartbeat:
+            heartbeat.stage_started(Stage.TEARDOWN)
             services.deployment_stop(deployment=deployment)
     except TransientStageError as exc:
         if retry_in is None:
@@ -118,18 +120,43 @@ def stop(deployment_id: int, *, retry_in: float | None = None) -> None:
         services.deployment_stop_failed(deployment=deployment, message=str(exc))
 
 
+def _overrun_message(stage: str) -> str:
+    minutes = settings.SERVEML_STAGE_TIMEOUT_S / 60
+    return (
+        f"The {Stage(stage).label.lower()} stage did not finish within {minutes:g} minutes, so ServeML stopped "
+        "waiting for it. Try again; if it happens again, an operator can see in the worker log what it waited on."
+    )
+
+
+def _fail_overrun(deployment_id: int, token: str, stage: str) -> None:
+    deployment = Deployment.objects.get(pk=deployment_id)
+    services.deployment_fail(deployment=deployment, stage=stage, token=token, message=_overrun_message(stage))
+
+
+def _fail_stop_overrun(deployment_id: int, token: str, stage: str) -> None:
+    deployment = Deployment.objects.get(pk=deployment_id)
+    services.deployment_stop_failed(deployment=deployment, message=_overrun_message(stage), token=token)
+
+
 class Heartbeat:
     """Renews a claim's lease every third of it while the task works.
 
     So a live worker keeps its deployment however long a stage takes, and a dead one
     loses it within one lease (SERVEML_CLAIM_LEASE_S), for the reaper to hand on.
     A task that leaves without finishing (an exception) lets its lease lapse at once.
+    A stage still running after SERVEML_STAGE_TIMEOUT_S is hung on something without a
+    timeout of its own: the heartbeat then fails the deployment with why (`on_overrun`)
+    and stops; if the stuck task ever moves again it finds its claim gone and writes nothing.
     """
 
-    def __init__(self, deployment_id: int, token: str):
-        self.deployment_id, self.token = deployment_id, token
+    def __init__(self, deployment_id: int, token: str, *, on_overrun):
+        self.deployment_id, self.token, self.on_overrun = deployment_id, token, on_overrun
+        self.stage, self.stage_since = "", time.monotonic()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{deployment_id}", daemon=True)
+
+    def stage_started(self, stage: str) -> None:
+        self.stage, self.stage_since = stage, time.monotonic()
 
     def __enter__(self):
         # Inside a transaction (a test calling the runner directly) no one else sees the
@@ -152,8 +179,14 @@ class Heartbeat:
         try:
             while not self.stopped.wait(settings.SERVEML_CLAIM_LEASE_S / 3):
                 try:
+                    if self.stage and time.monotonic() - self.stage_since > settings.SERVEML_STAGE_TIMEOUT_S:
+                        log.error("deployment %s: the %s stage overran; failing it", self.deployment_id, self.stage)
+                        self.on_overrun(self.deployment_id, self.token, self.stage)
+                        return
                     if not services.deployment_renew_claim(deployment_id=self.deployment_id, token=self.token):
                         return  # not ours any more (finished, or taken over): the runner finds out at its next step
+                except services.ClaimLost:
+                    return  # finished or taken over in the meantime
                 except Exception:  # the database blinked: try again at the next beat, the lease has slack
                     log.warning("could not renew the lease of deployment %s", self.deployment_id, exc_info=True)
         finally:

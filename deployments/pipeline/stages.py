@@ -6,7 +6,6 @@ import math
 import re
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -181,25 +180,23 @@ def validate(deployment: Deployment) -> str:
     python = environment_python(deployment)
     model_name = deployment.model_basename()
     limits = validate_limits()
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as config:
-        json.dump(handler_config(deployment), config)
-        config.flush()
-        try:
-            launched = sandbox.launch(
-                uid=sandbox.uid_for(deployment.pk),
-                environment=python.parent.parent,
-                args=["probe.py"],
-                limits=limits,
-                files={
-                    "probe.py": buildkit.PROBE,
-                    "serveml_loader.py": buildkit.LOADER,
-                    buildkit.CONFIG_FILE: Path(config.name),
-                    model_name: local_model_path(deployment),
-                },
-            )
-            result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
-        except sandbox.SandboxUnavailable as exc:
-            raise StageError(str(exc)) from None
+    try:
+        launched = sandbox.launch(
+            uid=sandbox.uid_for(deployment.pk),
+            environment=python.parent.parent,
+            args=["probe.py"],
+            limits=limits,
+            files={
+                "probe.py": buildkit.PROBE,
+                "serveml_loader.py": buildkit.LOADER,
+                # In memory, not a temporary file: a worker killed here leaves nothing behind.
+                buildkit.CONFIG_FILE: json.dumps(handler_config(deployment)).encode(),
+                model_name: local_model_path(deployment),
+            },
+        )
+        result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
+    except sandbox.SandboxUnavailable as exc:
+        raise StageError(str(exc)) from None
     services.deployment_record_event(
         deployment=deployment,
         stage=Deployment.Stage.VALIDATE,
