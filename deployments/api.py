@@ -32,6 +32,7 @@ class DeploymentSerializer(serializers.ModelSerializer):
 
 class DeploymentDetailSerializer(DeploymentSerializer):
     events = EventSerializer(many=True)
+    signature = serializers.SerializerMethodField()
 
     class Meta(DeploymentSerializer.Meta):
         fields = DeploymentSerializer.Meta.fields + [
@@ -41,6 +42,14 @@ class DeploymentDetailSerializer(DeploymentSerializer):
             "model_sha256",
             "events",
         ]
+
+    def get_signature(self, deployment) -> dict:
+        """What the probe reported (read back through ModelSignature), with the scikit-learn
+        version the inspect stage read from the file, once it has."""
+        signature = deployment.model_signature.as_json()
+        if deployment.pickled_sklearn_version is not None:
+            signature["pickled_sklearn_version"] = deployment.pickled_sklearn_version or None
+        return signature
 
 
 class TokenView(ObtainAuthToken):

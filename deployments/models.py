@@ -4,6 +4,8 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 
+from deployments.signatures import ModelSignature
+
 
 def upload_path(deployment: "Deployment", kind: str) -> str:
     # Server-generated names only: the client's file name is never a path.
@@ -71,7 +73,11 @@ class Deployment(models.Model):
     # [module, name] pairs the inspect stage found, all on the allowlist: the restricted
     # loader imports exactly these (skops: builds exactly these types), nothing else.
     allowed_globals = models.JSONField(default=list, blank=True)
-    # What the pipeline learnt about the model (see pipeline.stages.validate).
+    # What the inspect stage read from the file with ServeML's own scan (never the model's code):
+    # the scikit-learn version it was saved with. Null until inspected, "" when none is recorded.
+    pickled_sklearn_version = models.CharField(max_length=64, null=True, blank=True)
+    # What the sandboxed probe reported about the loaded model: untrusted, so it is parsed
+    # strictly into a ModelSignature before it is stored, and read back through one.
     signature = models.JSONField(default=dict, blank=True)
     example_request = models.JSONField(null=True, blank=True)
     example_response = models.JSONField(null=True, blank=True)
@@ -124,8 +130,12 @@ class Deployment(models.Model):
         return self.keys.filter(revoked_at__isnull=True)
 
     @property
+    def model_signature(self) -> ModelSignature:
+        return ModelSignature.from_stored(self.signature)
+
+    @property
     def model_type(self) -> str:
-        return self.signature.get("model_type", "")
+        return self.model_signature.model_type
 
 
 class DeploymentEvent(models.Model):

@@ -74,7 +74,7 @@ def test_inspect_accepts_a_real_model_and_records_the_version_it_was_saved_with(
     deployment = make_deployment(user)
     summary = stages.inspect(deployment)
     assert "all on the allowlist" in summary
-    assert deployment.signature["pickled_sklearn_version"] == sklearn.__version__
+    assert deployment.pickled_sklearn_version == sklearn.__version__
 
 
 @pytest.mark.parametrize("name", ["os.system", "subprocess.Popen", "builtins.eval", "pip.main", "pkgutil.resolve_name"])

@@ -25,6 +25,7 @@ from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
 from deployments.requirements import Requirements, RequirementsError, parse_requirements
 from deployments.runtime import client
+from deployments.signatures import ProbeReport, SignatureError
 
 jinja = Jinja(loader=FileSystemLoader(buildkit.TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
 
@@ -75,7 +76,7 @@ def inspect(deployment: Deployment) -> str:
         # The restricted loader resolves exactly these, and skops builds exactly these types:
         # whatever the scan did not see cannot be imported at load time either.
         allowed_globals=sorted([g.module, g.name] for g in scan.globals),
-        signature={**deployment.signature, "pickled_sklearn_version": scan.sklearn_version},
+        pickled_sklearn_version=scan.sklearn_version or "",
     )
     saved = (
         f"saved with scikit-learn {scan.sklearn_version}"
@@ -209,10 +210,10 @@ def validate(deployment: Deployment) -> str:
             "so the sandbox stopped it. A model that loads this slowly cannot serve predictions."
         )
     try:
-        report = json.loads(result.stdout.decode() or "{}")
+        raw = json.loads(result.stdout.decode() or "{}")
     except ValueError:
-        report = {}
-    if not report:
+        raw = {}
+    if not raw:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
         if result.returncode and (result.returncode < 0 or result.returncode > 128):
             # bubblewrap passes a killed child on as 128 + the signal number
@@ -223,28 +224,25 @@ def validate(deployment: Deployment) -> str:
         else:
             reason = f"it exited with code {result.returncode}: {' '.join(tail)[-400:]}"
         raise StageError(f"Loading the model in its sandbox failed: {reason}.")
-    if "error" in report:
-        if report.get("signature"):
-            services.deployment_update(deployment=deployment, signature={**deployment.signature, **report["signature"]})
-        raise StageError(report["error"])
-    signature = {**deployment.signature, **report["signature"]}
-    outputs = report["outputs"]
+    # The probe ran next to the user's code: its report is parsed, never taken as it is.
+    try:
+        report = ProbeReport.parse(raw)
+    except SignatureError as exc:
+        raise StageError(f"The model's sandbox answered with a report ServeML cannot accept ({exc}).") from None
+    if report.error:
+        if report.signature:
+            services.deployment_update(deployment=deployment, signature=report.signature.as_json())
+        raise StageError(report.error)
+    signature = report.signature.with_outputs(report.outputs)
     services.deployment_update(
         deployment=deployment,
-        signature={**signature, "example_outputs": outputs},
-        example_request={"data": report["example"]},
-        example_response={"prediction": outputs["predict"], "model_type": signature["model_type"]},
-    )
-    features = (
-        f"{len(signature['feature_names_in'])} named features"
-        if signature.get("feature_names_in")
-        else f"{signature['n_features_in']} features"
-        if signature.get("n_features_in")
-        else "text input"
+        signature=signature.as_json(),
+        example_request={"data": report.example},
+        example_response={"prediction": report.outputs["predict"], "model_type": signature.model_type},
     )
     return (
-        f"{signature['model_type']} loaded with scikit-learn {signature['sklearn_version']}: {features}, "
-        f"methods {', '.join(signature['methods'])}; example prediction {json.dumps(outputs['predict'])}"
+        f"{signature.model_type} loaded with scikit-learn {signature.sklearn_version}: {signature.features()}, "
+        f"methods {', '.join(signature.methods)}; example prediction {json.dumps(report.outputs['predict'])}"
     )
 
 
