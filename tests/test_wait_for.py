@@ -1,11 +1,13 @@
 """The end-to-end tests' polling helper: it waits only for "not yet", never hides an answer."""
 
+import sys
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import wait_for
+from tests.support.processes import NotReady, Service, free_port
 
 
 def test_an_assertion_inside_a_check_fails_at_once_instead_of_as_a_timeout():
@@ -55,3 +57,16 @@ def test_a_timeout_says_what_did_not_happen_and_the_last_error_seen(tmp_path):
 def test_a_falsy_result_is_not_yet():
     results = iter([None, [], 0, "ready"])
     assert wait_for(lambda: next(results), 30, "ready") == "ready"
+
+
+def test_a_service_that_exits_before_it_answers_fails_at_once_with_its_log(tmp_path):
+    service = Service(
+        "exits", [sys.executable, "-c", "print('bad config', flush=True); raise SystemExit(3)"], log_dir=tmp_path
+    ).start()
+    service.proc.wait(30)
+    started = time.monotonic()
+    with pytest.raises(NotReady, match=r"exits exited \(3\) before it answered"):
+        service.wait_answers(f"http://127.0.0.1:{free_port()}/health", 30)
+    assert time.monotonic() - started < 5
+    assert service.output() == "bad config\n"
+    service.stop()
