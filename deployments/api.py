@@ -1,12 +1,21 @@
-"""The REST API of DESIGN.md's "Contracts": token, deploy, list, detail, delete."""
+"""The REST API of DESIGN.md's "Contracts": token, deploy, list, detail, delete.
 
+Its OpenAPI document (`/api/schema`, drf-spectacular) is generated from these views:
+the serializers and `extend_schema` below describe every answer, errors included.
+"""
+
+from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404
-from rest_framework import serializers, status
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, inline_serializer
+from rest_framework import exceptions, serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.response import Response
 from rest_framework.views import APIView
+from rest_framework.views import exception_handler as drf_exception_handler
 
-from deployments import services, signin
+from deployments import openapi, services, signin
 from deployments.models import Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
 from deployments.views import bound_form
@@ -26,7 +35,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
         model = Deployment
         fields = ["id", "name", "target", "status", "stage", "endpoint_url", "error", "status_url", "created_at"]
 
-    def get_status_url(self, deployment):
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_status_url(self, deployment) -> str:
         return self.context["request"].build_absolute_uri(f"/api/deployments/{deployment.public_id}")
 
 
@@ -52,10 +62,75 @@ class DeploymentDetailSerializer(DeploymentSerializer):
         return signature
 
 
+# ------------------------------------------------------------------ what the schema says
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = serializers.CharField(help_text="What went wrong, written for a person, and what to do.")
+
+
+class UploadErrorSerializer(ErrorSerializer):
+    fields = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()), help_text="Each refused field's messages."
+    )
+
+
+class ThrottledSerializer(ErrorSerializer):
+    retry_after = serializers.IntegerField(help_text="Seconds until sign-in may be tried again.")
+
+
+class CredentialsSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    password = serializers.CharField()
+
+
+class DeployUploadSerializer(serializers.Serializer):
+    model_file = serializers.FileField(help_text="model.pkl (pickle), a joblib file, or a .skops file.")
+    requirements_file = serializers.FileField(help_text="requirements.txt, e.g. `scikit-learn==1.5.2`.")
+    name = serializers.CharField(required=False, max_length=100, allow_blank=True)
+    target = serializers.ChoiceField(choices=Deployment.Target.choices, required=False)
+
+
+class NewKeySerializer(serializers.Serializer):
+    name = serializers.CharField(required=False, allow_blank=True, max_length=100)
+
+
+NOT_SIGNED_IN = OpenApiResponse(ErrorSerializer, description="No valid `Authorization: Token <key>` (or session).")
+NOT_YOURS = OpenApiResponse(ErrorSerializer, description="No deployment with this id belongs to you.")
+
+
+def exception_handler(exc, context):
+    """DRF's own errors in the API's one error shape, `{"error": "..."}`."""
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound("No deployment with this id is yours. `GET /api/deployments` lists yours.")
+    response = drf_exception_handler(exc, context)
+    if response is not None:
+        data = response.data
+        if isinstance(data, dict) and set(data) == {"detail"}:
+            response.data = {"error": str(data["detail"])}
+        else:
+            response.data = {"error": "The request is not valid.", "fields": data}
+    return response
+
+
+# ------------------------------------------------------------------ views
+
+
 class TokenView(ObtainAuthToken):
     """POST username and password (form or JSON) -> {"token": "..."}; 429 with when to retry
     once failed attempts locked the account or the address (deployments/signin.py)."""
 
+    @extend_schema(
+        operation_id="token_create",
+        summary="Exchange a username and password for an API token",
+        request={"application/json": CredentialsSerializer, "application/x-www-form-urlencoded": CredentialsSerializer},
+        responses={
+            200: inline_serializer("TokenResponse", {"token": serializers.CharField()}),
+            400: OpenApiResponse(ErrorSerializer, description="Wrong username or password."),
+            429: OpenApiResponse(ThrottledSerializer, description="Too many failed attempts: see Retry-After."),
+        },
+        auth=[],
+    )
     def post(self, request, *args, **kwargs):
         serializer = self.serializer_class(data=request.data, context={"request": request})
         if not serializer.is_valid():
@@ -72,6 +147,16 @@ obtain_token = TokenView.as_view()
 
 
 class DeployView(APIView):
+    @extend_schema(
+        operation_id="deploy",
+        summary="Upload a model and its requirements.txt; the pipeline deploys it",
+        request={"multipart/form-data": DeployUploadSerializer},
+        responses={
+            202: DeploymentSerializer,
+            400: OpenApiResponse(UploadErrorSerializer, description="The upload was refused; `error` says why."),
+            401: NOT_SIGNED_IN,
+        },
+    )
     def post(self, request):
         # The form reads Django's own request: its upload handlers enforce the size limit
         # while the body streams in, before DRF's parsers would have read it whole.
@@ -85,6 +170,11 @@ class DeployView(APIView):
 
 
 class DeploymentListView(APIView):
+    @extend_schema(
+        operation_id="deployments_list",
+        summary="Your deployments",
+        responses={200: DeploymentSerializer(many=True), 401: NOT_SIGNED_IN},
+    )
     def get(self, request):
         deployments = request.user.deployments.all()
         return Response(DeploymentSerializer(deployments, many=True, context={"request": request}).data)
@@ -94,10 +184,27 @@ class DeploymentDetailView(APIView):
     def get_object(self, request, public_id) -> Deployment:
         return get_object_or_404(Deployment, public_id=public_id, owner=request.user)
 
+    @extend_schema(
+        operation_id="deployment_retrieve",
+        summary="A deployment: status, stage, URL, signature and its event log",
+        responses={200: DeploymentDetailSerializer, 401: NOT_SIGNED_IN, 404: NOT_YOURS},
+    )
     def get(self, request, public_id):
         deployment = self.get_object(request, public_id)
         return Response(DeploymentDetailSerializer(deployment, context={"request": request}).data)
 
+    @extend_schema(
+        operation_id="deployment_stop",
+        summary="Stop a deployment (local: at once; aws: `stopping` while its resources are deleted)",
+        responses={
+            200: OpenApiResponse(DeploymentDetailSerializer, description="Stopped (or already terminal)."),
+            202: OpenApiResponse(DeploymentDetailSerializer, description="aws: `stopping`; poll `status_url`."),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="Still deploying: stop it once it is ready or failed."),
+            502: OpenApiResponse(ErrorSerializer, description="The runtime could not be told to stop it."),
+        },
+    )
     def delete(self, request, public_id):
         deployment = self.get_object(request, public_id)
         if deployment.status in (Deployment.Status.QUEUED, Deployment.Status.DEPLOYING):
@@ -118,6 +225,24 @@ class DeploymentDetailView(APIView):
 class DeploymentKeysView(APIView):
     """POST {"name"} creates a key; the answer is the only time it is shown, with whether calls need one."""
 
+    @extend_schema(
+        operation_id="deployment_key_create",
+        request=NewKeySerializer,
+        responses={
+            201: inline_serializer(
+                "CreatedKey",
+                {
+                    "id": serializers.IntegerField(),
+                    "name": serializers.CharField(),
+                    "key": serializers.CharField(help_text="Shown this once only."),
+                    "private": serializers.BooleanField(help_text="Whether calls now need a key."),
+                },
+            ),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="No more keys can be created for it."),
+        },
+    )
     def post(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
         try:
@@ -129,7 +254,64 @@ class DeploymentKeysView(APIView):
         deployment.refresh_from_db(fields=["is_private"])
         return Response({"id": key.pk, "name": key.name, "key": raw, "private": deployment.is_private}, status=201)
 
+    @extend_schema(
+        operation_id="deployment_keys_list",
+        responses={
+            200: inline_serializer(
+                "Key",
+                {
+                    "id": serializers.IntegerField(),
+                    "name": serializers.CharField(),
+                    "hint": serializers.CharField(),
+                    "created_at": serializers.DateTimeField(),
+                },
+                many=True,
+            ),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+        },
+    )
     def get(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
         keys = deployment.active_keys()
         return Response([{"id": k.pk, "name": k.name, "hint": k.hint, "created_at": k.created_at} for k in keys])
+
+
+class DeploymentOpenAPIView(APIView):
+    """The OpenAPI document of the deployment's prediction URL (deployments/openapi.py)."""
+
+    @extend_schema(
+        operation_id="deployment_openapi",
+        summary="The OpenAPI 3 document of this deployment's prediction URL, from its model's signature",
+        responses={
+            200: OpenApiResponse(OpenApiTypes.OBJECT, description="An OpenAPI 3.0 document."),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="No prediction URL yet: wait until it is ready."),
+        },
+    )
+    def get(self, request, public_id):
+        deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        if not deployment.endpoint_url or not deployment.signature.get("methods"):
+            return Response(
+                {"error": "This deployment has no prediction URL yet: its document exists once it is ready."},
+                status=status.HTTP_409_CONFLICT,
+            )
+        return Response(
+            openapi.prediction_document(
+                title=deployment.name,
+                endpoint_url=deployment.endpoint_url,
+                signature=deployment.signature,
+                example_request=deployment.example_request,
+                private=deployment.is_private,
+            )
+        )
+
+
+@csrf_exempt  # it changes nothing, so a POST needs no CSRF token to be told 404
+def not_found(request, *args, **kwargs):
+    """Any other URL under /api/ (a malformed id included): JSON like the rest of the API, not an HTML page."""
+    return JsonResponse(
+        {"error": "No API endpoint answers at this URL: check the path and the id (the endpoints are at /api/docs)."},
+        status=404,
+    )

@@ -1,4 +1,5 @@
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from deployments import api, views
 
@@ -23,4 +24,11 @@ urlpatterns = [
     path("api/deployments", api.DeploymentListView.as_view(), name="api-deployments"),
     path("api/deployments/<uuid:public_id>", api.DeploymentDetailView.as_view(), name="api-deployment"),
     path("api/deployments/<uuid:public_id>/keys", api.DeploymentKeysView.as_view(), name="api-deployment-keys"),
+    path(
+        "api/deployments/<uuid:public_id>/openapi.json",
+        api.DeploymentOpenAPIView.as_view(),
+        name="api-deployment-openapi",
+    ),
+    path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]
