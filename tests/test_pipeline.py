@@ -266,7 +266,10 @@ def test_package_copies_the_handler_renders_the_dockerfile_and_stores_the_contex
     deployment = make_deployment(user)
     stages.inspect(deployment)
     summary = stages.package(deployment)
-    assert "serveml_handler.py, serveml_loader.py, serveml.json, Dockerfile, model.pkl, requirements.txt" in summary
+    assert (
+        "serveml_handler.py, serveml_loader.py, serveml_v2.py, serveml.json, Dockerfile, model.pkl, requirements.txt"
+        in summary
+    )
     assert default_storage.exists(deployment.artifact)
     directory = stages.build_dir(deployment)
     dockerfile = (directory / "Dockerfile").read_text()

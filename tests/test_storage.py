@@ -43,6 +43,7 @@ def test_uploads_and_the_build_context_are_stored_in_s3_when_configured(s3_stora
     assert {p.name for p in restored.iterdir()} == {
         "serveml_handler.py",
         "serveml_loader.py",
+        "serveml_v2.py",
         "serveml.json",
         "Dockerfile",
         "model.pkl",

@@ -13,7 +13,8 @@ PROBE = HERE / "probe.py"
 MODEL_SERVER = HERE / "model_server.py"
 LOADER = HERE / "serveml_loader.py"
 HANDLER = HERE / "serveml_handler.py"
+V2 = HERE / "serveml_v2.py"
 TEMPLATES = HERE / "templates"
 CONFIG_FILE = "serveml.json"
 # What a build context holds besides the model, serveml.json and the Dockerfile.
-HANDLER_FILES = {"serveml_handler.py": HANDLER, "serveml_loader.py": LOADER}
+HANDLER_FILES = {"serveml_handler.py": HANDLER, "serveml_loader.py": LOADER, "serveml_v2.py": V2}

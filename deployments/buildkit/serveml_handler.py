@@ -11,6 +11,8 @@ loads the model with the restricted loader. Request and response JSON:
     {"instances": [{"feature": 1.0}, ...]} -> records, for models fitted on a DataFrame
     "method": "predict" | "predict_proba" | "decision_function"
 
+The Lambda handler also answers the Open Inference Protocol (V2) at /v2/..., translated
+by serveml_v2.py beside it onto the same `predict` (the local runtime translates it itself).
 Bad input answers 400 with a message; this handler never answers 500 for input.
 It runs in the model's own environment: the stdlib, the model's requirements,
 and serveml_loader.py beside it.
@@ -23,6 +25,11 @@ import json
 import os
 
 import serveml_loader
+
+try:
+    import serveml_v2
+except ImportError:  # the local runtime's model processes: the runtime translates V2 itself
+    serveml_v2 = None
 
 try:
     import orjson
@@ -279,23 +286,80 @@ def authorised(headers, environ=os.environ):
     return any([hmac.compare_digest(digest, candidate) for candidate in known])
 
 
-def _lambda_answer(status, out):
-    return {"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": out.decode()}
+def signature(m):
+    """What the probe records about a model (see probe.py), read off the loaded one."""
+    classes = getattr(m.estimator, "classes_", None)
+    return {
+        "model_type": m.model_type,
+        "n_features_in": m.n_features,
+        "feature_names_in": m.feature_names,
+        "classes": _plain(classes) if classes is not None else None,
+        "methods": list(m.methods),
+    }
+
+
+_config = None
+
+
+def handle_v2(method, path, headers, body):
+    """An Open Inference Protocol (V2) request, translated by serveml_v2.py onto `predict`:
+    (HTTP status, response headers, body bytes). `headers` have lower-case names."""
+    global _config
+    v2 = serveml_v2
+    as_json = {"Content-Type": "application/json"}
+    try:
+        action, deployment_id = v2.route(method, path)
+        if deployment_id is None:  # the server's own: metadata, live, ready
+            return 200, as_json, _dumps(v2.server_metadata()) if action == "server" else b""
+        if _config is None:
+            _config = config()
+        served = str(_config.get("deployment_id", ""))
+        if not authorised(headers):
+            return 401, as_json, _dumps({"error": PRIVATE})
+        if deployment_id != served:
+            raise v2.V2Error(f"no deployment answers at this URL: this endpoint serves {served}", 404)
+        m = model()
+        # The validated example row (serveml.json) tells which DataFrame columns hold text.
+        described = v2.describe(signature(m), _config.get("example"))
+        if action == "ready":
+            return 200, as_json, b""
+        if action == "metadata":
+            return 200, as_json, _dumps(v2.model_metadata(deployment_id, described))
+        if len(body) > v2.MAX_BODY:
+            raise v2.V2Error(f"request body is larger than {v2.MAX_BODY // 1024**2} MB", 413)
+        body = v2.decompress(body, headers.get("content-encoding"))
+        request = v2.parse(body, headers.get("inference-header-content-length"), _loads)
+        rows, outputs = v2.plan(request, described)
+        try:
+            answers = [predict(v2.serveml_request(rows, name)) for name, _ in outputs]
+        except BadRequest as exc:
+            return 400, as_json, _dumps({"error": str(exc)})
+        return (200, *v2.encode(*v2.response(deployment_id, request, outputs, answers), _dumps))
+    except v2.V2Error as exc:
+        return exc.status, as_json, _dumps({"error": exc.message})
+
+
+PRIVATE = (
+    "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+    "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
+)
+
+
+def _lambda_answer(status, out, headers=None):
+    headers = headers or {"Content-Type": "application/json"}
+    if headers.get("Content-Type") == "application/json":
+        return {"statusCode": status, "headers": headers, "body": out.decode()}
+    return {"statusCode": status, "headers": headers, "body": base64.b64encode(out).decode(), "isBase64Encoded": True}
 
 
 def lambda_handler(event, context):
-    if not authorised(event.get("headers")):
-        return _lambda_answer(
-            401,
-            _dumps(
-                {
-                    "error": (
-                        "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
-                        "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
-                    )
-                }
-            ),
-        )
+    # HTTP API (payload 2.0) events carry rawPath and requestContext.http; REST API ones path and httpMethod.
+    path = event.get("rawPath") or event.get("path") or "/"
+    method = ((event.get("requestContext") or {}).get("http") or {}).get("method") or event.get("httpMethod")
+    headers = {str(name).lower(): str(value) for name, value in (event.get("headers") or {}).items()}
+    v2 = path == "/v2" or path.startswith("/v2/")
+    if not v2 and not authorised(headers):
+        return _lambda_answer(401, _dumps({"error": PRIVATE}))
     body = event.get("body") or b""
     if event.get("isBase64Encoded") and body:
         try:
@@ -304,4 +368,7 @@ def lambda_handler(event, context):
             return _lambda_answer(400, _dumps({"error": "request body is not valid base64"}))
     elif isinstance(body, str):
         body = body.encode()
+    if v2:
+        status, answer_headers, out = handle_v2(method or "GET", path, headers, body)
+        return _lambda_answer(status, out, answer_headers)
     return _lambda_answer(*handle(body))

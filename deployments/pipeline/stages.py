@@ -168,6 +168,8 @@ def handler_config(deployment: Deployment) -> dict:
         "model_file": deployment.model_basename(),
         "format": deployment.model_format,
         "allowed_globals": deployment.allowed_globals,
+        # The validated example row (none yet while validating): V2 metadata tells text columns by it.
+        "example": (deployment.example_request or {}).get("data"),
     }
 
 

@@ -8,8 +8,9 @@ crashes is replaced on the next request; a deployment that stops being servable
 is unloaded by a periodic sweep, so a stopped URL answers 404 even when the
 worker could not reach the runtime; a deployment nobody calls scales to zero.
 
-Besides `/predict/<id>` and `/health`, the worker drives `/_load`, `/_unload`
-and `/_refresh` (runtime/client.py), with the runtime token.
+Besides `/predict/<id>`, `/v2/...` (the Open Inference Protocol, runtime/v2.py) and
+`/health`, the worker drives `/_load`, `/_unload` and `/_refresh` (runtime/client.py),
+with the runtime token.
 """
 
 import asyncio
@@ -25,6 +26,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from deployments.runtime import v2
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import RecentMisses, lookup, servable_access
@@ -154,6 +156,8 @@ class Runtime:
         parts = path.strip("/").split("/")
         if path == "/health":
             return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
+        if parts[0] == "v2":  # the Open Inference Protocol, translated onto the same pools
+            return await v2.serve(self, scope, receive, send)
         # Loaded ids are already canonical: the common case costs one dict lookup.
         deployment_id = parts[1] if len(parts) == 2 and parts[1] in self.pools else _canonical_uuid(parts)
         if deployment_id is None:
@@ -171,26 +175,26 @@ class Runtime:
         if body is None:
             return await respond(send, 413, _error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
         try:
-            pool = await self.pool_for(deployment_id)
-            if pool is None:
-                return await respond(
-                    send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
-                )
-            if not pool.access.allows(headers, self.token):
-                return await respond(
-                    send,
-                    401,
-                    _error(
-                        "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
-                        "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)"
-                    ),
-                )
+            pool = await self.pool_with_access(deployment_id, headers)
             if problem := body_problem(body):
                 return await respond(send, 400, _error(problem))
             status, answer = await pool.predict(body)
         except ModelUnavailable as exc:
             return await respond(send, exc.status, _error(exc.message))
         await respond(send, status, answer)
+
+    async def pool_with_access(self, deployment_id: str, headers: dict) -> ModelPool:
+        """The deployment's pool, if it may be served and these headers may call it."""
+        pool = await self.pool_for(deployment_id)
+        if pool is None:
+            raise ModelUnavailable(404, "no deployment answers at this URL: it does not exist or was stopped")
+        if not pool.access.allows(headers, self.token):
+            raise ModelUnavailable(
+                401,
+                "this endpoint is private: send one of its API keys as `Authorization: Bearer <key>` "
+                "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)",
+            )
+        return pool
 
     async def control(self, action: str, deployment_id: str, scope, send):
         auth = dict(scope["headers"]).get(b"authorization", b"")
@@ -283,12 +287,13 @@ async def read_body(receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def respond(send, status: int, body: bytes) -> None:
+async def respond(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    start = [(name.lower().encode(), value.encode()) for name, value in headers.items()] if headers else JSON
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": JSON + [(b"content-length", str(len(body)).encode())],
+            "headers": start + [(b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -24,7 +24,8 @@ log = logging.getLogger("serveml.runtime")
 # loop and the frame format it shares with this side (copied in: they are ServeML's files).
 MODEL_SERVER_FILES = {"model_server.py": buildkit.MODEL_SERVER, "protocol.py": Path(protocol.__file__)}
 # From the build context, bound read-only without a copy (the package stage made them 0444).
-BUILD_FILES = (*buildkit.HANDLER_FILES, buildkit.CONFIG_FILE)
+# Not serveml_v2.py: the runtime translates V2 itself, and contexts built before it lack it.
+BUILD_FILES = ("serveml_handler.py", "serveml_loader.py", buildkit.CONFIG_FILE)
 
 
 class ModelUnavailable(Exception):

@@ -7,7 +7,7 @@ nothing for, so a client repeating an unknown id costs no query per request.
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.db import close_old_connections
@@ -27,6 +27,9 @@ class Spec:
     build_dir: Path
     model_path: Path
     uid: int
+    # What the validate stage learnt about the model, for the V2 protocol's model metadata.
+    signature: dict = field(default_factory=dict, compare=False)
+    example: object = field(default=None, compare=False)
 
 
 def _servable(deployments):
@@ -56,6 +59,8 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
         build_dir,
         build_dir / deployment.model_basename(),
         sandbox.uid_for(deployment.pk),
+        deployment.signature or {},
+        (deployment.example_request or {}).get("data"),
     )
     return spec, access_for(deployment)
 

@@ -1,0 +1,70 @@
+"""The runtime's Open Inference Protocol (V2 REST) endpoints.
+
+`/v2/...` requests are translated by the shared buildkit/serveml_v2.py into ServeML
+requests and go to the deployment's pool like any `POST /predict/<id>`: the same model
+processes, batching, private-endpoint keys and errors (401/404/413/502/504). Model
+metadata comes from the signature the validate stage recorded.
+"""
+
+import asyncio
+
+import orjson
+
+from deployments.buildkit import serveml_v2
+from deployments.buildkit.serveml_v2 import V2Error
+from deployments.runtime import app as runtime_app
+from deployments.runtime.process import ModelUnavailable
+
+
+async def serve(runtime, scope, receive, send) -> None:
+    headers = dict(scope["headers"])
+    try:
+        action, deployment_id = serveml_v2.route(scope["method"], scope["path"])
+        if deployment_id is None:  # the server's own: metadata, live, ready
+            if action == "server":
+                return await runtime_app.respond(send, 200, orjson.dumps(serveml_v2.server_metadata()))
+            return await runtime_app.respond(send, 200, b"")  # the status code is the answer
+        body = None
+        if action == "infer":
+            body = await runtime_app.read_body(receive)
+            if body is None:
+                raise V2Error(f"request body is larger than {runtime_app.MAX_BODY // 1024**2} MB", 413)
+        pool = await runtime.pool_with_access(deployment_id, headers)
+        if action == "ready":
+            return await runtime_app.respond(send, 200, b"")
+        model = serveml_v2.describe(pool.spec.signature, pool.spec.example)
+        if action == "metadata":
+            return await runtime_app.respond(send, 200, orjson.dumps(serveml_v2.model_metadata(deployment_id, model)))
+        status, answer, extra = await infer(pool, deployment_id, model, headers, body)
+    except V2Error as exc:
+        return await runtime_app.respond(send, exc.status, runtime_app._error(exc.message))
+    except ModelUnavailable as exc:
+        return await runtime_app.respond(send, exc.status, runtime_app._error(exc.message))
+    await runtime_app.respond(send, status, answer, extra)
+
+
+async def infer(pool, deployment_id: str, model: dict, headers: dict, body: bytes):
+    body = serveml_v2.decompress(body, headers.get(b"content-encoding", b"").decode("latin-1"))
+    header_length = headers.get(b"inference-header-content-length")
+    request = serveml_v2.parse(body, header_length and header_length.decode("latin-1"), _loads)
+    rows, outputs = serveml_v2.plan(request, model)
+    # One ServeML request per method, each through the pool's batching like any other request.
+    answers = await asyncio.gather(
+        *(pool.predict(orjson.dumps(serveml_v2.serveml_request(rows, method))) for method, _ in outputs)
+    )
+    decoded = []
+    for status, answer in answers:
+        if status != 200:
+            return status, answer, None  # the handler's own {"error": ...}
+        decoded.append(orjson.loads(answer))
+    response, chunks = serveml_v2.response(deployment_id, request, outputs, decoded)
+    headers_out, out = serveml_v2.encode(response, chunks, orjson.dumps)
+    return 200, out, headers_out
+
+
+def _loads(data):
+    """JSON of sane depth only: the binary extension's header was not checked as a whole body was."""
+    value = orjson.loads(data)
+    if runtime_app.nested_deeper_than(value, runtime_app.MAX_DEPTH):
+        raise V2Error(f"request body is nested deeper than {runtime_app.MAX_DEPTH} levels")
+    return value
