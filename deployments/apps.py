@@ -16,4 +16,6 @@ class DeploymentsConfig(AppConfig):
         settings.DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         settings.DATA_DIR.chmod(0o700)
         settings.STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise looks for it even when it is empty
-        from deployments import checks  # noqa: F401  (registers the system checks)
+        # Registered here, in every process: the system checks, and the Celery tasks, which
+        # services send by name (tasks import services, so services never import tasks).
+        from deployments import checks, tasks  # noqa: F401

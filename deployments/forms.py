@@ -2,10 +2,10 @@ from django import forms
 from django.contrib.auth.forms import UserCreationForm
 from django.template.defaultfilters import filesizeformat
 
+from deployments import targets
 from deployments.allowlist import allowed_packages
 from deployments.inspection import InspectionError, scan_model_file
 from deployments.models import Deployment
-from deployments.pipeline import aws
 from deployments.requirements import RequirementsError, parse_requirements
 from deployments.services import deployment_create, display_name
 
@@ -80,8 +80,8 @@ class DeploymentForm(forms.Form):
 
     def clean_target(self):
         target = self.cleaned_data.get("target") or Deployment.Target.LOCAL
-        if target == Deployment.Target.AWS and not aws.configured():
-            raise forms.ValidationError(aws.not_configured_message())
+        if not targets.get(target).is_configured():
+            raise forms.ValidationError(targets.get(target).not_configured)
         return target
 
     def clean_name(self):

@@ -1,8 +1,11 @@
+import hashlib
+import secrets
 import uuid
 
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+from django.utils import timezone
 
 from deployments.signatures import ModelSignature
 
@@ -117,6 +120,17 @@ class Deployment(models.Model):
     def get_absolute_url(self):
         return reverse("deployment-detail", args=[self.public_id])
 
+    def update(self, **fields) -> None:
+        """Set and save these fields of this row only (a stage's own findings)."""
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.save(update_fields=[*fields, "updated_at"])
+
+    def record_event(
+        self, *, stage: str, message: str, level: str = "info", duration_ms: int | None = None
+    ) -> "DeploymentEvent":
+        return self.events.create(stage=stage, level=level, message=message, duration_ms=duration_ms)
+
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
 
@@ -208,5 +222,22 @@ class DeploymentKey(models.Model):
     def __str__(self):
         return f"{self.name} ({self.hint}…)"
 
+    @classmethod
+    def issue(cls, *, deployment: Deployment, name: str) -> tuple["DeploymentKey", str]:
+        """A new key: the row, and the key itself, which is never stored (only its digest)."""
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(
+            deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=cls.digest(raw)
+        )
+        return key, raw
+
+    @staticmethod
+    def digest(raw_key: str) -> str:
+        return hashlib.sha256(raw_key.encode()).hexdigest()
+
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+    def revoke(self) -> None:
+        """Revoke it, once: the first revocation's time stays."""
+        DeploymentKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())

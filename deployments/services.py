@@ -2,9 +2,9 @@
 
 import hashlib
 import logging
-import secrets
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
@@ -12,7 +12,9 @@ from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
+from deployments import targets
 from deployments.models import Deployment, DeploymentEvent, DeploymentKey
+from deployments.runtime import client
 
 log = logging.getLogger(__name__)
 Status = Deployment.Status
@@ -47,15 +49,19 @@ def _enqueue(deployment: Deployment) -> None:
     transaction.on_commit(lambda: _send(deployment.pk, "deploy"))
 
 
+def _task(name: str):
+    """A task of deployments.tasks, found by its name: tasks import services, so services
+    never import tasks (DeploymentsConfig.ready registers them in every process)."""
+    return current_app.tasks[f"deployments.tasks.{name}"]
+
+
 def _send(deployment_id: int, task_name: str, *, quiet: bool = False) -> bool:
     """Hand a deployment's task to the broker; False when the broker cannot take it.
 
     The row is already stored, so an upload is never lost to a broker that is down:
     its `enqueued_at` stays empty, and the reaper sends it again once the broker is back."""
-    from deployments import tasks
-
     try:
-        getattr(tasks, task_name).delay(deployment_id)
+        _task(task_name).delay(deployment_id)
     except BrokerUnavailable as exc:
         log.warning("could not send %s of deployment %s to the broker: %s", task_name, deployment_id, exc)
         Deployment.objects.filter(pk=deployment_id).update(enqueued_at=None)
@@ -106,9 +112,7 @@ def display_name(name: str | None) -> str:
 def deployment_record_event(
     *, deployment: Deployment, stage: str, message: str, level: str = "info", duration_ms: int | None = None
 ) -> DeploymentEvent:
-    return DeploymentEvent.objects.create(
-        deployment=deployment, stage=stage, level=level, message=message, duration_ms=duration_ms
-    )
+    return deployment.record_event(stage=stage, level=level, message=message, duration_ms=duration_ms)
 
 
 def deployment_claim(*, deployment_id: int, token: str) -> Deployment | None:
@@ -160,9 +164,7 @@ def _held(deployment: Deployment, token: str, *statuses: str):
 
 
 def deployment_update(*, deployment: Deployment, **fields) -> None:
-    for name, value in fields.items():
-        setattr(deployment, name, value)
-    deployment.save(update_fields=[*fields, "updated_at"])
+    deployment.update(**fields)
 
 
 def deployment_set_stage(*, deployment: Deployment, stage: str, token: str) -> None:
@@ -332,7 +334,7 @@ def deployment_request_stop(*, deployment: Deployment) -> str:
     and may need retries: no web request waits on it. Raises StageError only for
     a local stop that failed.
     """
-    if deployment.target == Deployment.Target.LOCAL:
+    if targets.get(deployment.target).stops_at_once:
         return deployment_stop(deployment=deployment)
 
     with transaction.atomic():
@@ -381,12 +383,7 @@ def deployment_stop(*, deployment: Deployment) -> str:
     Raises StageError (with what to fix) when the cloud refuses to delete
     something; the deployment then keeps its status so the stop can be retried.
     """
-    from deployments.pipeline import aws, local
-
-    if deployment.target == Deployment.Target.AWS:
-        summary = aws.teardown(deployment)
-    else:
-        summary = local.teardown(deployment)
+    summary = targets.get(deployment.target).teardown(deployment)
     with transaction.atomic():
         deployment_update(
             deployment=deployment,
@@ -407,8 +404,6 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
     whole timeout, and must not hold the transaction (and the row's locks) meanwhile.
     Callbacks run in order, so it is done before the task is sent, and by then the row
     reads `queued`, which the runtime neither serves nor loads again."""
-    from deployments.pipeline import local
-
     if deployment.status in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
         return  # a task owns it
     deployment_update(
@@ -422,14 +417,15 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
         stopped_at=None,
     )
     deployment_record_event(deployment=deployment, stage="", message="redeploy requested")
-    if deployment.target == Deployment.Target.LOCAL:
+    target = targets.get(deployment.target)
+    if target.stops_at_once:
         # robust: whatever the runtime does, the task below is still sent.
-        transaction.on_commit(lambda: local.teardown(deployment), robust=True)
+        transaction.on_commit(lambda: target.teardown(deployment), robust=True)
     _enqueue(deployment)
 
 
 def key_digest(raw_key: str) -> str:
-    return hashlib.sha256(raw_key.encode()).hexdigest()
+    return DeploymentKey.digest(raw_key)
 
 
 class KeyRefused(Exception):
@@ -444,9 +440,6 @@ def _access_changed(deployment: Deployment, *, pending: str) -> None:
     retries, so a task does it after the commit, never the web request. Until the
     task says it is done, the event log says it is pending (`pending`), not done.
     """
-    from deployments.runtime import client
-    from deployments.tasks import sync_access
-
     if deployment.target == Deployment.Target.LOCAL:
         transaction.on_commit(lambda: client.refresh_quietly(deployment.public_id))
         return
@@ -456,15 +449,7 @@ def _access_changed(deployment: Deployment, *, pending: str) -> None:
         deployment_record_event(deployment=deployment, stage="", message=f"updating the Lambda function: {pending}")
     # Queued even before the function exists: the task then leaves it to the provision
     # stage, which applies the keys it finds (see aws.provision), so no change is lost.
-    transaction.on_commit(lambda: sync_access.delay(deployment.pk))
-
-
-def _key_new(deployment: Deployment, name: str) -> tuple[DeploymentKey, str]:
-    raw = DeploymentKey.PREFIX + secrets.token_urlsafe(32)
-    key = DeploymentKey.objects.create(
-        deployment=deployment, name=name.strip()[:100] or "key", hint=raw[:10], key_sha256=key_digest(raw)
-    )
-    return key, raw
+    transaction.on_commit(lambda: _task("sync_access").delay(deployment.pk))
 
 
 @transaction.atomic
@@ -473,19 +458,18 @@ def deployment_key_create(*, deployment: Deployment, name: str) -> tuple[Deploym
 
     Raises KeyRefused when an aws deployment already has as many keys as its
     function's environment can hold."""
-    from deployments.pipeline import aws
-
     # One key creation per deployment at a time, so the limit and the first-key rule hold
     # when two requests race; then read the row as it is now, not as the caller loaded it.
     Deployment.objects.select_for_update().filter(pk=deployment.pk).first()
     deployment.refresh_from_db(fields=["is_private", "status", "function_arn"])
     active = deployment.active_keys().count()
-    if deployment.target == Deployment.Target.AWS and active >= aws.MAX_KEYS:
+    limit = targets.get(deployment.target).max_keys
+    if limit is not None and active >= limit:
         raise KeyRefused(
             f"This deployment already has {active} active API keys, the most an AWS Lambda function can hold "
             "(its environment is limited to 4 KB). Revoke keys that are no longer used, then create this one."
         )
-    key, raw = _key_new(deployment, name)
+    key, raw = DeploymentKey.issue(deployment=deployment, name=name)
     if not active and not deployment.is_private:
         # A deployment with keys is private unless its owner says otherwise.
         deployment_update(deployment=deployment, is_private=True)
@@ -534,13 +518,11 @@ def deployment_access_sync(*, deployment: Deployment) -> None:
     """Apply the deployment's privacy and keys to its Lambda function (the sync_access task).
 
     Raises TransientStageError (retry) or StageError (give up) as the AWS calls do."""
-    from deployments.pipeline import aws
-
     if deployment.target != Deployment.Target.AWS or not deployment.function_arn:
         return  # no function yet: the provision stage applies the keys when it creates it
     if deployment.status in (Deployment.Status.STOPPING, Deployment.Status.STOPPED):
         return
-    summary = aws.update_access(deployment)
+    summary = targets.get(deployment.target).load().update_access(deployment)
     deployment_record_event(deployment=deployment, stage="", message=summary)
 
 
@@ -555,15 +537,3 @@ def deployment_access_sync_failed(*, deployment: Deployment, message: str) -> No
             "create or revoke a key) once this is fixed; an operator can also redeploy it."
         ),
     )
-
-
-@transaction.atomic
-def deployment_verify_key_create(*, deployment: Deployment) -> tuple[DeploymentKey, str]:
-    """A key for the verify stage's one call to a private aws endpoint; revoked right after it.
-
-    No event and no access task: the verify stage applies it to the function itself."""
-    return _key_new(deployment, "ServeML verify (revoked after the call)")
-
-
-def deployment_verify_key_revoke(*, key: DeploymentKey) -> None:
-    DeploymentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())

@@ -9,11 +9,10 @@ from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from deployments import services
+from deployments import services, targets
 from deployments.forms import DeploymentForm, SignUpForm
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
-from deployments.pipeline.runner import PIPELINES
 from deployments.runtime import client
 
 
@@ -83,7 +82,7 @@ def timeline(deployment: Deployment) -> list[dict]:
         if event.stage and event.duration_ms is not None:
             events[event.stage] = event
     rows = []
-    for stage, _ in PIPELINES[deployment.target]:
+    for stage in targets.get(deployment.target).pipeline():
         event = events.get(stage)
         if event is not None:
             state = "failed" if event.level == "error" else "done"

@@ -10,8 +10,9 @@ from django.urls import reverse
 from moto import mock_aws
 
 from deployments.models import Deployment
-from deployments.pipeline import aws, image
 from deployments.pipeline.errors import StageError, TransientStageError
+from deployments.targets import aws
+from deployments.targets import aws_image as image
 from tests.conftest import SKLEARN_PIN
 
 pytestmark = pytest.mark.django_db
@@ -337,7 +338,7 @@ def test_push_reuses_an_image_already_in_the_repository(cloud, user, make_deploy
     deployment = make_deployment(user)
     stages.package(deployment)
     put_image(cloud["ecr"], deployment, image.image_tag(deployment))
-    summary = image.push(deployment)
+    summary = aws.push(deployment)
     assert summary.startswith("reused")
     assert deployment.image_uri.endswith(f":{image.image_tag(deployment)}")
 
@@ -400,7 +401,7 @@ def test_a_redeploy_with_a_new_handler_pushes_a_new_image_instead_of_reusing_the
         "push_image",
         lambda client, source, repository, tag, auth: pushed.append((source, tag)) or "sha256:" + "1" * 64,
     )
-    summary = image.push(deployment)
+    summary = aws.push(deployment)
     assert summary.startswith("pushed")
     assert pushed == [(image.local_tag(deployment), image.image_tag(deployment))]
     assert deployment.image_uri.endswith("@sha256:" + "1" * 64)

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from deployments.allowlist import corpus
-from deployments.pipeline import image, stages
+from deployments.pipeline import stages
+from deployments.targets import aws_image as image
 from tests import docker_engine
 from tests.conftest import OUTPUT, SKLEARN_PIN, dump, free_port, wait_for
 

@@ -381,7 +381,7 @@ def v2_event(headers: dict) -> dict:
 def private_function(handler, user, monkeypatch):
     """The packaged handler with the environment ServeML gives a private deployment's Lambda function."""
     from deployments.models import DeploymentKey
-    from deployments.pipeline import aws
+    from deployments.targets import aws
 
     deployment = Deployment.objects.get(owner=user)
     _, live = services.deployment_key_create(deployment=deployment, name="live")
@@ -424,7 +424,7 @@ def test_a_private_function_answers_a_live_key_in_either_header_in_any_case(priv
 
 
 def test_a_public_function_answers_without_a_key(private_function, monkeypatch):
-    from deployments.pipeline import aws
+    from deployments.targets import aws
 
     services.deployment_set_private(deployment=private_function["deployment"], private=False)
     for name, value in aws.access_variables(private_function["deployment"]).items():

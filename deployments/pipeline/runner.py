@@ -8,31 +8,32 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
-from deployments import services
+from deployments import services, targets
 from deployments.models import Deployment
-from deployments.pipeline import aws, image, local, stages
+from deployments.pipeline import stages
 from deployments.pipeline.errors import StageError, TransientStageError
 
 log = logging.getLogger(__name__)
 Stage = Deployment.Stage
 
-# Stage functions per target, in order: both share everything up to package, and verify.
-SHARED = [
-    (Stage.INSPECT, stages.inspect),
-    (Stage.ENVIRONMENT, stages.environment),
-    (Stage.VALIDATE, stages.validate),
-    (Stage.PACKAGE, stages.package),
-]
-PIPELINES = {
-    Deployment.Target.LOCAL: [*SHARED, (Stage.PROVISION, local.provision), (Stage.VERIFY, stages.verify)],
-    Deployment.Target.AWS: [
-        *SHARED,
-        (Stage.BUILD, image.build),
-        (Stage.PUSH, image.push),
-        (Stage.PROVISION, aws.provision),
-        (Stage.VERIFY, stages.verify),
-    ],
-}
+
+class Pipelines(dict):
+    """Each target's (stage, function) pairs, in the order its registry entry gives: the shared
+    stages from pipeline.stages, the target's own from its module. A target's module is loaded
+    when its first deployment runs, not when this module is imported (the web process imports
+    it with the tasks, and must not load boto3 or docker)."""
+
+    def __missing__(self, name: str) -> list:
+        target = targets.get(name)
+        shared = {Stage(stage) for stage in (*targets.SHARED_STAGES, targets.LAST_STAGE)}
+        self[name] = [
+            (Stage(stage), getattr(stages, stage) if stage in shared else target.stage_function(stage))
+            for stage in target.pipeline()
+        ]
+        return self[name]
+
+
+PIPELINES = Pipelines()
 
 
 def run(deployment_id: int, *, retry_in: float | None = None) -> None:

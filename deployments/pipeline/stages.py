@@ -16,7 +16,7 @@ from jinja2 import Environment as Jinja
 from jinja2 import FileSystemLoader, StrictUndefined
 from packaging.version import Version
 
-from deployments import buildkit, sandbox, services
+from deployments import buildkit, sandbox, targets
 from deployments.allowlist import allowed_packages, disallowed
 from deployments.builds import build_dir, restore_context  # noqa: F401  (the pipeline's own names for them)
 from deployments.environments import EnvironmentBuildError, ensure_environment, environment_path
@@ -67,11 +67,8 @@ def inspect(deployment: Deployment) -> str:
     requirements = requirements_of(deployment)
     warning = check_versions(scan, requirements)
     if warning:
-        services.deployment_record_event(
-            deployment=deployment, stage=Deployment.Stage.INSPECT, message=warning, level="warning"
-        )
-    services.deployment_update(
-        deployment=deployment,
+        deployment.record_event(stage=Deployment.Stage.INSPECT, message=warning, level="warning")
+    deployment.update(
         model_format=scan.format,
         # The restricted loader resolves exactly these, and skops builds exactly these types:
         # whatever the scan did not see cannot be imported at load time either.
@@ -134,7 +131,7 @@ def environment(deployment: Deployment) -> str:
         env = ensure_environment(requirements_of(deployment))
     except EnvironmentBuildError as exc:
         raise StageError(str(exc)) from None
-    services.deployment_update(deployment=deployment, environment_key=env.key)
+    deployment.update(environment_key=env.key)
     if env.reused:
         return f"reused environment {env.key[:12]} (same requirements as an earlier deployment: nothing installed)"
     return f"built environment {env.key[:12]} with uv from binary wheels in {env.seconds:.1f} s"
@@ -200,8 +197,7 @@ def validate(deployment: Deployment) -> str:
         result = sandbox.run(launched, wall_seconds=settings.SERVEML_SANDBOX_WALL_SECONDS)
     except sandbox.SandboxUnavailable as exc:
         raise StageError(str(exc)) from None
-    services.deployment_record_event(
-        deployment=deployment,
+    deployment.record_event(
         stage=Deployment.Stage.VALIDATE,
         message=f"sandbox: {sandbox.describe(limits)}",
         level="warning" if sandbox.is_disabled() else "info",
@@ -233,11 +229,10 @@ def validate(deployment: Deployment) -> str:
         raise StageError(f"The model's sandbox answered with a report ServeML cannot accept ({exc}).") from None
     if report.error:
         if report.signature:
-            services.deployment_update(deployment=deployment, signature=report.signature.as_json())
+            deployment.update(signature=report.signature.as_json())
         raise StageError(report.error)
     signature = report.signature.with_outputs(report.outputs)
-    services.deployment_update(
-        deployment=deployment,
+    deployment.update(
         signature=signature.as_json(),
         example_request={"data": report.example},
         example_response={"prediction": report.outputs["predict"], "model_type": signature.model_type},
@@ -290,7 +285,7 @@ def package(deployment: Deployment) -> str:
     if default_storage.exists(artifact):
         default_storage.delete(artifact)
     default_storage.save(artifact, ContentFile(buffer.getvalue()))
-    services.deployment_update(deployment=deployment, artifact=artifact)
+    deployment.update(artifact=artifact)
     return f"build context ({', '.join(names)}; {len(buffer.getvalue()) // 1024 + 1} KB) stored as {artifact}"
 
 
@@ -311,18 +306,11 @@ def same_prediction(expected, actual) -> bool:
 
 
 def verify(deployment: Deployment) -> str:
-    private_aws = deployment.target == Deployment.Target.AWS and Deployment.objects.values_list(
-        "is_private", flat=True
-    ).get(pk=deployment.pk)
-    if not private_aws:
-        return _verify_call(deployment, client.server_side_headers(deployment))
-    # A private Lambda answers only its keys, and the runtime's token stays on this host:
-    # the aws target lends verify a key of its own for this one call (see aws.verify_key).
-    from deployments.pipeline import aws
-
-    with aws.verify_key(deployment) as key:
-        summary = _verify_call(deployment, {"Authorization": f"Bearer {key}"})
-    return f"{summary} (private: with a one-off key, revoked after the call)"
+    # The target says what the call may carry: the runtime's token stays on this host, and a
+    # private Lambda answers only its keys (see aws.verify_headers).
+    with targets.get(deployment.target).verify_headers(deployment) as (headers, note):
+        summary = _verify_call(deployment, headers)
+    return summary + note
 
 
 def _verify_call(deployment: Deployment, headers: dict) -> str:

@@ -17,10 +17,9 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments import services
+from deployments import services, targets
 from deployments.allowlist import corpus
 from deployments.models import Deployment
-from deployments.pipeline import aws
 from serveml.celery import app as celery_app
 
 
@@ -28,7 +27,7 @@ class Command(BaseCommand):
     help = "Deploy the iris model to real AWS (Lambda + API Gateway), call it, and tear it down."
 
     def handle(self, *args, **options):
-        if boto3.Session().get_credentials() is None or not aws.configured():
+        if boto3.Session().get_credentials() is None or not targets.get(Deployment.Target.AWS).is_configured():
             self.stdout.write(
                 "aws-smoke skipped: set AWS credentials, SERVEML_AWS_REGION and SERVEML_LAMBDA_ROLE_ARN to run it."
             )

@@ -1,5 +1,6 @@
-"""The aws target: ECR repository, Lambda function (PackageType Image) and an API
-Gateway HTTP API in front of it, with boto3.
+"""The aws target: after package, build (aws_image.py: the Lambda image, with no
+network), push to the deployment's ECR repository, and provision a Lambda function
+(PackageType Image) with an API Gateway HTTP API in front of it, with boto3.
 
 Every step looks for what an earlier, interrupted run may have created before
 creating it, so rerunning a half-finished provision completes it instead of
@@ -12,6 +13,7 @@ a teardown that AWS keeps throttling ends `failed` with why, never stuck in
 `stopping`.
 """
 
+import base64
 import json
 from contextlib import contextmanager
 from functools import lru_cache
@@ -21,9 +23,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from django.conf import settings
 
-from deployments import services
-from deployments.models import Deployment
+from deployments import targets
+from deployments.models import Deployment, DeploymentKey
 from deployments.pipeline.errors import StageError, TransientStageError
+from deployments.targets import aws_image
 
 RETRIES = Config(retries={"max_attempts": 6, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
 TRANSIENT_CODES = {
@@ -42,23 +45,9 @@ TRANSIENT_CODES = {
 }
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
 ROUTE_KEY = "POST /"
-# Lambda allows 4 KB of environment variables in all, and each key's digest takes 65
-# bytes of SERVEML_KEY_SHA256: 40 keys (2.6 KB) leave room for the other variables.
-MAX_KEYS = 40
+MAX_KEYS = targets.get(Deployment.Target.AWS).max_keys  # what the function's 4 KB environment holds
 # The variables the handler's `authorised()` reads; ServeML owns them, an operator's others are kept.
 ACCESS_VARIABLES = ("SERVEML_PRIVATE", "SERVEML_KEY_SHA256")
-
-
-def configured() -> bool:
-    return bool(settings.SERVEML_AWS_REGION and settings.SERVEML_LAMBDA_ROLE_ARN)
-
-
-def not_configured_message() -> str:
-    return (
-        "The aws target is not configured on this ServeML: an operator must set AWS credentials "
-        "(the standard boto3 way), SERVEML_AWS_REGION and SERVEML_LAMBDA_ROLE_ARN (see the README's "
-        "“AWS target”). The local target works without them."
-    )
 
 
 def client(service: str):
@@ -257,20 +246,24 @@ def update_access(deployment: Deployment, lam=None) -> str:
 
 
 @contextmanager
-def verify_key(deployment: Deployment):
-    """A key that exists only for the verify stage's call to a private function.
+def verify_headers(deployment: Deployment):
+    """The verify stage's headers, and a note for its summary.
 
-    ServeML keeps only digests, so it holds no key of the owner's to call with, and
-    the runtime's control token must never leave this host. The alternative, verifying
-    before privacy applies, would leave a private deployment's stable URL open to
-    anyone while a new version is verified; a key the worker makes, applies, uses
+    A public function needs none. A private one answers only its keys, and the runtime's
+    token stays on this host: verify gets a key that exists only for its call. ServeML
+    keeps only digests, so it holds no key of the owner's to call with. The alternative,
+    verifying before privacy applies, would leave a private deployment's stable URL open
+    to anyone while a new version is verified; a key the worker makes, applies, uses
     once and revokes costs two configuration updates instead."""
-    key, raw = services.deployment_verify_key_create(deployment=deployment)
+    if not Deployment.objects.values_list("is_private", flat=True).get(pk=deployment.pk):
+        yield {}, ""
+        return
+    key, raw = DeploymentKey.issue(deployment=deployment, name="ServeML verify (revoked after the call)")
     try:
         update_access(deployment)
-        yield raw
+        yield {"Authorization": f"Bearer {raw}"}, " (private: with a one-off key, revoked after the call)"
     finally:
-        services.deployment_verify_key_revoke(key=key)
+        key.revoke()
         update_access(deployment)
 
 
@@ -355,12 +348,41 @@ def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
     )
 
 
+# ------------------------------------------------------------------ the stages after package
+
+build = aws_image.build
+
+
+def push(deployment: Deployment) -> str:
+    ecr = client("ecr")
+    name = repository_name(deployment)
+    repository = ensure_repository(ecr, name)
+    tag = aws_image.image_tag(deployment)
+    if image_exists(ecr, name, tag):
+        deployment.update(image_uri=f"{repository['repositoryUri']}:{tag}")
+        return f"reused {repository['repositoryUri']}:{tag[:12]}…: the same build inputs were pushed before"
+    token = call(ecr.get_authorization_token, "get an ECR login token")["authorizationData"][0]
+    username, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
+    digest = aws_image.push_image(
+        aws_image.docker_client(),
+        aws_image.local_tag(deployment),
+        repository["repositoryUri"],
+        tag,
+        {"username": username, "password": password, "serveraddress": token["proxyEndpoint"]},
+    )
+    deployment.update(
+        image_uri=f"{repository['repositoryUri']}@{digest}" if digest else f"{repository['repositoryUri']}:{tag}",
+    )
+    size = deployment.image_size_bytes or 0
+    return f"pushed {repository['repositoryUri']} ({size / 1024**2:.0f} MB, {digest or 'tag ' + tag[:12]})"
+
+
 def provision(deployment: Deployment) -> str:
     lam, gateway = client("lambda"), client("apigatewayv2")
     function_arn, applied = ensure_function(lam, deployment)
-    services.deployment_update(deployment=deployment, function_arn=function_arn)
+    deployment.update(function_arn=function_arn)
     api = ensure_api(gateway, deployment)
-    services.deployment_update(deployment=deployment, api_id=api["ApiId"])
+    deployment.update(api_id=api["ApiId"])
     integration_id = ensure_integration(gateway, api["ApiId"], function_arn)
     ensure_route(gateway, api["ApiId"], integration_id)
     ensure_stage(gateway, api["ApiId"])
@@ -369,7 +391,7 @@ def provision(deployment: Deployment) -> str:
     # found no function_arn yet and left it to this stage, so apply what the owner set since.
     if access_variables(deployment) != applied:
         update_access(deployment, lam)
-    services.deployment_update(deployment=deployment, endpoint_url=f"{api['ApiEndpoint'].rstrip('/')}/")
+    deployment.update(endpoint_url=f"{api['ApiEndpoint'].rstrip('/')}/")
     return (
         f"Lambda function {resource_name(deployment)} ({settings.SERVEML_LAMBDA_MEMORY_MB} MB, "
         f"{settings.SERVEML_LAMBDA_TIMEOUT_S} s, {settings.SERVEML_LAMBDA_ARCHITECTURE}) behind HTTP API "

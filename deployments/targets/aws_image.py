@@ -1,12 +1,12 @@
-"""The aws target's image stages: build the Lambda image from the package
-stage's context, and push it to the deployment's ECR repository.
+"""The aws target's container image: build the Lambda image from the package
+stage's context (its build stage), and push an image to a registry (aws.push
+gives it the deployment's ECR repository and a login). Docker only, no AWS calls.
 
 The build is hermetic: dependencies are installed here, on the worker, for
 the Lambda platform (binary wheels only), copied into the context, and
 `docker build` runs with no network at all.
 """
 
-import base64
 import hashlib
 import shutil
 import subprocess
@@ -16,11 +16,10 @@ from pathlib import Path
 import docker
 from django.conf import settings
 
-from deployments import services
+from deployments.builds import restore_context
 from deployments.environments import uv_binary, uv_env
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError, TransientStageError
-from deployments.pipeline.stages import restore_context
 
 # What a Lambda function never needs at run time.
 TRIM_DIRS = {"tests", "__pycache__"}  # not "testing": numpy.testing is imported at run time
@@ -153,9 +152,7 @@ class BuildLog:
 
     def flush(self) -> None:
         if self.lines:
-            services.deployment_record_event(
-                deployment=self.deployment, stage=Deployment.Stage.BUILD, message="\n".join(self.lines)[-4000:]
-            )
+            self.deployment.record_event(stage=Deployment.Stage.BUILD, message="\n".join(self.lines)[-4000:])
         self.lines = []
         self.flushed = time.monotonic()
 
@@ -165,13 +162,13 @@ def build(deployment: Deployment) -> str:
     tag = local_tag(deployment)
     try:
         image = client.images.get(tag)
-        services.deployment_update(deployment=deployment, image_size_bytes=image.attrs["Size"])
+        deployment.update(image_size_bytes=image.attrs["Size"])
         return f"reused image {tag} ({image.attrs['Size'] / 1024**2:.0f} MB): the same build inputs as before"
     except docker.errors.ImageNotFound:
         pass
     context = restore_context(deployment)
     installed = install_lambda_dependencies(deployment, context / "deps")
-    services.deployment_record_event(deployment=deployment, stage=Deployment.Stage.BUILD, message=installed)
+    deployment.record_event(stage=Deployment.Stage.BUILD, message=installed)
     log = BuildLog(deployment)
     try:
         for chunk in client.api.build(
@@ -195,7 +192,7 @@ def build(deployment: Deployment) -> str:
         raise StageError(f"docker build failed: {exc.explanation}") from None
     log.flush()
     image = client.images.get(tag)
-    services.deployment_update(deployment=deployment, image_size_bytes=image.attrs["Size"])
+    deployment.update(image_size_bytes=image.attrs["Size"])
     return f"built {tag} with no network: {image.attrs['Size'] / 1024**2:.0f} MB"
 
 
@@ -214,30 +211,3 @@ def push_image(client: docker.DockerClient, source: str, repository: str, tag: s
     except docker.errors.APIError as exc:
         raise TransientStageError(f"the Docker engine failed during the push: {exc.explanation}") from None
     return digest
-
-
-def push(deployment: Deployment) -> str:
-    from deployments.pipeline import aws
-
-    ecr = aws.client("ecr")
-    repository_name = aws.repository_name(deployment)
-    repository = aws.ensure_repository(ecr, repository_name)
-    tag = image_tag(deployment)
-    if aws.image_exists(ecr, repository_name, tag):
-        services.deployment_update(deployment=deployment, image_uri=f"{repository['repositoryUri']}:{tag}")
-        return f"reused {repository['repositoryUri']}:{tag[:12]}…: the same build inputs were pushed before"
-    token = aws.call(ecr.get_authorization_token, "get an ECR login token")["authorizationData"][0]
-    username, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
-    digest = push_image(
-        docker_client(),
-        local_tag(deployment),
-        repository["repositoryUri"],
-        tag,
-        {"username": username, "password": password, "serveraddress": token["proxyEndpoint"]},
-    )
-    services.deployment_update(
-        deployment=deployment,
-        image_uri=f"{repository['repositoryUri']}@{digest}" if digest else f"{repository['repositoryUri']}:{tag}",
-    )
-    size = deployment.image_size_bytes or 0
-    return f"pushed {repository['repositoryUri']} ({size / 1024**2:.0f} MB, {digest or 'tag ' + tag[:12]})"

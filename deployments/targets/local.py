@@ -1,13 +1,12 @@
 """The local target: the ServeML runtime on this host serves the model."""
 
-from deployments import services
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
 from deployments.runtime import client
 
 
 def provision(deployment: Deployment) -> str:
-    services.deployment_update(deployment=deployment, endpoint_url=client.endpoint_url(deployment.public_id))
+    deployment.update(endpoint_url=client.endpoint_url(deployment.public_id))
     try:
         loaded = client.load(deployment.public_id)
     except client.RuntimeUnavailable as exc:
