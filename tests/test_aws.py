@@ -89,7 +89,8 @@ def counts(cloud, deployment) -> dict:
     return result
 
 
-ONE_OF_EACH = {"apis": 1, "functions": 1, "integrations": 1, "routes": 1, "stages": 1, "permissions": 1}
+# One of each, but three routes: ServeML JSON at /, the Open Inference Protocol under /v2.
+ONE_OF_EACH = {"apis": 1, "functions": 1, "integrations": 1, "routes": 3, "stages": 1, "permissions": 1}
 
 
 def test_provision_creates_the_function_and_the_http_api_in_front_of_it(cloud, pushed):
@@ -108,8 +109,9 @@ def test_provision_creates_the_function_and_the_http_api_in_front_of_it(cloud, p
     [integration] = gateway.get_integrations(ApiId=pushed.api_id)["Items"]
     assert integration["IntegrationType"] == "AWS_PROXY" and integration["PayloadFormatVersion"] == "2.0"
     assert integration["IntegrationUri"] == config["FunctionArn"]
-    [route] = gateway.get_routes(ApiId=pushed.api_id)["Items"]
-    assert route["RouteKey"] == "POST /" and route["Target"] == f"integrations/{integration['IntegrationId']}"
+    routes = gateway.get_routes(ApiId=pushed.api_id)["Items"]
+    assert sorted(route["RouteKey"] for route in routes) == ["ANY /v2/{proxy+}", "GET /v2", "POST /"]  # JSON and V2
+    assert {route["Target"] for route in routes} == {f"integrations/{integration['IntegrationId']}"}
     [stage] = gateway.get_stages(ApiId=pushed.api_id)["Items"]
     assert stage["StageName"] == "$default" and stage["AutoDeploy"] is True
     [statement] = json.loads(cloud["lambda"].get_policy(FunctionName=aws.resource_name(pushed))["Policy"])["Statement"]

@@ -44,7 +44,8 @@ TRANSIENT_CODES = {
     "EC2ThrottledException",
 }
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
-ROUTE_KEY = "POST /"
+# ServeML's JSON at the root; the Open Inference Protocol (V2) under /v2 ({proxy+} needs a segment).
+ROUTE_KEYS = ("POST /", "GET /v2", "ANY /v2/{proxy+}")
 MAX_KEYS = targets.get(Deployment.Target.AWS).max_keys  # what the function's 4 KB environment holds
 # The variables the handler's `authorised()` reads; ServeML owns them, an operator's others are kept.
 ACCESS_VARIABLES = ("SERVEML_PRIVATE", "SERVEML_KEY_SHA256")
@@ -303,18 +304,16 @@ def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
 
 
 def ensure_route(gateway, api_id: str, integration_id: str) -> None:
-    if any(
-        route["RouteKey"] == ROUTE_KEY
-        for route in items(gateway, "get_routes", "list the HTTP API's routes", ApiId=api_id)
-    ):
-        return
-    call(
-        gateway.create_route,
-        "add the POST route",
-        ApiId=api_id,
-        RouteKey=ROUTE_KEY,
-        Target=f"integrations/{integration_id}",
-    )
+    present = {route["RouteKey"] for route in items(gateway, "get_routes", "list the HTTP API's routes", ApiId=api_id)}
+    for key in ROUTE_KEYS:
+        if key not in present:
+            call(
+                gateway.create_route,
+                f"add the route {key}",
+                ApiId=api_id,
+                RouteKey=key,
+                Target=f"integrations/{integration_id}",
+            )
 
 
 def ensure_stage(gateway, api_id: str) -> None:
