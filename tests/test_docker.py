@@ -95,6 +95,22 @@ def test_the_lambda_image_builds_without_network_and_its_handler_predicts(built,
     assert answer["statusCode"] == 200
     assert json.loads(answer["body"]) == {"predictions": model.predict(rows).tolist(), "model_type": "Pipeline"}
 
+    # The same image answers the Open Inference Protocol (serveml_v2.py is in it).
+    path = f"/v2/models/{deployment.public_id}/infer"
+    infer = {
+        **v2_event({"inputs": [{"name": "input-0", "shape": [len(rows), 4], "datatype": "FP64", "data": rows}]}),
+        "rawPath": path,
+        "requestContext": {"http": {"method": "POST", "path": path}},
+    }
+    script = f"import json, serveml_handler as h; print(json.dumps(h.lambda_handler({infer!r}, None)))"
+    output = client.containers.run(
+        image.local_tag(deployment), ["python3", "-c", script], network_disabled=True, remove=True
+    )
+    answer = json.loads(output.decode().strip().splitlines()[-1])
+    assert answer["statusCode"] == 200, answer["body"]
+    [predicted] = json.loads(answer["body"])["outputs"]
+    assert predicted["name"] == "predict" and predicted["data"] == model.predict(rows).tolist()
+
     # Trimmed: no test suites or bytecode caches in the image.
     listing = client.containers.run(
         image.local_tag(deployment),
