@@ -11,6 +11,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from deployments.allowlist import corpus
@@ -23,6 +25,13 @@ ROWS = X_IRIS[::15]
 IRIS = serveml_v2.describe(
     {"model_type": "RandomForestClassifier", "n_features_in": 4, "classes": [0, 1, 2], "methods": ["predict"]}
 )
+
+
+FRAME = serveml_v2.describe(
+    {"model_type": "Pipeline", "feature_names_in": ["sepal", "city"], "classes": ["a", "b"], "methods": ["predict"]},
+    {"sepal": 1.0, "city": "lyon"},
+)
+TEXT = serveml_v2.describe({"model_type": "Pipeline", "classes": [0, 1], "methods": ["predict", "decision_function"]})
 
 
 def parsed(request: dict, header_length=None, binary=b""):
@@ -110,6 +119,38 @@ def test_binary_tensors_are_decoded_and_their_sizes_checked():
         parsed({"inputs": [{**spec, "parameters": {"binary_data_size": 40}}]}, binary=data.tobytes())
     with pytest.raises(V2Error, match="Inference-Header-Content-Length"):
         serveml_v2.parse(json.dumps({"inputs": [spec]}).encode() + data.tobytes(), None, json.loads)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+SPEC = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["input-0", "sepal", "", 3]),
+        "shape": st.lists(st.integers(-1, 5), max_size=3) | JSON,
+        "datatype": st.sampled_from([*serveml_v2.DATATYPES, "FP8", 1]),
+        "data": JSON,
+    },
+    optional={"parameters": st.dictionaries(st.sampled_from(["binary_data_size", "content_type", "x"]), JSON)},
+)
+REQUEST = st.fixed_dictionaries(
+    {"inputs": st.lists(SPEC, max_size=3) | JSON},
+    optional={"id": JSON, "parameters": JSON, "outputs": JSON},
+)
+
+
+@given(request_=REQUEST | JSON, binary=st.binary(max_size=16))
+@settings(max_examples=300, deadline=None)
+def test_whatever_a_client_sends_is_answered_or_refused_with_a_v2_error(request_, binary):
+    for model in (IRIS, FRAME, TEXT):
+        try:
+            rows, outputs = serveml_v2.plan(parsed(request_, binary=binary), model)
+        except V2Error as exc:
+            assert exc.status in (400, 413) and exc.message
+        else:
+            assert rows and outputs
 
 
 def test_a_gzip_bomb_is_refused_as_too_large():

@@ -539,12 +539,12 @@ def _tensor(name, predictions):
 
 
 def _datatype_of(values):
-    kinds = set(map(type, values)) - {type(None)}
+    kinds = set(map(type, values))
     if kinds and kinds <= {bool}:
         return "BOOL"
     if kinds and kinds <= {int}:
         return "INT64"
-    if kinds <= {int, float}:
+    if kinds <= {int, float, type(None)}:  # a NaN became null on its way through JSON
         return "FP64"
     return "BYTES"
 
