@@ -393,3 +393,138 @@ def test_tritonclient_gets_the_same_answers_as_the_json_endpoint(stack, live_ser
     assert not client.is_model_ready(name)
     keyed = client.infer(name, [rows], headers={"Authorization": f"Bearer {key}"})
     assert keyed.as_numpy("predict").tolist() == expected
+
+
+# ------------------------------------------------------------------ the runtime's errors and batching
+
+STAND_IN = """
+import os, time
+
+def model():
+    pass
+
+def handle_many(bodies):
+    answers = []
+    for body in bodies:
+        if b"crash" in body:
+            os._exit(7)
+        if b"hang" in body:
+            time.sleep(60)
+        answers.append((200, b'{"predictions": [%d], "model_type": "StandIn"}' % len(bodies)))
+    return answers
+"""
+STAND_IN_ID = "0f0e0d0c-0000-4000-8000-00000000000a"
+
+
+@pytest.fixture
+def stand_in_runtime(tmp_path):
+    """A runtime serving a text model whose stand-in handler (a real sandboxed model process) crashes,
+    hangs, or answers how many requests shared its frame."""
+    from deployments.environments import ensure_environment
+    from deployments.requirements import parse_requirements
+    from deployments.runtime.access import Access
+    from deployments.runtime.app import Runtime
+    from deployments.runtime.pool import ModelPool
+    from deployments.runtime.registry import Spec
+    from tests.conftest import SKLEARN_PIN
+
+    build = tmp_path / "build"
+    build.mkdir()
+    for name, text in {
+        "serveml_handler.py": STAND_IN,
+        "serveml_loader.py": "",
+        "serveml.json": "{}",
+        "m.pkl": "",
+    }.items():
+        (build / name).write_text(text)
+        (build / name).chmod(0o444)
+    environment = ensure_environment(parse_requirements(SKLEARN_PIN)).path
+    signature = {"model_type": "StandIn", "classes": [0, 1], "methods": ["predict"]}
+    spec = Spec(STAND_IN_ID, environment, build, build / "m.pkl", 2_000_998, signature)
+
+    def make(access=None):
+        runtime = Runtime(max_processes=1)
+        runtime.pools[STAND_IN_ID] = ModelPool(spec, access or Access(), max_size=1)
+        return runtime
+
+    return make
+
+
+async def asgi(app, method, path, body=b"", headers=()):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "method": method, "path": path, "headers": list(headers)}, receive, send)
+    start, reply = sent
+    return start["status"], reply["body"]
+
+
+def texts(*values):
+    return json.dumps(tensor(list(values), [len(values)], "BYTES")).encode()
+
+
+@pytest.mark.parametrize("text, status, says", [("hang", 504, "longer than 1 s"), ("crash", 502, "exit code 7")])
+def test_v2_answers_the_json_endpoints_502_and_504(stand_in_runtime, settings, text, status, says):
+    import asyncio
+
+    settings.SERVEML_PREDICT_TIMEOUT_S = 1
+    runtime = stand_in_runtime()
+    url = f"/v2/models/{STAND_IN_ID}/infer"
+
+    async def scenario():
+        try:
+            return await asgi(runtime, "POST", url, texts(text)), await asgi(runtime, "POST", url, texts("fine"))
+        finally:
+            runtime.unload(STAND_IN_ID)
+
+    (failed, error), (after, _) = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert failed == status and says in json.loads(error)["error"]
+    assert after == 200
+
+
+def test_v2_requests_share_the_model_process_frames_like_json_ones(stand_in_runtime):
+    import asyncio
+
+    runtime = stand_in_runtime()
+    url = f"/v2/models/{STAND_IN_ID}/infer"
+
+    async def scenario():
+        try:
+            await runtime.pools[STAND_IN_ID].warm()
+            return await asyncio.gather(*(asgi(runtime, "POST", url, texts(f"row {n}")) for n in range(30)))
+        finally:
+            runtime.unload(STAND_IN_ID)
+
+    answers = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert {status for status, _ in answers} == {200}
+    shared = [json.loads(body)["outputs"][0]["data"][0] for _, body in answers]
+    assert max(shared) > 1  # they arrived together, so the process took them in one frame
+
+
+def test_v2_answers_the_json_endpoints_401_and_413(stand_in_runtime):
+    import asyncio
+
+    from deployments.runtime.access import Access
+
+    runtime = stand_in_runtime(Access(private=True, key_digests=frozenset({b"0" * 64})))
+    url = f"/v2/models/{STAND_IN_ID}"
+
+    async def scenario():
+        try:
+            return (
+                await asgi(runtime, "GET", url),
+                await asgi(runtime, "GET", f"{url}/ready", headers=[(b"authorization", b"Bearer wrong")]),
+                await asgi(runtime, "POST", f"{url}/infer", b" " * (11 * 1024 * 1024)),
+                await asgi(runtime, "GET", "/v2/health/ready"),
+            )
+        finally:
+            runtime.unload(STAND_IN_ID)
+
+    (metadata, error), (ready, _), (large, _), (server, _) = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert metadata == 401 and "API keys" in json.loads(error)["error"]
+    assert (ready, large, server) == (401, 413, 200)
