@@ -97,18 +97,25 @@ def test_a_live_heartbeat_keeps_the_claim_for_longer_than_its_lease(user, make_d
     assert services.deployment_reap()["requeued"] == 1
 
 
-def run_in_thread(function, *args) -> threading.Thread:
-    """A task running in another thread of this process (with its own database connection)."""
+def failed_while_hung(task, deployment_pk: int, release: threading.Event) -> Deployment:
+    """Run `task(deployment_pk)` in another thread (a worker with its own database connection)
+    while its work hangs until `release` is set; the deployment once its heartbeat failed it."""
 
     def target():
         try:
-            function(*args)
+            task(deployment_pk)
         finally:
             connection.close()
 
     thread = threading.Thread(target=target)
     thread.start()
-    return thread
+    try:
+        return wait_for(
+            lambda: Deployment.objects.filter(pk=deployment_pk, status="failed").first(), 15, "the hung work failed"
+        )
+    finally:
+        release.set()
+        thread.join(15)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -124,14 +131,7 @@ def test_a_stage_hung_past_its_timeout_fails_with_why_and_the_stuck_task_writes_
 
     monkeypatch.setitem(runner.PIPELINES, "local", [("inspect", lambda d: "inspected"), ("environment", environment)])
     deployment = make_deployment(user)
-    task = run_in_thread(runner.run, deployment.pk)
-    try:
-        failed = wait_for(
-            lambda: Deployment.objects.filter(pk=deployment.pk, status="failed").first(), 15, "the hung stage failed"
-        )
-    finally:
-        release.set()
-        task.join(15)
+    failed = failed_while_hung(runner.run, deployment.pk, release)
     assert failed.stage == "environment" and failed.claim_token == "" and failed.completed_stages == ["inspect"]
     assert failed.error.startswith("The environment stage did not finish within 0.025 minutes")
     assert "Try again" in failed.error
@@ -151,14 +151,7 @@ def test_a_teardown_hung_past_its_timeout_fails_and_can_be_stopped_again(
     monkeypatch.setattr(services, "deployment_stop", lambda deployment: release.wait(30))
     deployment = make_deployment(user)
     Deployment.objects.filter(pk=deployment.pk).update(status="stopping", target="aws")
-    task = run_in_thread(runner.stop, deployment.pk)
-    try:
-        failed = wait_for(
-            lambda: Deployment.objects.filter(pk=deployment.pk, status="failed").first(), 15, "the hung teardown failed"
-        )
-    finally:
-        release.set()
-        task.join(15)
+    failed = failed_while_hung(runner.stop, deployment.pk, release)
     assert failed.stage == "teardown" and failed.claim_token == ""
     assert "The teardown stage did not finish within" in failed.error and failed.can_stop()
 
