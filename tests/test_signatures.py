@@ -1,10 +1,15 @@
 """The probe's report is parsed into typed values; the inspect stage's findings have columns of their own."""
 
+import json
+
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from rest_framework.test import APIClient
 
+from deployments import buildkit
+from deployments.pipeline import stages
+from deployments.pipeline.errors import StageError
 from deployments.signatures import ModelSignature, ProbeReport, SignatureError
 
 # What deployments/buildkit/probe.py writes for the iris random forest.
@@ -154,3 +159,41 @@ def test_the_migration_moves_what_inspect_found_out_of_the_signature(user):
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes("deployments"))
+
+
+# ------------------------------------------------------------------ the validate stage, with a hostile probe
+
+
+@pytest.fixture
+def probe_says(user, make_deployment, monkeypatch, tmp_path):
+    """A deployment through inspect and environment whose probe, in the real sandbox, prints `report`."""
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+    def make(report: dict):
+        deployment = make_deployment(user)
+        stages.inspect(deployment)
+        stages.environment(deployment)
+        probe = tmp_path / "probe.py"
+        probe.write_text(f"import sys\nsys.stdout.write({json.dumps(json.dumps(report))})\n")
+        monkeypatch.setattr(buildkit, "PROBE", probe)
+        return deployment
+
+    return make
+
+
+@pytest.mark.django_db
+def test_validate_refuses_a_probe_report_of_the_wrong_type_and_stores_nothing_of_it(probe_says):
+    deployment = probe_says(report(n_features_in="4; DROP TABLE"))
+    with pytest.raises(StageError, match="cannot accept.*n_features_in"):
+        stages.validate(deployment)
+    deployment.refresh_from_db()
+    assert deployment.signature == {} and deployment.example_request is None
+
+
+@pytest.mark.django_db
+def test_validate_keeps_only_the_keys_it_knows_from_the_probe(probe_says):
+    deployment = probe_says(report(allowed_globals=[["os", "system"]], model_type_html="<b>"))
+    assert stages.validate(deployment).startswith("RandomForestClassifier loaded with scikit-learn 1.5.2")
+    deployment.refresh_from_db()
+    assert deployment.signature == {**REPORT["signature"], "example_outputs": REPORT["outputs"]}
+    assert deployment.example_response == {"prediction": 0, "model_type": "RandomForestClassifier"}
