@@ -92,7 +92,7 @@ class DeployUploadSerializer(serializers.Serializer):
 
 
 class NewKeySerializer(serializers.Serializer):
-    name = serializers.CharField(required=False, allow_blank=True, max_length=100)
+    name = serializers.CharField(required=False, allow_blank=True, help_text="Cut to 100 characters; `key` if empty.")
 
 
 NOT_SIGNED_IN = OpenApiResponse(ErrorSerializer, description="No valid `Authorization: Token <key>` (or session).")
@@ -136,7 +136,8 @@ class TokenView(ObtainAuthToken):
         if not serializer.is_valid():
             # django-axes marks DRF's request, which its middleware never sees: answer the lock here.
             if getattr(request, "axes_locked_out", False):
-                return signin.throttled_response(request, credentials={"username": request.data.get("username")})
+                username = request.data.get("username") if hasattr(request.data, "get") else None
+                return signin.throttled_response(request, credentials={"username": username})
             return Response(
                 {"error": "Unable to sign in with that username and password."}, status=status.HTTP_400_BAD_REQUEST
             )
@@ -227,7 +228,7 @@ class DeploymentKeysView(APIView):
 
     @extend_schema(
         operation_id="deployment_key_create",
-        request=NewKeySerializer,
+        request={"application/json": NewKeySerializer},
         responses={
             201: inline_serializer(
                 "CreatedKey",
@@ -238,6 +239,7 @@ class DeploymentKeysView(APIView):
                     "private": serializers.BooleanField(help_text="Whether calls now need a key."),
                 },
             ),
+            400: OpenApiResponse(ErrorSerializer, description="The body is not an object with a string `name`."),
             401: NOT_SIGNED_IN,
             404: NOT_YOURS,
             409: OpenApiResponse(ErrorSerializer, description="No more keys can be created for it."),
@@ -245,8 +247,15 @@ class DeploymentKeysView(APIView):
     )
     def post(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        # A JSON body may be any value: only an object with a string name (or none) is a request.
+        name = request.data.get("name", "") if hasattr(request.data, "get") else None
+        if not isinstance(name, str):
+            return Response(
+                {"error": 'Send the new key\'s name as a string, e.g. {"name": "ci"}, or no body at all.'},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
         try:
-            key, raw = services.deployment_key_create(deployment=deployment, name=request.data.get("name", ""))
+            key, raw = services.deployment_key_create(deployment=deployment, name=name)
         except services.KeyRefused as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         # Whether calls now need a key: a first key makes a public deployment private, a later one

@@ -20,6 +20,9 @@ MAX_LISTED_CLASSES = 1000  # more than this: predictions are described by their 
 MAX_STRING = 200  # a longer feature name or class label is not described one by one
 MAX_TITLE = 100
 SCALARS = (str, int, float, bool)
+# null is a missing value (NaN): models that take them (forests, gradient boosting) predict,
+# the others answer 400, so the document cannot promise either and allows it.
+FEATURE_NUMBER = {"type": "number", "nullable": True}
 
 ERRORS = {
     "400": "The input does not fit the model; `error` says what to change. Never a 500.",
@@ -213,13 +216,13 @@ def _row_schema(signature: dict, example) -> dict:
             "description": f"One row as a list of {len(names)} values in the model's column order: {_join(names)}.",
             "minItems": len(names),
             "maxItems": len(names),
-            "items": {"anyOf": [{"type": "number"}, {"type": "string"}]},
+            "items": {"anyOf": [FEATURE_NUMBER, {"type": "string"}]},
         }
         return {"anyOf": [record, in_order]}
     row = {
         "type": "array",
         "description": "One row: the feature values in the order the model was fitted with.",
-        "items": {"type": "number"},
+        "items": FEATURE_NUMBER,
     }
     if n_features is not None:
         row["minItems"] = row["maxItems"] = n_features
@@ -230,7 +233,7 @@ def _row_schema(signature: dict, example) -> dict:
 def _column_schema(example) -> dict:
     if isinstance(example, str):
         return {"type": "string", "example": example[:MAX_STRING]}
-    return {"type": "number"}
+    return dict(FEATURE_NUMBER)
 
 
 def _join(names: list[str], limit: int = 20) -> str:

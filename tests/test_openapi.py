@@ -151,7 +151,7 @@ def test_a_numeric_models_document_describes_its_rows_methods_and_classes():
     operation = document["paths"]["/predict/0b8f6c2e-5f0e-4c0a-9d55-1f0f3f3f3f3f"]["post"]
     assert "401" not in operation["responses"] and "security" not in operation  # public
     row = document["components"]["schemas"]["Row"]
-    assert row["minItems"] == row["maxItems"] == 4 and row["items"] == {"type": "number"}
+    assert row["minItems"] == row["maxItems"] == 4 and row["items"] == {"type": "number", "nullable": True}
     method = document["components"]["schemas"]["OneRow"]["properties"]["method"]
     assert method["enum"] == ["predict", "predict_proba"]
     requests = request_validator(document)
@@ -179,7 +179,7 @@ def test_a_dataframe_models_document_names_its_columns_and_their_types():
     record, in_order = document["components"]["schemas"]["Row"]["anyOf"]
     assert record["required"] == ["age", "city", "income"]
     assert record["properties"]["city"] == {"type": "string", "example": "Lisbon"}
-    assert record["properties"]["age"] == {"type": "number"}
+    assert record["properties"]["age"] == {"type": "number", "nullable": True}
     assert in_order["minItems"] == in_order["maxItems"] == 3
     requests = request_validator(document)
     requests.validate({"instances": [{"age": 40, "city": "Porto", "income": 1.5}]})
@@ -249,3 +249,13 @@ def test_the_ready_page_links_the_document(client, user, make_deployment):
     client.force_login(user)
     page = client.get(f"/deployments/{deployment.public_id}").content.decode()
     assert f'href="/api/deployments/{deployment.public_id}/openapi.json"' in page
+
+
+def test_a_key_request_that_is_not_an_object_with_a_string_name_is_a_400(api, user, make_deployment):
+    deployment = make_deployment(user)
+    url = f"/api/deployments/{deployment.public_id}/keys"
+    for body in ([1, 2], {"name": 5}, {"name": ["a"]}, "text"):
+        response = api.post(url, body, format="json")
+        assert response.status_code == 400 and "as a string" in response.json()["error"], body
+    assert not deployment.keys.exists()
+    assert api.post(url, {"name": "x" * 300}, format="json").json()["name"] == "x" * 100
