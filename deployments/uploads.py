@@ -15,11 +15,10 @@ class SizeLimitUploadHandler(FileUploadHandler):
     def new_file(self, field_name, *args, **kwargs):
         super().new_file(field_name, *args, **kwargs)
         self.received = 0
-        self.limit = (
-            settings.SERVEML_MAX_REQUIREMENTS_BYTES
-            if field_name == "requirements_file"
-            else settings.SERVEML_MAX_UPLOAD_BYTES
-        )
+        self.limit = {
+            "requirements_file": settings.SERVEML_MAX_REQUIREMENTS_BYTES,
+            "csv_file": settings.SERVEML_MAX_CSV_BYTES,
+        }.get(field_name, settings.SERVEML_MAX_UPLOAD_BYTES)
 
     def receive_data_chunk(self, raw_data, start):
         self.received += len(raw_data)

@@ -10,6 +10,7 @@ urlpatterns = [
     path("deployments/<uuid:public_id>/status", views.deployment_status, name="deployment-status"),
     path("deployments/<uuid:public_id>/stop", views.deployment_stop, name="deployment-stop"),
     path("deployments/<uuid:public_id>/try", views.deployment_try, name="deployment-try"),
+    path("deployments/<uuid:public_id>/predict.csv", views.deployment_predict_csv, name="deployment-predict-csv"),
     path("deployments/<uuid:public_id>/keys", views.deployment_key_create, name="deployment-key-create"),
     path(
         "deployments/<uuid:public_id>/keys/<int:key_id>/revoke",

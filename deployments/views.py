@@ -5,11 +5,11 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from deployments import services, targets
+from deployments import csvbatch, services, targets
 from deployments.forms import DeploymentForm, SignUpForm
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
@@ -117,6 +117,7 @@ def detail_context(deployment: Deployment, **extra) -> dict:
         "timeline": timeline(deployment),
         "curl": curl_example(deployment),
         "example_json": json.dumps(deployment.example_request) if deployment.example_request else "",
+        "max_csv": settings.SERVEML_MAX_CSV_BYTES,
     }
 
 
@@ -185,6 +186,73 @@ def deployment_try(request, public_id):
         except httpx.HTTPError as exc:
             status, answer = None, f"The endpoint did not answer: {exc}"
     return render(request, "deployments/_try_result.html", {"status": status, "answer": answer})
+
+
+def csv_refusal(message: str, status: int = 400) -> HttpResponse:
+    return HttpResponse(message + "\n", status=status, content_type="text/plain; charset=utf-8")
+
+
+@login_required
+@require_POST
+def deployment_predict_csv(request, public_id):
+    """The page's CSV form: check the whole upload, then stream it back predicted in batches
+    through the same endpoint as the try-it form. A file that does not fit the model is
+    refused up front with its first errors by line number; see deployments/csvbatch.py."""
+    deployment = own_deployment(request, public_id)
+    limit = settings.SERVEML_MAX_CSV_BYTES
+    too_large = f"The CSV file is larger than {limit / 1024**2:.0f} MB: split it into smaller files."
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit + 1024**2:
+        return csv_refusal(too_large, 413)
+    upload = request.FILES.get("csv_file")  # a temporary file, cut off past the limit (uploads.py)
+    key = request.POST.get("key", "").strip()
+    if "csv_file" in getattr(request, "oversized_uploads", {}):
+        return csv_refusal(too_large, 413)
+    if deployment.status != Deployment.Status.READY:
+        return csv_refusal("This deployment is not ready.", 409)
+    if upload is None:
+        return csv_refusal("Choose a CSV file to predict.")
+    if key and not (key.isascii() and key.isprintable()):
+        return csv_refusal("That is not an API key: keys start with sml_ and hold only letters, digits, - and _.")
+    if deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:
+        return csv_refusal(
+            "This endpoint is private: paste one of its API keys in the key field "
+            "(ServeML keeps only their digests, so it cannot call it for you)."
+        )
+    signature = deployment.model_signature
+    example = (deployment.example_request or {}).get("data")
+    try:
+        layout = csvbatch.check(upload.file, signature, example, max_lines=settings.SERVEML_CSV_MAX_LINES)
+    except csvbatch.CsvRefused as exc:
+        return csv_refusal("Nothing was predicted: the file does not fit the model.\n" + "\n".join(exc.lines()))
+    headers = {**client.server_side_headers(deployment), **({"Authorization": f"Bearer {key}"} if key else {})}
+    endpoint = csvbatch.Endpoint(
+        client.server_side_url(deployment), headers, timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5
+    )
+    probabilities = request.POST.get("probabilities") == "1" and "predict_proba" in signature.methods
+
+    def body():
+        try:
+            yield from csvbatch.predict_lines(
+                upload.file,
+                layout,
+                endpoint,
+                probabilities=probabilities,
+                classes=signature.classes,
+                batch_rows=settings.SERVEML_CSV_BATCH_ROWS,
+                max_lines=settings.SERVEML_CSV_MAX_LINES,
+            )
+        finally:
+            endpoint.close()
+
+    response = StreamingHttpResponse(body(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="predictions.csv"'
+    response["X-ServeML-Rows"] = str(layout.rows)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required

@@ -188,6 +188,11 @@ if not AWS_STORAGE_BUCKET_NAME:
 # temporary file and cut off as soon as they pass SERVEML_MAX_UPLOAD_BYTES.
 SERVEML_MAX_UPLOAD_BYTES = env_number("SERVEML_MAX_UPLOAD_BYTES", 200 * 1024 * 1024)
 SERVEML_MAX_REQUIREMENTS_BYTES = 64 * 1024
+# CSV batch predictions from a deployment's page: the largest CSV accepted (a million rows
+# of a few features is some 50 MB), the most lines read, and the rows sent per call.
+SERVEML_MAX_CSV_BYTES = env_number("SERVEML_MAX_CSV_BYTES", 256 * 1024 * 1024)
+SERVEML_CSV_MAX_LINES = env_number("SERVEML_CSV_MAX_LINES", 5_000_000)
+SERVEML_CSV_BATCH_ROWS = env_number("SERVEML_CSV_BATCH_ROWS", 2_000)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_HANDLERS = [
     "deployments.uploads.SizeLimitUploadHandler",
