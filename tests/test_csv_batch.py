@@ -448,3 +448,50 @@ def test_a_private_aws_endpoint_needs_a_pasted_key_and_never_gets_the_runtime_to
     [request] = endpoint
     assert str(request.url) == "https://abc.example/"
     assert request.headers["authorization"] == "Bearer sml_abc" and "x-serveml-internal" not in request.headers
+
+
+# ------------------------------------------------------------------ with the real runtime
+
+
+@pytest.fixture
+def token(user):
+    from rest_framework.authtoken.models import Token
+
+    return Token.objects.create(user=user).key
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_records_and_texts_are_predicted_by_the_real_model_exactly_like_model_predict(
+    stack, live_server, token, client, user
+):
+    import pandas
+
+    from deployments.allowlist import corpus
+    from tests.conftest import PANDAS_PIN, SKLEARN_PIN
+    from tests.test_end_to_end import deploy, wait_ready
+
+    frame_model, text_model = corpus.column_transformer(), corpus.text_pipeline()
+    frame_body = deploy(live_server, token, frame_model, PANDAS_PIN, name="frame")
+    text_body = deploy(live_server, token, text_model, SKLEARN_PIN, name="texts")
+    client.force_login(user)
+
+    frame, _ = corpus.mixed_frame()
+    columns = ["city", "income", "age"]  # not the order the model was fitted in
+    text = frame[columns].to_csv(index=False)
+    wait_ready(stack, token, frame_body)
+    response = post_csv(client, Deployment.objects.get(public_id=frame_body["id"]), text, probabilities="1")
+    table = list(csv.reader(io.StringIO(body(response))))
+    assert table[0] == [*columns, "prediction", "probability_0", "probability_1"]
+    assert [int(row[3]) for row in table[1:]] == frame_model.predict(frame).tolist()
+    expected = frame_model.predict_proba(frame)
+    assert all(abs(float(row[4]) - p) < 1e-9 for row, p in zip(table[1:], expected[:, 0], strict=True))
+    assert [row[:3] for row in table[1:]] == list(csv.reader(io.StringIO(text)))[1:]
+
+    docs, _ = corpus.texts()
+    wait_ready(stack, token, text_body)
+    text_deployment = Deployment.objects.get(public_id=text_body["id"])
+    answer = body(post_csv(client, text_deployment, pandas.DataFrame({"review": docs}).to_csv(index=False)))
+    table = list(csv.reader(io.StringIO(answer)))
+    assert table[0] == ["review", "prediction"]
+    assert [int(row[1]) for row in table[1:]] == text_model.predict(docs).tolist()
