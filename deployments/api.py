@@ -239,7 +239,7 @@ class DeploymentKeysView(APIView):
                     "private": serializers.BooleanField(help_text="Whether calls now need a key."),
                 },
             ),
-            400: OpenApiResponse(ErrorSerializer, description="The body is not an object with a string `name`."),
+            400: OpenApiResponse(ErrorSerializer, description="The body is not an object with a text `name`."),
             401: NOT_SIGNED_IN,
             404: NOT_YOURS,
             409: OpenApiResponse(ErrorSerializer, description="No more keys can be created for it."),
@@ -252,6 +252,11 @@ class DeploymentKeysView(APIView):
         if not isinstance(name, str):
             return Response(
                 {"error": 'Send the new key\'s name as a string, e.g. {"name": "ci"}, or no body at all.'},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        if "\x00" in name:  # PostgreSQL stores no NUL in text: refused here, not a 500 there
+            return Response(
+                {"error": "The key's name contains a NUL character: use printable text."},
                 status=status.HTTP_400_BAD_REQUEST,
             )
         try:

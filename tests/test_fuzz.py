@@ -42,7 +42,9 @@ CHECKS = [
 PREDICTION_CHECKS = [check for check in CHECKS if check != "negative_data_rejection"]
 
 
-def schemathesis(location: str, *args: str, config: Path | None = None, examples: int = 40, checks=CHECKS) -> str:
+def schemathesis(
+    location: str, *args: str, cwd: Path, config: Path | None = None, examples: int = 40, checks=CHECKS
+) -> str:
     """Run schemathesis; fail with its report unless every check passed."""
     argv = [SCHEMATHESIS, "--no-color"]
     if config:
@@ -67,7 +69,10 @@ def schemathesis(location: str, *args: str, config: Path | None = None, examples
         "too_slow",
         *args,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    # cwd: where schemathesis keeps its replay files, a test's own folder
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, cwd=cwd, env={**os.environ, "NO_COLOR": "1"}
+    )
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-12000:]
     assert "passed" in report
@@ -86,6 +91,7 @@ def test_the_rest_api_answers_every_generated_request_as_its_schema_says(stack, 
         f"Authorization: Token {token}",
         config=config,
         examples=25,
+        cwd=tmp_path,
     )
     assert "Tested: 8" in report  # every operation of the REST API
 
@@ -104,12 +110,28 @@ def test_a_deployments_prediction_url_answers_every_generated_request_as_its_doc
         f"{live_server.url}/api/deployments/{ready['id']}/openapi.json", headers={"Authorization": f"Token {token}"}
     )
     assert document.status_code == 200
+    # The runtime serves the same document beside the prediction URL, to whoever may call it.
+    beside = httpx.get(f"{ready['endpoint_url']}/openapi.json")
+    assert beside.status_code == 200 and beside.json() == document.json()
     schema = tmp_path / "prediction.json"
-    schema.write_bytes(document.content)
-    report = schemathesis(str(schema), "--url", stack.runtime_url, examples=60, checks=PREDICTION_CHECKS)
+    schema.write_bytes(beside.content)
+    report = schemathesis(str(schema), "--url", stack.runtime_url, examples=60, checks=PREDICTION_CHECKS, cwd=tmp_path)
     assert "Tested: 1" in report
     # still alive and right after all that
     assert httpx.post(ready["endpoint_url"], json=ready["example_request"]).status_code == 200
+
+    key = httpx.post(
+        f"{live_server.url}/api/deployments/{ready['id']}/keys", headers={"Authorization": f"Token {token}"}
+    ).json()["key"]
+    assert httpx.get(f"{ready['endpoint_url']}/openapi.json").status_code == 401
+    private = httpx.get(f"{ready['endpoint_url']}/openapi.json", headers={"X-API-Key": key}).json()
+    assert private["components"]["securitySchemes"]["apiKeyHeader"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
+    httpx.delete(f"{live_server.url}/api/deployments/{ready['id']}", headers={"Authorization": f"Token {token}"})
+    assert httpx.get(f"{ready['endpoint_url']}/openapi.json", headers={"X-API-Key": key}).status_code == 404
 
 
 def test_the_fuzzer_would_catch_a_document_the_server_does_not_keep(stack, live_server, user, tmp_path):
@@ -123,4 +145,4 @@ def test_the_fuzzer_would_catch_a_document_the_server_does_not_keep(stack, live_
     schema = tmp_path / "lying.json"
     schema.write_text(json.dumps(document))
     with pytest.raises(AssertionError, match="Response violates schema"):
-        schemathesis(str(schema), "--url", stack.runtime_url, examples=10, checks=PREDICTION_CHECKS)
+        schemathesis(str(schema), "--url", stack.runtime_url, examples=10, checks=PREDICTION_CHECKS, cwd=tmp_path)

@@ -257,5 +257,7 @@ def test_a_key_request_that_is_not_an_object_with_a_string_name_is_a_400(api, us
     for body in ([1, 2], {"name": 5}, {"name": ["a"]}, "text"):
         response = api.post(url, body, format="json")
         assert response.status_code == 400 and "as a string" in response.json()["error"], body
+    named_with_a_nul = api.post(url, {"name": "a\x00b"}, format="json")
+    assert named_with_a_nul.status_code == 400 and "NUL" in named_with_a_nul.json()["error"]
     assert not deployment.keys.exists()
     assert api.post(url, {"name": "x" * 300}, format="json").json()["name"] == "x" * 100

@@ -29,7 +29,7 @@ from django.conf import settings
 from deployments.runtime import v2
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
-from deployments.runtime.registry import RecentMisses, lookup, servable_access
+from deployments.runtime.registry import RecentMisses, lookup, openapi_document, servable_access
 
 log = logging.getLogger("serveml.runtime")
 MAX_BODY = 10 * 1024 * 1024
@@ -158,6 +158,8 @@ class Runtime:
             return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
         if parts[0] == "v2":  # the Open Inference Protocol, translated onto the same pools
             return await v2.serve(self, scope, receive, send)
+        if len(parts) == 3 and parts[0] == "predict" and parts[2] == "openapi.json" and method == "GET":
+            return await self.document(_canonical_uuid(parts[:2]), dict(scope["headers"]), send)
         # Loaded ids are already canonical: the common case costs one dict lookup.
         deployment_id = parts[1] if len(parts) == 2 and parts[1] in self.pools else _canonical_uuid(parts)
         if deployment_id is None:
@@ -182,6 +184,18 @@ class Runtime:
         except ModelUnavailable as exc:
             return await respond(send, exc.status, _error(exc.message))
         await respond(send, status, answer)
+
+    async def document(self, deployment_id: str | None, headers: dict, send):
+        """`<endpoint_url>/openapi.json`: the prediction URL's OpenAPI document, for whoever may call it."""
+        found = await sync_to_async(openapi_document)(deployment_id) if deployment_id else None
+        if found is None:
+            return await respond(
+                send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
+            )
+        document, access = found
+        if not access.allows(headers, self.token):
+            return await respond(send, 401, _error("this endpoint is private: send one of its API keys"))
+        await respond(send, 200, orjson.dumps(document))
 
     async def pool_with_access(self, deployment_id: str, headers: dict) -> ModelPool:
         """The deployment's pool, if it may be served and these headers may call it."""

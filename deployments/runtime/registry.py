@@ -65,6 +65,32 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     return spec, access_for(deployment)
 
 
+def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
+    """A servable deployment's OpenAPI document (deployments/openapi.py) and who may read it (runs in a
+    thread). Read afresh each time: no model process is started to describe the model."""
+    from deployments import openapi
+    from deployments.models import Deployment
+
+    close_old_connections()
+    deployment = (
+        _servable(Deployment.objects)
+        .filter(public_id=deployment_id, target=Deployment.Target.LOCAL)
+        .exclude(endpoint_url="")
+        .prefetch_related("keys")
+        .first()
+    )
+    if deployment is None or not deployment.signature.get("methods"):
+        return None
+    found = openapi.prediction_document(
+        title=deployment.name,
+        endpoint_url=deployment.endpoint_url,
+        signature=deployment.signature,
+        example_request=deployment.example_request,
+        private=deployment.is_private,
+    )
+    return found, access_for(deployment)
+
+
 def servable_access(ids: list[str]) -> dict[str, Access]:
     """The access rules of those deployments that may still be served (runs in a thread)."""
     from deployments.models import Deployment
