@@ -13,6 +13,7 @@ from deployments.runtime.access import Access
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import Spec
+from tests.conftest import stand_in_build
 
 HANDLER = """
 import os, time
@@ -52,12 +53,8 @@ def pool_for(environment):
     def make(tmp_path: Path, max_size: int = 1, model_file: str = "model.pkl") -> ModelPool:
         """A build context with the stand-in handler: `model.broken` fails to load; `model.slow` takes a second to."""
         build = tmp_path / "build"
-        build.mkdir()
-        files = {"serveml_handler.py": HANDLER, "serveml_loader.py": "", "serveml.json": "{}", model_file: ""}
-        for name, text in files.items():
-            (build / name).write_text(text)
-            (build / name).chmod(0o444)  # as the package stage leaves them: sandboxes bind them
-        spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", environment, build, build / model_file, 2_000_999)
+        model = stand_in_build(build, HANDLER, model_file)
+        spec = Spec("0f0e0d0c-0000-4000-8000-000000000000", environment, build, model, 2_000_999)
         return ModelPool(spec, Access(), max_size=max_size)
 
     return make
@@ -332,7 +329,7 @@ def test_a_body_of_200_kb_of_nested_brackets_answers_400_and_the_model_process_k
     ],
 )
 def test_the_runtime_lets_through_only_json_nested_at_most_32_levels(body, problem):
-    from deployments.runtime.app import body_problem
+    from deployments.runtime.asgi import body_problem
 
     found = body_problem(body)
     assert found == problem if problem is None else found.startswith(problem)
@@ -343,7 +340,7 @@ def test_checking_the_depth_of_a_hundred_rows_of_four_numbers_takes_microseconds
 
     import orjson
 
-    from deployments.runtime.app import MAX_DEPTH, nested_deeper_than
+    from deployments.runtime.asgi import MAX_DEPTH, nested_deeper_than
 
     rows = orjson.loads(orjson.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]] * 100}))
     best = min(timeit.repeat(lambda: nested_deeper_than(rows, MAX_DEPTH), number=200, repeat=5)) / 200

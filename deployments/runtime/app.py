@@ -18,24 +18,19 @@ import hmac
 import logging
 import os
 import time
-import uuid
 from contextlib import asynccontextmanager
-from itertools import chain
 
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from deployments.runtime import v2
+from deployments.runtime.asgi import MAX_BODY, body_problem, canonical_uuid, error, read_body, respond
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import RecentMisses, lookup, openapi_document, servable_access
 
 log = logging.getLogger("serveml.runtime")
-MAX_BODY = 10 * 1024 * 1024
-MAX_DEPTH = 32  # no prediction input nests this deep; a hostile one nests far deeper
-CONTAINERS = frozenset({list, dict})
-JSON = [(b"content-type", b"application/json")]
 
 
 class KeyedLocks:
@@ -159,30 +154,30 @@ class Runtime:
         if parts[0] == "v2":  # the Open Inference Protocol, translated onto the same pools
             return await v2.serve(self, scope, receive, send)
         if len(parts) == 3 and parts[0] == "predict" and parts[2] == "openapi.json" and method == "GET":
-            return await self.document(_canonical_uuid(parts[:2]), dict(scope["headers"]), send)
+            return await self.document(canonical_uuid(parts[:2]), dict(scope["headers"]), send)
         # Loaded ids are already canonical: the common case costs one dict lookup.
-        deployment_id = parts[1] if len(parts) == 2 and parts[1] in self.pools else _canonical_uuid(parts)
+        deployment_id = parts[1] if len(parts) == 2 and parts[1] in self.pools else canonical_uuid(parts)
         if deployment_id is None:
-            return await respond(send, 404, _error("no deployment answers at this URL"))
+            return await respond(send, 404, error("no deployment answers at this URL"))
         if parts[0] == "predict":
             if method != "POST":
-                return await respond(send, 405, _error("send predictions with POST and a JSON body"))
+                return await respond(send, 405, error("send predictions with POST and a JSON body"))
             return await self.predict(deployment_id, dict(scope["headers"]), receive, send)
         if parts[0] in ("_load", "_unload", "_refresh") and method == "POST":
             return await self.control(parts[0], deployment_id, scope, send)
-        return await respond(send, 404, _error("no deployment answers at this URL"))
+        return await respond(send, 404, error("no deployment answers at this URL"))
 
     async def predict(self, deployment_id: str, headers: dict, receive, send):
         body = await read_body(receive)
         if body is None:
-            return await respond(send, 413, _error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
+            return await respond(send, 413, error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
         try:
             pool = await self.pool_with_access(deployment_id, headers)
             if problem := body_problem(body):
-                return await respond(send, 400, _error(problem))
+                return await respond(send, 400, error(problem))
             status, answer = await pool.predict(body)
         except ModelUnavailable as exc:
-            return await respond(send, exc.status, _error(exc.message))
+            return await respond(send, exc.status, error(exc.message))
         await respond(send, status, answer)
 
     async def document(self, deployment_id: str | None, headers: dict, send):
@@ -190,11 +185,11 @@ class Runtime:
         found = await sync_to_async(openapi_document)(deployment_id) if deployment_id else None
         if found is None:
             return await respond(
-                send, 404, _error("no deployment answers at this URL: it does not exist or was stopped")
+                send, 404, error("no deployment answers at this URL: it does not exist or was stopped")
             )
         document, access = found
         if not access.allows(headers, self.token):
-            return await respond(send, 401, _error("this endpoint is private: send one of its API keys"))
+            return await respond(send, 401, error("this endpoint is private: send one of its API keys"))
         await respond(send, 200, orjson.dumps(document))
 
     async def pool_with_access(self, deployment_id: str, headers: dict) -> ModelPool:
@@ -213,7 +208,7 @@ class Runtime:
     async def control(self, action: str, deployment_id: str, scope, send):
         auth = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(auth, b"Bearer " + self.token):
-            return await respond(send, 403, _error("bad runtime token"))
+            return await respond(send, 403, error("bad runtime token"))
         if action == "_unload":
             return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
         if action == "_refresh":
@@ -222,9 +217,9 @@ class Runtime:
         try:
             pool = await self.pool_for(deployment_id, fresh=True)  # it may have become servable just now
         except ModelUnavailable as exc:
-            return await respond(send, exc.status, _error(exc.message))
+            return await respond(send, exc.status, error(exc.message))
         if pool is None:
-            return await respond(send, 404, _error("the deployment is not ready to be served"))
+            return await respond(send, 404, error("the deployment is not ready to be served"))
         return await respond(send, 200, orjson.dumps({"loaded": deployment_id, "processes": len(pool.processes)}))
 
     async def lifespan(self, receive, send):
@@ -241,73 +236,3 @@ class Runtime:
                     self.unload(deployment_id)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def body_problem(body: bytes) -> str | None:
-    """Why a prediction body must not reach the model, or None. Parsed here once, so a
-    body no handler could take costs the model process nothing (it still gets the raw bytes)."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return f"request body is not valid JSON: {exc}"
-    if nested_deeper_than(value, MAX_DEPTH):
-        return f"request body is nested deeper than {MAX_DEPTH} levels"
-    return None
-
-
-def nested_deeper_than(value, limit: int) -> bool:
-    """True when lists and objects nest more than `limit` deep. Level by level rather than
-    recursively, so no input can exhaust the stack, and in C where it can: rows of numbers
-    cost a type() per number and no Python loop over them."""
-    level = [value]  # the values inside as many lists and objects as rounds so far
-    for _ in range(limit):
-        kinds = set(map(type, level))
-        if kinds.isdisjoint(CONTAINERS):
-            return False
-        if not kinds <= CONTAINERS:
-            level = [item for item in level if type(item) in CONTAINERS]
-        if dict in kinds:
-            level = [item.values() if type(item) is dict else item for item in level]
-        level = list(chain.from_iterable(level))
-    # `limit` levels down, a list or an object still there nests one level deeper.
-    return not CONTAINERS.isdisjoint(map(type, level))
-
-
-def _canonical_uuid(parts: list[str]) -> str | None:
-    """The one spelling of a deployment id that pools are kept under: upper case, braces or
-    `urn:uuid:` must not start a second pool (and model processes) for the same deployment."""
-    if len(parts) != 2:
-        return None
-    try:
-        return str(uuid.UUID(parts[1]))
-    except ValueError:
-        return None
-
-
-def _error(message: str) -> bytes:
-    return orjson.dumps({"error": message})
-
-
-async def read_body(receive) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def respond(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-    start = [(name.lower().encode(), value.encode()) for name, value in headers.items()] if headers else JSON
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": start + [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

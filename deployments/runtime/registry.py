@@ -12,9 +12,10 @@ from pathlib import Path
 
 from django.db import close_old_connections
 
-from deployments import sandbox
+from deployments import openapi, sandbox
 from deployments.builds import restore_context
 from deployments.environments import environment_path
+from deployments.models import Deployment
 from deployments.runtime.access import Access, access_for
 
 
@@ -33,15 +34,11 @@ class Spec:
 
 
 def _servable(deployments):
-    from deployments.models import Deployment
-
     return deployments.filter(status__in=[Deployment.Status.READY, Deployment.Status.DEPLOYING])
 
 
 def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     """Read a servable deployment from the database (runs in a thread)."""
-    from deployments.models import Deployment
-
     close_old_connections()
     deployment = (
         _servable(Deployment.objects)
@@ -68,9 +65,6 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
 def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
     """A servable deployment's OpenAPI document (deployments/openapi.py) and who may read it (runs in a
     thread). Read afresh each time: no model process is started to describe the model."""
-    from deployments import openapi
-    from deployments.models import Deployment
-
     close_old_connections()
     deployment = (
         _servable(Deployment.objects)
@@ -93,8 +87,6 @@ def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
 
 def servable_access(ids: list[str]) -> dict[str, Access]:
     """The access rules of those deployments that may still be served (runs in a thread)."""
-    from deployments.models import Deployment
-
     close_old_connections()
     rows = _servable(Deployment.objects).filter(public_id__in=ids).prefetch_related("keys")
     return {str(row.public_id): access_for(row) for row in rows}

@@ -12,7 +12,7 @@ import orjson
 
 from deployments.buildkit import serveml_v2
 from deployments.buildkit.serveml_v2 import V2Error
-from deployments.runtime import app as runtime_app
+from deployments.runtime import asgi
 from deployments.runtime.process import ModelUnavailable
 
 
@@ -22,25 +22,25 @@ async def serve(runtime, scope, receive, send) -> None:
         action, deployment_id = serveml_v2.route(scope["method"], scope["path"])
         if deployment_id is None:  # the server's own: metadata, live, ready
             if action == "server":
-                return await runtime_app.respond(send, 200, orjson.dumps(serveml_v2.server_metadata()))
-            return await runtime_app.respond(send, 200, b"")  # the status code is the answer
+                return await asgi.respond(send, 200, orjson.dumps(serveml_v2.server_metadata()))
+            return await asgi.respond(send, 200, b"")  # the status code is the answer
         body = None
         if action == "infer":
-            body = await runtime_app.read_body(receive)
+            body = await asgi.read_body(receive)
             if body is None:
-                raise V2Error(f"request body is larger than {runtime_app.MAX_BODY // 1024**2} MB", 413)
+                raise V2Error(f"request body is larger than {asgi.MAX_BODY // 1024**2} MB", 413)
         pool = await runtime.pool_with_access(deployment_id, headers)
         if action == "ready":
-            return await runtime_app.respond(send, 200, b"")
+            return await asgi.respond(send, 200, b"")
         model = serveml_v2.describe(pool.spec.signature, pool.spec.example)
         if action == "metadata":
-            return await runtime_app.respond(send, 200, orjson.dumps(serveml_v2.model_metadata(deployment_id, model)))
+            return await asgi.respond(send, 200, orjson.dumps(serveml_v2.model_metadata(deployment_id, model)))
         status, answer, extra = await infer(pool, deployment_id, model, headers, body)
     except V2Error as exc:
-        return await runtime_app.respond(send, exc.status, runtime_app._error(exc.message))
+        return await asgi.respond(send, exc.status, asgi.error(exc.message))
     except ModelUnavailable as exc:
-        return await runtime_app.respond(send, exc.status, runtime_app._error(exc.message))
-    await runtime_app.respond(send, status, answer, extra)
+        return await asgi.respond(send, exc.status, asgi.error(exc.message))
+    await asgi.respond(send, status, answer, extra)
 
 
 async def infer(pool, deployment_id: str, model: dict, headers: dict, body: bytes):
@@ -65,6 +65,6 @@ async def infer(pool, deployment_id: str, model: dict, headers: dict, body: byte
 def _loads(data):
     """JSON of sane depth only: the binary extension's header was not checked as a whole body was."""
     value = orjson.loads(data)
-    if runtime_app.nested_deeper_than(value, runtime_app.MAX_DEPTH):
-        raise V2Error(f"request body is nested deeper than {runtime_app.MAX_DEPTH} levels")
+    if asgi.nested_deeper_than(value, asgi.MAX_DEPTH):
+        raise V2Error(f"request body is nested deeper than {asgi.MAX_DEPTH} levels")
     return value
