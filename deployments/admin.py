@@ -16,15 +16,48 @@ class DeploymentEventInline(admin.TabularInline):
         return False
 
 
+class VersionInline(admin.TabularInline):
+    """A deployment's later versions (version 1 is the deployment itself), each linking to its own page."""
+
+    model = Deployment
+    fk_name = "version_of"
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = ["version", "status", "stage", "model_filename", "auto_promote", "created_at"]
+    readonly_fields = fields
+    ordering = ["-version"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class VersionsFilter(admin.SimpleListFilter):
+    """The changelist shows deployments, not their versions, unless asked."""
+
+    title = "versions"
+    parameter_name = "versions"
+
+    def lookups(self, request, model_admin):
+        return [("all", "Deployments and their versions"), ("only", "Versions only")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "all":
+            return queryset
+        if self.value() == "only":
+            return queryset.filter(version_of__isnull=False)
+        return queryset.filter(version_of__isnull=True)
+
+
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "status", "stage", "target", "model_type", "created_at"]
-    list_filter = ["status", "target", "stage", "created_at"]
+    list_display = ["name", "owner", "status", "stage", "target", "model_type", "serving_version", "created_at"]
+    list_filter = [VersionsFilter, "status", "target", "stage", "created_at"]
     search_fields = ["name", "public_id", "owner__username", "model_filename", "model_sha256", "endpoint_url"]
     list_select_related = ["owner"]
     date_hierarchy = "created_at"
-    inlines = [DeploymentEventInline]
-    actions = ["redeploy", "stop"]
+    inlines = [VersionInline, DeploymentEventInline]
+    actions = ["redeploy", "stop", "promote"]
     readonly_fields = [
         "public_id",
         "status",
@@ -50,7 +83,23 @@ class DeploymentAdmin(admin.ModelAdmin):
         "claimed_at",
         "ready_at",
         "stopped_at",
+        "version_of",
+        "version",
     ]
+
+    @admin.display(description="serving")
+    def serving_version(self, deployment):
+        return f"v{deployment.serving_version().version}" if not deployment.version_of_id else ""
+
+    @admin.action(description="Serve the selected versions at their deployment's URL (promote or roll back)")
+    def promote(self, request, queryset):
+        for version in queryset.select_related("version_of"):
+            try:
+                services.deployment_version_promote(root=version.root, number=version.version)
+            except services.VersionRefused as exc:
+                self.message_user(request, f"{version}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{version} now serves {version.root.endpoint_url}.", messages.SUCCESS)
 
     @admin.action(description="Redeploy the selected deployments")
     def redeploy(self, request, queryset):

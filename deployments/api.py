@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from deployments import openapi, services, signin
+from deployments.forms import VersionForm
 from deployments.models import Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
 from deployments.views import bound_form
@@ -40,6 +41,61 @@ class DeploymentSerializer(serializers.ModelSerializer):
         return self.context["request"].build_absolute_uri(f"/api/deployments/{deployment.public_id}")
 
 
+class SignatureSerializer(serializers.Serializer):
+    """What the sandboxed probe reported about the model (deployments/signatures.py); empty until validate ran."""
+
+    model_type = serializers.CharField(required=False, help_text="The estimator's class name.")
+    estimator = serializers.CharField(required=False, help_text="module.Class")
+    steps = serializers.ListField(child=serializers.CharField(), required=False)
+    n_features_in = serializers.IntegerField(required=False, allow_null=True)
+    feature_names_in = serializers.ListField(
+        child=serializers.CharField(), required=False, allow_null=True, help_text="For a model fitted on a DataFrame."
+    )
+    classes = serializers.ListField(child=serializers.JSONField(), required=False, allow_null=True)
+    methods = serializers.ListField(
+        child=serializers.ChoiceField(["predict", "predict_proba", "decision_function"]), required=False
+    )
+    sklearn_version = serializers.CharField(required=False)
+    python_version = serializers.CharField(required=False)
+    input = serializers.ChoiceField(["numbers", "records", "text"], required=False, allow_null=True)
+    example_outputs = serializers.DictField(required=False, allow_null=True)
+    pickled_sklearn_version = serializers.CharField(
+        required=False, allow_null=True, help_text="The scikit-learn version recorded in the model file."
+    )
+
+
+class VersionSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="public_id")
+    promote = serializers.SerializerMethodField()
+    serving = serializers.SerializerMethodField()
+    status_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Deployment
+        fields = ["id", "version", "status", "stage", "error", "promote", "serving", "status_url", "created_at"]
+
+    def get_promote(self, version) -> str:
+        return "auto" if version.auto_promote else "review"
+
+    def get_serving(self, version) -> bool:
+        """Whether the deployment's stable URL answers with this version."""
+        return version.serving_version().pk == version.pk
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_status_url(self, version) -> str:
+        return self.context["request"].build_absolute_uri(f"/api/deployments/{version.public_id}")
+
+
+class VersionUploadSerializer(serializers.Serializer):
+    model_file = serializers.FileField(help_text="model.pkl (pickle), a joblib file, or a .skops file.")
+    requirements_file = serializers.FileField(help_text="requirements.txt, e.g. `scikit-learn==1.5.2`.")
+    promote = serializers.ChoiceField(
+        choices=["auto", "review"],
+        required=False,
+        help_text="`auto` (default): serve it as soon as it is ready; `review`: wait for a promote call.",
+    )
+
+
 class DeploymentDetailSerializer(DeploymentSerializer):
     events = EventSerializer(many=True)
     signature = serializers.SerializerMethodField()
@@ -53,6 +109,7 @@ class DeploymentDetailSerializer(DeploymentSerializer):
             "events",
         ]
 
+    @extend_schema_field(SignatureSerializer)
     def get_signature(self, deployment) -> dict:
         """What the probe reported (read back through ModelSignature), with the scikit-learn
         version the inspect stage read from the file, once it has."""
@@ -177,7 +234,7 @@ class DeploymentListView(APIView):
         responses={200: DeploymentSerializer(many=True), 401: NOT_SIGNED_IN},
     )
     def get(self, request):
-        deployments = request.user.deployments.all()
+        deployments = request.user.deployments.filter(version_of__isnull=True)  # versions: .../versions
         return Response(DeploymentSerializer(deployments, many=True, context={"request": request}).data)
 
 
@@ -208,6 +265,11 @@ class DeploymentDetailView(APIView):
     )
     def delete(self, request, public_id):
         deployment = self.get_object(request, public_id)
+        if deployment.version_of_id:
+            return Response(
+                {"error": "This is a version of a deployment: it stops with the deployment, not on its own."},
+                status=status.HTTP_409_CONFLICT,
+            )
         if deployment.status in (Deployment.Status.QUEUED, Deployment.Status.DEPLOYING):
             return Response(
                 {"error": "This deployment is still deploying; stop it once it is ready or failed."},
@@ -289,6 +351,66 @@ class DeploymentKeysView(APIView):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
         keys = deployment.active_keys()
         return Response([{"id": k.pk, "name": k.name, "hint": k.hint, "created_at": k.created_at} for k in keys])
+
+
+class DeploymentVersionsView(APIView):
+    """A deployment's versions: list them, or upload the next one."""
+
+    @extend_schema(
+        operation_id="deployment_versions_list",
+        summary="A deployment's versions, newest first, and which one serves its URL",
+        responses={200: VersionSerializer(many=True), 401: NOT_SIGNED_IN, 404: NOT_YOURS},
+    )
+    def get(self, request, public_id):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        return Response(VersionSerializer(root.all_versions(), many=True, context={"request": request}).data)
+
+    @extend_schema(
+        operation_id="deployment_version_create",
+        summary="Upload a new version; the current one serves until it is ready and promoted",
+        request={"multipart/form-data": VersionUploadSerializer},
+        responses={
+            202: VersionSerializer,
+            400: OpenApiResponse(UploadErrorSerializer, description="The upload was refused; `error` says why."),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="The deployment takes no version now (see `error`)."),
+        },
+    )
+    def post(self, request, public_id):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        form = bound_form(request._request, VersionForm)
+        if not form.is_valid():
+            errors = {field: [str(e) for e in errs] for field, errs in form.errors.items()}
+            first = next(iter(errors.values()))[0]
+            return Response({"error": first, "fields": errors}, status=status.HTTP_400_BAD_REQUEST)
+        try:
+            version = form.create_version(root=root)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(VersionSerializer(version, context={"request": request}).data, status=202)
+
+
+class DeploymentVersionPromoteView(APIView):
+    @extend_schema(
+        operation_id="deployment_version_promote",
+        summary="Serve this version at the deployment's URL: promote a new one, or roll back to an earlier one",
+        request=None,
+        responses={
+            200: VersionSerializer,
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="It cannot serve now: not ready, or no such version."),
+        },
+    )
+    def post(self, request, public_id, number):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        try:
+            version = services.deployment_version_promote(root=root, number=number)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        version.refresh_from_db()
+        return Response(VersionSerializer(version, context={"request": request}).data)
 
 
 class DeploymentOpenAPIView(APIView):

@@ -7,7 +7,7 @@ from deployments.allowlist import allowed_packages
 from deployments.inspection import InspectionError, scan_model_file
 from deployments.models import Deployment
 from deployments.requirements import RequirementsError, parse_requirements
-from deployments.services import deployment_create, display_name
+from deployments.services import deployment_create, deployment_version_create, display_name
 
 
 class DeploymentForm(forms.Form):
@@ -102,6 +102,33 @@ class DeploymentForm(forms.Form):
         if self.cleaned_data.get("name"):
             return self.cleaned_data["name"]
         return display_name(self.cleaned_data["model_file"].name).rsplit(".", 1)[0][:100] or "model"
+
+
+class VersionForm(DeploymentForm):
+    """A new version of a deployment: the same files, checked the same way; its name and target are the deployment's."""
+
+    PROMOTE_CHOICES = [
+        ("auto", "Promote it as soon as it is ready"),
+        ("review", "Let me review it first (promote it with a button)"),
+    ]
+    promote = forms.ChoiceField(choices=PROMOTE_CHOICES, initial="auto", required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.fields["name"], self.fields["target"]
+
+    def clean_promote(self):
+        return self.cleaned_data.get("promote") or "auto"
+
+    def create_version(self, *, root: Deployment) -> Deployment:
+        """Raises services.VersionRefused when the deployment takes no version now."""
+        return deployment_version_create(
+            root=root,
+            model_format=self.model_format,
+            model_upload=self.cleaned_data["model_file"],
+            requirements_upload=self.cleaned_data["requirements_file"],
+            auto_promote=self.cleaned_data["promote"] == "auto",
+        )
 
 
 class SignUpForm(UserCreationForm):

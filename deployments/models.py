@@ -105,6 +105,20 @@ class Deployment(models.Model):
     # When its task was last sent to the broker; null while the broker could not take it.
     enqueued_at = models.DateTimeField(null=True, blank=True)
 
+    # Versions: each upload to a deployment is a row of its own (files, pipeline, events,
+    # model processes). The deployment a user created is the root and its own version 1;
+    # later versions point at it. Its stable URL (the root's endpoint_url) routes to
+    # `serving` (null: the root itself), which only services.deployment_version_promote moves.
+    version_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="versions", editable=False
+    )
+    version = models.PositiveIntegerField(default=1, editable=False)
+    serving = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    # A version that becomes ready is promoted at once, unless its owner asked to review it first.
+    auto_promote = models.BooleanField(default=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
@@ -113,8 +127,13 @@ class Deployment(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["version_of", "version"], name="unique_version_number"),
+        ]
 
     def __str__(self):
+        if self.version_of_id:
+            return f"{self.name} v{self.version} ({self.public_id})"
         return f"{self.name} ({self.public_id})"
 
     def get_absolute_url(self):
@@ -135,7 +154,23 @@ class Deployment(models.Model):
         return self.status in self.TERMINAL
 
     def can_stop(self) -> bool:
-        return self.status in (self.Status.READY, self.Status.FAILED)
+        # A version stops with its deployment, never alone: it may be the one serving.
+        return not self.version_of_id and self.status in (self.Status.READY, self.Status.FAILED)
+
+    @property
+    def root(self) -> "Deployment":
+        """The deployment this version belongs to (itself for version 1)."""
+        return self.version_of if self.version_of_id else self
+
+    def serving_version(self) -> "Deployment":
+        """The version the root's stable URL answers with."""
+        root = self.root
+        return root.serving if root.serving_id else root
+
+    def all_versions(self) -> list["Deployment"]:
+        """Version 1 (the root) and every later one, newest first."""
+        root = self.root
+        return [*root.versions.order_by("-version"), root]
 
     def model_basename(self) -> str:
         return f"model.{MODEL_EXTENSIONS[self.model_format]}"

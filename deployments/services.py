@@ -8,7 +8,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
@@ -204,6 +204,8 @@ def deployment_mark_ready(*, deployment: Deployment, token: str) -> None:
         raise ClaimLost(deployment.pk)
     deployment.refresh_from_db()
     deployment_record_event(deployment=deployment, stage="", message=f"ready: {deployment.endpoint_url}")
+    if deployment.version_of_id:
+        _version_ready(deployment)
 
 
 @transaction.atomic
@@ -393,6 +395,9 @@ def deployment_stop(*, deployment: Deployment) -> str:
             lease_expires_at=None,
         )
         deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")
+    # Its versions stop with it; one still deploying is stopped when its pipeline ends (_version_ready).
+    for version in deployment.versions.filter(status__in=[Status.READY, Status.FAILED]):
+        deployment_stop(deployment=version)
     return summary
 
 
@@ -537,3 +542,145 @@ def deployment_access_sync_failed(*, deployment: Deployment, message: str) -> No
             "create or revoke a key) once this is fixed; an operator can also redeploy it."
         ),
     )
+
+
+# ------------------------------------------------------------------ versions
+
+
+class VersionRefused(Exception):
+    """A version cannot be uploaded or promoted now; the message says why and what to do."""
+
+
+def _version_problem(root: Deployment) -> str | None:
+    """Why `root` takes no new version now, or None."""
+    if root.version_of_id:
+        return f"This is version {root.version} of a deployment: upload new versions to the deployment itself."
+    if root.target != Deployment.Target.LOCAL:
+        return "Versions are available for the local target only for now: deploy the new model as a new aws deployment."
+    if root.status in (Status.STOPPING, Status.STOPPED):
+        return "This deployment was stopped: its URL serves nothing. Deploy the model as a new deployment."
+    if root.status == Status.FAILED:
+        return (
+            "This deployment's first version failed, so it has no URL to keep: deploy the fixed model as a new "
+            "deployment."
+        )
+    if root.status != Status.READY:
+        return "This deployment's first version is still deploying: upload a new version once it is ready."
+    return None
+
+
+@transaction.atomic
+def deployment_version_create(
+    *,
+    root: Deployment,
+    model_format: str,
+    model_upload: UploadedFile,
+    requirements_upload: UploadedFile,
+    auto_promote: bool = True,
+) -> Deployment:
+    """Store a new version of `root` with the next number and queue its pipeline; the version
+    that serves keeps serving until this one is ready and promoted. Raises VersionRefused."""
+    root = Deployment.objects.select_for_update().get(pk=root.pk)  # one number per upload, even when two race
+    if problem := _version_problem(root):
+        raise VersionRefused(problem)
+    number = (root.versions.aggregate(last=Max("version"))["last"] or 1) + 1
+    version = Deployment(
+        owner=root.owner,
+        name=root.name,
+        target=root.target,
+        version_of=root,
+        version=number,
+        auto_promote=auto_promote,
+        is_private=root.is_private,
+        model_format=model_format,
+        model_filename=display_name(model_upload.name),
+        requirements_filename=display_name(requirements_upload.name),
+        model_sha256=_sha256(model_upload),
+    )
+    version.model_file.save("model", model_upload, save=False)
+    version.requirements_file.save("requirements.txt", requirements_upload, save=False)
+    version.save()
+    then = "promoted once it is ready" if auto_promote else "ready for review once deployed; promote it to serve"
+    deployment_record_event(deployment=version, stage="", message=f"version {number} queued; {then}")
+    deployment_record_event(
+        deployment=root,
+        stage="",
+        message=f"version {number} uploaded ({version.model_filename}); version {root.serving_version().version} "
+        "keeps serving meanwhile",
+    )
+    _enqueue(version)
+    return version
+
+
+def deployment_version_get(*, root: Deployment, number: int) -> Deployment | None:
+    if number == 1:
+        return root
+    return root.versions.filter(version=number).first()
+
+
+def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
+    """Make version `number` the one `root`'s stable URL answers with (promote, or roll back).
+
+    Its model processes are loaded and warm before the switch: the runtime routes new
+    requests to them at once, requests in flight finish on the old ones, which stop once
+    idle. The switch itself is one conditional UPDATE, so two promotes never interleave.
+    Raises VersionRefused."""
+    if root.version_of_id:
+        raise VersionRefused("Promote versions through the deployment itself.")
+    version = deployment_version_get(root=root, number=number)
+    if version is None:
+        raise VersionRefused(f"This deployment has no version {number}.")
+    if version.status != Status.READY:
+        raise VersionRefused(
+            f"Version {number} is {version.get_status_display().lower()}: only a ready version can serve."
+        )
+    if root.status != Status.READY:
+        raise VersionRefused("This deployment is not ready (it was stopped or failed): nothing can be promoted.")
+    previous = root.serving_id
+    if (previous or root.pk) == version.pk:
+        return version
+    try:
+        client.load(version.public_id)  # warm first: the switch must not wait for a model to load
+    except client.RuntimeUnavailable as exc:
+        raise VersionRefused(
+            f"Version {number} could not be loaded, so version {root.serving_version().version} keeps serving: {exc}"
+        ) from None
+    was = root.serving_version().version
+    with transaction.atomic():
+        switched = Deployment.objects.filter(pk=root.pk, serving_id=previous, status=Status.READY).update(
+            serving=version, updated_at=timezone.now()
+        )
+        if not switched:
+            raise VersionRefused("The deployment changed meanwhile (another promote, or a stop): look again and retry.")
+        root.serving = version
+        word = "rolled back to" if number < was else "promoted"
+        deployment_record_event(
+            deployment=root,
+            stage="",
+            message=f"{word} version {number}: {root.endpoint_url} answers with it (was version {was})",
+        )
+        if version.pk != root.pk:
+            deployment_record_event(deployment=version, stage="", message=f"now serving {root.endpoint_url}")
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    return version
+
+
+def _version_ready(version: Deployment) -> None:
+    """A version's pipeline ended ready: promote it if its owner asked, stop it if its deployment was stopped."""
+    root = Deployment.objects.get(pk=version.version_of_id)
+    if root.status in (Status.STOPPING, Status.STOPPED):
+        transaction.on_commit(lambda: deployment_stop(deployment=Deployment.objects.get(pk=version.pk)))
+        return
+    if not version.auto_promote:
+        deployment_record_event(
+            deployment=root, stage="", message=f"version {version.version} is ready for review: promote it to serve"
+        )
+        return
+
+    def promote():
+        try:
+            deployment_version_promote(root=Deployment.objects.get(pk=root.pk), number=version.version)
+        except VersionRefused as exc:
+            deployment_record_event(deployment=version, stage="", level="warning", message=f"not promoted: {exc}")
+
+    transaction.on_commit(promote)

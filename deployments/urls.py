@@ -18,6 +18,12 @@ urlpatterns = [
         name="deployment-key-revoke",
     ),
     path("deployments/<uuid:public_id>/access", views.deployment_access, name="deployment-access"),
+    path("deployments/<uuid:public_id>/versions", views.deployment_version_create, name="deployment-version-create"),
+    path(
+        "deployments/<uuid:public_id>/versions/<int:number>/promote",
+        views.deployment_version_promote,
+        name="deployment-version-promote",
+    ),
     path("signup", views.signup, name="signup"),
     path("health", views.health, name="health"),
     path("api/token", api.obtain_token, name="api-token"),
@@ -25,6 +31,12 @@ urlpatterns = [
     path("api/deployments", api.DeploymentListView.as_view(), name="api-deployments"),
     path("api/deployments/<uuid:public_id>", api.DeploymentDetailView.as_view(), name="api-deployment"),
     path("api/deployments/<uuid:public_id>/keys", api.DeploymentKeysView.as_view(), name="api-deployment-keys"),
+    path("api/deployments/<uuid:public_id>/versions", api.DeploymentVersionsView.as_view(), name="api-versions"),
+    path(
+        "api/deployments/<uuid:public_id>/versions/<int:number>/promote",
+        api.DeploymentVersionPromoteView.as_view(),
+        name="api-version-promote",
+    ),
     path(
         "api/deployments/<uuid:public_id>/openapi.json",
         api.DeploymentOpenAPIView.as_view(),

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from deployments import csvbatch, services, targets
-from deployments.forms import DeploymentForm, SignUpForm
+from deployments.forms import DeploymentForm, SignUpForm, VersionForm
 from deployments.models import Deployment
 from deployments.pipeline.errors import StageError
 from deployments.runtime import client
@@ -51,16 +51,16 @@ def upload_too_large(request) -> bool:
     return length > limit
 
 
-def bound_form(request) -> DeploymentForm:
+def bound_form(request, form_class=DeploymentForm) -> DeploymentForm:
     if upload_too_large(request):
-        return DeploymentForm(data={}, oversized={"model_file": settings.SERVEML_MAX_UPLOAD_BYTES})
+        return form_class(data={}, oversized={"model_file": settings.SERVEML_MAX_UPLOAD_BYTES})
     files = request.FILES  # streams the upload through SizeLimitUploadHandler
-    return DeploymentForm(request.POST, files, oversized=getattr(request, "oversized_uploads", None))
+    return form_class(request.POST, files, oversized=getattr(request, "oversized_uploads", None))
 
 
 @login_required
 def deployment_list(request):
-    deployments = request.user.deployments.all()
+    deployments = request.user.deployments.filter(version_of__isnull=True)  # versions are listed on their page
     return render(request, "deployments/list.html", {"deployments": deployments})
 
 
@@ -118,6 +118,20 @@ def detail_context(deployment: Deployment, **extra) -> dict:
         "curl": curl_example(deployment),
         "example_json": json.dumps(deployment.example_request) if deployment.example_request else "",
         "max_csv": settings.SERVEML_MAX_CSV_BYTES,
+        **versions_context(deployment, extra.get("version_form")),
+    }
+
+
+def versions_context(deployment: Deployment, form: VersionForm | None) -> dict:
+    """A deployment's versions, for its page: which one serves, and a form for the next one."""
+    if deployment.version_of_id:
+        return {"versions": None}
+    versions = deployment.all_versions()
+    return {
+        "versions": versions,
+        "serving_pk": deployment.serving_id or deployment.pk,
+        "versions_busy": any(not version.is_terminal() for version in versions),
+        "version_form": form or VersionForm(),
     }
 
 
@@ -150,6 +164,37 @@ def deployment_stop(request, public_id):
             else:
                 messages.success(request, f"The deployment was stopped; its URL no longer answers ({summary}).")
     return redirect(deployment)
+
+
+@login_required
+@require_POST
+def deployment_version_create(request, public_id):
+    """The page's new-version form: the same checks as a new deployment; the current version keeps serving."""
+    root = own_deployment(request, public_id)
+    form = bound_form(request, VersionForm)
+    if form.is_valid():
+        try:
+            version = form.create_version(root=root)
+        except services.VersionRefused as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, f"Version {version.version} uploaded: it deploys while the current one serves.")
+            return redirect(root)
+    return render(request, "deployments/detail.html", detail_context(root, version_form=form), status=400)
+
+
+@login_required
+@require_POST
+def deployment_version_promote(request, public_id, number):
+    """Promote a ready version, or roll back to an earlier one: the stable URL answers with it at once."""
+    root = own_deployment(request, public_id)
+    try:
+        services.deployment_version_promote(root=root, number=number)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Version {number} now serves {root.endpoint_url}.")
+    return redirect(root)
 
 
 @login_required

@@ -73,3 +73,12 @@ def server_side_headers(deployment) -> dict:
     if deployment.target == "local":
         return internal_headers()
     return {}
+
+
+def route_quietly(public_id) -> None:
+    """Ask the runtime to send a deployment's stable URL to the version that serves it now
+    (services.deployment_version_promote); its sweep does it anyway if this fails."""
+    try:
+        _control("_route", public_id, timeout=settings.SERVEML_SANDBOX_WALL_SECONDS + 30)
+    except RuntimeUnavailable:
+        pass
