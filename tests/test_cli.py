@@ -105,6 +105,13 @@ def test_a_person_signs_in_deploys_predicts_and_stops_from_the_terminal(
     assert answered[0] == ["sepal length", "sepal width", "petal length", "petal width", "prediction"]
     assert [int(r[-1]) for r in answered[1:]] == model.predict(X_IRIS).tolist()  # 150 rows
 
+    code, _, err = terminal("predict", "iris", "--csv", str(table), "--batch-rows", "40", "-o", "out.csv")
+    assert code == 0 and "Wrote 150 predicted rows to out.csv" in err
+    assert list(csv.reader((tmp_path / "out.csv").open())) == answered  # four requests, the same answer
+    table.write_text("1,2,3,4\n5,6,7,8\n1,2,3\n")
+    code, _, err = terminal("predict", "iris", "--csv", str(table), "--batch-rows", "2")
+    assert code == 1 and f"lines 3–3 of {table}: The model refused the input: expected 4 features" in err
+
     code, _, err = terminal("predict", "iris", "--data", "[1, 2, 3]")
     assert code == 1 and "expected 4 features per row, got 3" in err
     code, _, err = terminal("predict", "iris", "--data", "[1, 2,")

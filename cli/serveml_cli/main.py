@@ -14,13 +14,13 @@ An id may be shortened to any unique prefix, or given as the deployment's name.
 import argparse
 import csv
 import getpass
-import io
 import json
 import os
 import shlex
 import sys
 import time
 import uuid
+from itertools import chain, islice
 from pathlib import Path
 
 import httpx
@@ -331,7 +331,7 @@ def cmd_predict(args) -> int:
             raise Failure(f"--data is not JSON ({exc}): e.g. --data '[5.1, 3.5, 1.4, 0.2]'.") from None
         print(json.dumps(predictor.call(request_body(value, args.method))))
         return 0
-    return predict_csv(predictor, Path(args.csv), state.get("signature") or {}, args.output)
+    return predict_csv(predictor, Path(args.csv), state.get("signature") or {}, args.output, args.batch_rows)
 
 
 class Predictor:
@@ -364,62 +364,68 @@ def request_body(value, method: str | None) -> dict:
     return body
 
 
-def predict_csv(predictor: Predictor, path: Path, signature: dict, output: str | None) -> int:
-    """Rows of a CSV in batches, written back with a `prediction` column (or one per class for probabilities)."""
+def predict_csv(predictor: Predictor, path: Path, signature: dict, output: str | None, batch_rows: int) -> int:
+    """Rows of a CSV in batches, written back as they come with a `prediction` column (or one per
+    class for probabilities). The file is read twice, a line at a time, never whole: once to count
+    its rows for the progress bar, once to send them."""
     if not path.is_file():
         raise Failure(f"The CSV file {str(path)!r} does not exist.")
     names = signature.get("feature_names_in") or None
     with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    rows = [row for row in rows if row]
-    if not rows:
+        total = sum(1 for row in csv.reader(handle) if row)
+    if not total:
         raise Failure(f"{path} has no rows.")
-    header = None
-    if not all(is_number(cell) for cell in rows[0]):
-        header, rows = rows[0], rows[1:]
-    if names and header is not None and sorted(header) != sorted(names):
-        missing = [n for n in names if n not in header]
-        raise Failure(
-            f"{path}'s header does not match the model's features: missing {', '.join(missing) or 'none'}; "
-            f"expected the columns {', '.join(names)}."
-        )
-    records = names is not None and header is not None
-    result = io.StringIO() if output is None else None
-    destination = open(output, "w", newline="") if output else result  # noqa: SIM115
-    writer = csv.writer(destination)
-    labels = None
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"Predicting {len(rows)} rows", total=len(rows))
-        for start in range(0, len(rows), BATCH_ROWS):
-            batch = rows[start : start + BATCH_ROWS]
-            instances = [
-                dict(zip(header, map(cell_value, row), strict=False)) if records else [cell_value(c) for c in row]
-                for row in batch
-            ]
-            body = {"instances": instances, **({"method": predictor.method} if predictor.method else {})}
-            try:
-                answer = predictor.call(body)
-            except Failure as exc:
-                raise Failure(f"Rows {start + 1}–{start + len(batch)} of {path} (after the header): {exc}") from None
-            predictions = answer["predictions"]
-            if labels is None:
-                first = predictions[0]
-                labels = (
-                    [f"{predictor.method or 'prediction'}_{i}" for i in range(len(first))]
-                    if isinstance(first, list)
-                    else [predictor.method or "prediction"]
-                )
-                writer.writerow((header or [f"x{i}" for i in range(len(batch[0]))]) + labels)
-            for row, prediction in zip(batch, predictions, strict=True):
-                writer.writerow(row + (prediction if isinstance(prediction, list) else [prediction]))
-            progress.advance(task, len(batch))
+    destination = open(output, "w", newline="") if output else sys.stdout  # noqa: SIM115
+    try:
+        with path.open(newline="") as handle, Progress(console=err, transient=True) as progress:
+            rows = ((number, row) for number, row in enumerate(csv.reader(handle), start=1) if row)
+            _, first = next(rows)
+            header = None if all(is_number(cell) for cell in first) else first
+            if header is None:
+                rows = chain([(1, first)], rows)
+            else:
+                total -= 1
+                if names and sorted(header) != sorted(names):
+                    missing = [n for n in names if n not in header]
+                    raise Failure(
+                        f"{path}'s header does not match the model's features: missing {', '.join(missing) or 'none'}; "
+                        f"expected the columns {', '.join(names)}."
+                    )
+            task = progress.add_task(f"Predicting {total} rows", total=total)
+            writer = csv.writer(destination)
+            wrote_header = False
+            while batch := list(islice(rows, batch_rows)):
+                lines = f"lines {batch[0][0]}–{batch[-1][0]} of {path}"
+                if names and header is not None:
+                    instances = [dict(zip(header, map(cell_value, row), strict=False)) for _, row in batch]
+                else:
+                    instances = [[cell_value(cell) for cell in row] for _, row in batch]
+                body = {"instances": instances, **({"method": predictor.method} if predictor.method else {})}
+                try:
+                    predictions = predictor.call(body)["predictions"]
+                except Failure as exc:
+                    raise Failure(f"{lines}: {exc}") from None
+                if not wrote_header:
+                    first_answer = predictions[0]
+                    label = predictor.method or "prediction"
+                    labels = (
+                        [f"{label}_{i}" for i in range(len(first_answer))]
+                        if isinstance(first_answer, list)
+                        else [label]
+                    )
+                    writer.writerow((header or [f"x{i}" for i in range(len(batch[0][1]))]) + labels)
+                    wrote_header = True
+                for (_, row), prediction in zip(batch, predictions, strict=True):
+                    writer.writerow(row + (prediction if isinstance(prediction, list) else [prediction]))
+                destination.flush()
+                progress.advance(task, len(batch))
+    finally:
+        if output:
+            destination.close()
     if output:
-        destination.close()
-        err.print(f"Wrote {len(rows)} predicted rows to {output}.")
-    else:
-        sys.stdout.write(result.getvalue())
+        err.print(f"Wrote {total} predicted rows to {output}.")
     return 0
 
 
@@ -476,6 +482,9 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--method", choices=["predict", "predict_proba", "decision_function"])
     predict.add_argument("--key", help="API key of a private deployment (or SERVEML_API_KEY)")
     predict.add_argument("--output", "-o", help="with --csv: write here instead of standard output")
+    predict.add_argument(
+        "--batch-rows", type=int, default=BATCH_ROWS, help=f"with --csv: rows per request ({BATCH_ROWS})"
+    )
     predict.set_defaults(run=cmd_predict)
 
     stop = commands.add_parser("stop", help="stop a deployment")
