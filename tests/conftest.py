@@ -45,6 +45,37 @@ def upload(content: bytes, name: str = "model.pkl") -> SimpleUploadedFile:
     return SimpleUploadedFile(name, content, content_type="application/octet-stream")
 
 
+def recorded_posts(monkeypatch, module, answer: dict) -> list:
+    """`module`'s httpx.post, through httpx.MockTransport: every request it sends is appended to
+    the list returned, and answered 200 with `answer`."""
+    import httpx
+
+    requests = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json=answer)
+
+    def post(url, **kwargs):
+        with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
+            return http.post(url, **kwargs)
+
+    monkeypatch.setattr(module.httpx, "post", post)
+    return requests
+
+
+def stand_in_build(build: Path, handler: str, model_file: str = "model.pkl") -> Path:
+    """A build folder for a real sandboxed model process without a real model: `handler` as its
+    serveml_handler.py, an empty loader, serveml.json and model file, all read-only as the package
+    stage leaves them (sandboxes bind them). The model file's path."""
+    build.mkdir()
+    files = {"serveml_handler.py": handler, "serveml_loader.py": "", "serveml.json": "{}", model_file: ""}
+    for name, text in files.items():
+        (build / name).write_text(text)
+        (build / name).chmod(0o444)
+    return build / model_file
+
+
 @pytest.fixture(autouse=True)
 def private_media(request, settings, tmp_path):
     """Unit tests store uploads in their own folder; end-to-end tests share the processes' one."""

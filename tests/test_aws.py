@@ -13,7 +13,7 @@ from deployments.models import Deployment
 from deployments.pipeline.errors import StageError, TransientStageError
 from deployments.targets import aws
 from deployments.targets import aws_image as image
-from tests.conftest import SKLEARN_PIN
+from tests.conftest import SKLEARN_PIN, recorded_posts
 
 pytestmark = pytest.mark.django_db
 REGION = "us-east-1"
@@ -681,22 +681,9 @@ def test_an_aws_deployment_refuses_more_keys_than_its_function_can_hold(cloud, p
 @pytest.fixture
 def sent(monkeypatch, iris_rf):
     """Every request verify sends, through httpx.MockTransport; the endpoint answers what validation predicted."""
-    import httpx
-
     from deployments.pipeline import stages
 
-    requests = []
-
-    def endpoint(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        return httpx.Response(200, json={"prediction": 0, "model_type": "RandomForestClassifier"})
-
-    def post(url, **kwargs):
-        with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
-            return http.post(url, **kwargs)
-
-    monkeypatch.setattr(stages.httpx, "post", post)
-    return requests
+    return recorded_posts(monkeypatch, stages, {"prediction": 0, "model_type": "RandomForestClassifier"})
 
 
 def with_example(deployment) -> Deployment:

@@ -23,7 +23,7 @@ from deployments.pipeline import stages
 from deployments.pipeline.errors import StageError
 from deployments.requirements import parse_requirements
 from tests import payloads
-from tests.conftest import SKLEARN_PIN
+from tests.conftest import SKLEARN_PIN, stand_in_build
 
 LIMITS = sandbox.Limits(memory_bytes=1024**3, cpu_seconds=20)
 
@@ -393,18 +393,8 @@ def tenant_pool(environment, tmp_path, number: int):
     from deployments.runtime.registry import Spec
 
     build = tmp_path / f"tenant-{number}"
-    build.mkdir()
-    for name, text in {
-        "serveml_handler.py": TENANT_HANDLER,
-        "serveml_loader.py": "",
-        "serveml.json": "{}",
-        "model.pkl": "",
-    }.items():
-        (build / name).write_text(text)
-        (build / name).chmod(0o444)
-    spec = Spec(
-        f"0f0e0d0c-0000-4000-8000-00000000000{number}", environment, build, build / "model.pkl", sandbox.uid_for(number)
-    )
+    model = stand_in_build(build, TENANT_HANDLER)
+    spec = Spec(f"0f0e0d0c-0000-4000-8000-00000000000{number}", environment, build, model, sandbox.uid_for(number))
     return ModelPool(spec, Access(), max_size=1)
 
 

@@ -141,6 +141,15 @@ def test_celery_only_speaks_json():
     assert settings.CELERY_ACCEPT_CONTENT == ["json"]
 
 
+def manage(*command: str, env: dict) -> str:
+    """`manage.py command` in a fresh process with `env`; what it printed, once it has exited 0."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *command], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_check_deploy_is_clean_with_production_settings():
     env = {
         **os.environ,
@@ -149,15 +158,7 @@ def test_check_deploy_is_clean_with_production_settings():
         "DJANGO_ALLOWED_HOSTS": "serveml.example.com",
     }
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # a test-only switch (browser tests), never set in production
-    done = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy"],
-        cwd=settings.BASE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "System check identified no issues" in done.stdout
+    assert "System check identified no issues" in manage("check", "--deploy", env=env)
 
 
 def test_the_runtime_token_is_never_the_secret_key_itself(monkeypatch):
@@ -199,14 +200,7 @@ def test_uploads_the_database_and_the_data_folder_are_private_to_servemls_user(c
     # A fresh ServeML on SQLite: the data folder and the database (password hashes, tokens) are 0700 / 0600.
     env = {**os.environ, "SERVEML_DATA_DIR": str(tmp_path / "data")}
     env.pop("DATABASE_URL", None)
-    done = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=settings.BASE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    manage("migrate", "--noinput", env=env)
     assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "data" / "serveml.sqlite3").stat().st_mode & 0o777 == 0o600
 

@@ -426,21 +426,13 @@ def stand_in_runtime(tmp_path):
     from deployments.runtime.app import Runtime
     from deployments.runtime.pool import ModelPool
     from deployments.runtime.registry import Spec
-    from tests.conftest import SKLEARN_PIN
+    from tests.conftest import SKLEARN_PIN, stand_in_build
 
     build = tmp_path / "build"
-    build.mkdir()
-    for name, text in {
-        "serveml_handler.py": STAND_IN,
-        "serveml_loader.py": "",
-        "serveml.json": "{}",
-        "m.pkl": "",
-    }.items():
-        (build / name).write_text(text)
-        (build / name).chmod(0o444)
+    model = stand_in_build(build, STAND_IN, "m.pkl")
     environment = ensure_environment(parse_requirements(SKLEARN_PIN)).path
     signature = {"model_type": "StandIn", "classes": [0, 1], "methods": ["predict"]}
-    spec = Spec(STAND_IN_ID, environment, build, build / "m.pkl", 2_000_998, signature)
+    spec = Spec(STAND_IN_ID, environment, build, model, 2_000_998, signature)
 
     def make(access=None):
         runtime = Runtime(max_processes=1)

@@ -3,6 +3,7 @@ from django.test import override_settings
 from django.urls import reverse
 
 from deployments.models import Deployment
+from tests.conftest import recorded_posts
 
 pytestmark = pytest.mark.django_db
 
@@ -209,22 +210,9 @@ def test_the_runtime_stops_model_processes_idle_past_the_timeout(settings):
 @pytest.fixture
 def aws_endpoint(monkeypatch):
     """Every request the try-it form sends, through httpx.MockTransport; the endpoint answers 200."""
-    import httpx
-
     from deployments import views
 
-    requests = []
-
-    def endpoint(request):
-        requests.append(request)
-        return httpx.Response(200, json={"prediction": 0, "model_type": "RandomForestClassifier"})
-
-    def post(url, **kwargs):
-        with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
-            return http.post(url, **kwargs)
-
-    monkeypatch.setattr(views.httpx, "post", post)
-    return requests
+    return recorded_posts(monkeypatch, views, {"prediction": 0, "model_type": "RandomForestClassifier"})
 
 
 def test_try_it_on_a_private_aws_endpoint_asks_for_a_key_and_never_sends_the_runtime_token(
