@@ -145,19 +145,12 @@ def test_a_histogram_gradient_boosting_model_with_bare_loss_names_loads_them_fro
         assert deployment.signature["example_outputs"] == record["probe_outputs"]
 
 
-def test_a_model_its_environment_cannot_load_fails_with_what_to_pin(user, generated):
+def test_a_model_its_environment_cannot_load_fails_with_what_to_pin(user, generated, make_deployment):
     """1.2.2's GradientBoostingClassifier keeps sklearn.ensemble._gb_losses, which 1.9.1 no longer has.
     inspect already refuses such pins; were they to get past it, the loader says what to pin."""
     record = generated[OLDEST.label]["GradientBoostingClassifier"]
     data = model_bytes(OLDEST, record, "pickle")
-    deployment = services.deployment_create(
-        owner=user,
-        name="old model, new pins",
-        target="local",
-        model_format="pickle",
-        model_upload=upload(data),
-        requirements_upload=upload("\n".join(NEWEST.requirements).encode(), "requirements.txt"),
-    )
+    deployment = make_deployment(user, data, "\n".join(NEWEST.requirements), name="old model, new pins")
     with pytest.raises(StageError, match=r"Pin scikit-learn==1\.2\.2"):
         stages.inspect(deployment)
     found = scan_model_file(io.BytesIO(data)).globals
@@ -258,7 +251,9 @@ def test_packs_apply_only_when_the_operator_allows_their_package(settings):
     assert Global("lightgbm.basic", "Booster") not in allowed_globals()
 
 
-def test_a_pipeline_with_an_xgboost_model_and_a_users_own_transformer_is_refused_with_how_to_ask(user, settings):
+def test_a_pipeline_with_an_xgboost_model_and_a_users_own_transformer_is_refused_with_how_to_ask(
+    user, settings, make_deployment
+):
     settings.SERVEML_ALLOWED_PACKAGES = [*settings.SERVEML_ALLOWED_PACKAGES, "xgboost"]
     from tests.payloads import _str
 
@@ -275,14 +270,7 @@ def test_a_pipeline_with_an_xgboost_model_and_a_users_own_transformer_is_refused
         + _str("MyScaler")
         + b"\x93t."
     )
-    deployment = services.deployment_create(
-        owner=user,
-        name="custom",
-        target="local",
-        model_format="pickle",
-        model_upload=upload(data),
-        requirements_upload=upload(b"scikit-learn==1.9.1\nxgboost==3.2.0\n", "requirements.txt"),
-    )
+    deployment = make_deployment(user, data, "scikit-learn==1.9.1\nxgboost==3.2.0\n", name="custom")
     with pytest.raises(StageError) as refusal:
         stages.inspect(deployment)
     message = str(refusal.value)
