@@ -54,6 +54,20 @@ class Release:
     packs: tuple[str, ...] = ()  # allowlist packs this matrix tests (their packages are in requirements)
 
 
+# The newest scikit-learn release: in the matrix on its own, and with the packs.
+NEWEST = Release(
+    "1.9.1",
+    (
+        "scikit-learn==1.9.1",
+        "numpy==2.4.6",
+        "scipy==1.17.1",
+        "pandas==3.1.1",
+        "joblib==1.6.0",
+        "threadpoolctl==3.8.0",
+        "skops==0.16.0",
+    ),
+)
+
 # Each release with the numpy, scipy, pandas and joblib of its day (what its users
 # trained with), all binary wheels for CPython 3.11 on Linux. skops 0.16 needs
 # scikit-learn 1.3+; 1.2.2 gets the newest skops that still supports it.
@@ -142,32 +156,11 @@ RELEASES = [
             "skops==0.16.0",
         ),
     ),
-    Release(
-        "1.9.1",
-        (
-            "scikit-learn==1.9.1",
-            "numpy==2.4.6",
-            "scipy==1.17.1",
-            "pandas==3.1.1",
-            "joblib==1.6.0",
-            "threadpoolctl==3.8.0",
-            "skops==0.16.0",
-        ),
-    ),
+    NEWEST,
     # The packs' current versions, with the newest scikit-learn.
     Release(
-        "1.9.1+xgboost+lightgbm",
-        (
-            "scikit-learn==1.9.1",
-            "numpy==2.4.6",
-            "scipy==1.17.1",
-            "pandas==3.1.1",
-            "joblib==1.6.0",
-            "threadpoolctl==3.8.0",
-            "skops==0.16.0",
-            "xgboost==3.2.0",
-            "lightgbm==4.7.0",
-        ),
+        f"{NEWEST.label}+xgboost+lightgbm",
+        (*NEWEST.requirements, "xgboost==3.2.0", "lightgbm==4.7.0"),
         packs=("xgboost", "lightgbm"),
     ),
 ]

@@ -401,6 +401,12 @@ def provision(deployment: Deployment) -> str:
 def teardown(deployment: Deployment) -> str:
     """Delete the API, the function and the repository; say what was deleted."""
     deleted = []
+
+    def delete(what: str, method, missing: str, **kwargs) -> None:
+        """Delete `what`; gone already (AWS answers `missing`) is not an error, and not listed."""
+        if call(method, f"delete the {what}", ignore=(missing,), **kwargs) is not None:
+            deleted.append(what)
+
     gateway, lam, ecr = client("apigatewayv2"), client("lambda"), client("ecr")
     # The APIs named for this deployment: the one on record and any an interrupted run left behind.
     api_ids = {
@@ -409,32 +415,15 @@ def teardown(deployment: Deployment) -> str:
         if api["Name"] == resource_name(deployment) or api["ApiId"] == deployment.api_id
     }
     for api_id in sorted(api_ids):
-        if (
-            call(gateway.delete_api, f"delete the HTTP API {api_id}", ignore=("NotFoundException",), ApiId=api_id)
-            is not None
-        ):
-            deleted.append(f"HTTP API {api_id}")
+        delete(f"HTTP API {api_id}", gateway.delete_api, "NotFoundException", ApiId=api_id)
     function = resource_name(deployment)
-    if (
-        call(
-            lam.delete_function,
-            f"delete the Lambda function {function}",
-            ignore=("ResourceNotFoundException",),
-            FunctionName=function,
-        )
-        is not None
-    ):
-        deleted.append(f"Lambda function {function}")
+    delete(f"Lambda function {function}", lam.delete_function, "ResourceNotFoundException", FunctionName=function)
     repository = repository_name(deployment)
-    if (
-        call(
-            ecr.delete_repository,
-            f"delete the ECR repository {repository}",
-            ignore=("RepositoryNotFoundException",),
-            repositoryName=repository,
-            force=True,
-        )
-        is not None
-    ):
-        deleted.append(f"ECR repository {repository}")
+    delete(
+        f"ECR repository {repository}",
+        ecr.delete_repository,
+        "RepositoryNotFoundException",
+        repositoryName=repository,
+        force=True,
+    )
     return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"
