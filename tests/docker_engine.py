@@ -1,8 +1,9 @@
 """A real Docker engine for the tests, and a stand-in for the Lambda base image.
 
 Nothing can be pulled from Docker Hub or public ECR here, so the tests run
-their own dockerd (vfs storage, no iptables, no bridge: what works as root on
-a plain VM) and build the base image themselves: Debian bookworm's python3
+their own dockerd (no iptables, no bridge: what works as root on a plain VM;
+test_compose.py starts a second one with another storage driver, see `Engine`)
+and build the base image themselves: Debian bookworm's python3
 (3.11, as in the Lambda image) made with debootstrap and `docker import`. The
 engine's data root lives outside the checkout, so that image is built once per
 machine and reused by later runs.
@@ -12,74 +13,89 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-SOCKET = Path("/run/serveml-test-docker.sock")
-DATA_ROOT = Path("/var/lib/serveml-test-docker")
-EXEC_ROOT = Path("/run/serveml-test-docker")
 BASE_IMAGE = "serveml-test/lambda-python:3.11"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
-def docker_url() -> str:
-    return f"unix://{SOCKET}"
+@dataclass(frozen=True)
+class Engine:
+    """A dockerd of the tests' own: where it listens, keeps its images and runs, and its storage driver."""
+
+    socket: Path
+    data_root: Path
+    exec_root: Path
+    storage_driver: str
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def client(self, timeout: float = 600):
+        import docker
+
+        return docker.DockerClient(base_url=self.url, timeout=timeout)
+
+    def answers(self) -> bool:
+        try:
+            return self.client().ping()
+        except Exception:
+            return False
+
+    def start(self, log: Path) -> subprocess.Popen | None:
+        """Start this dockerd and wait until it answers; None when it already answers on its socket
+        (left by a run that was killed)."""
+        if self.answers():
+            return None
+        if not shutil.which("dockerd"):
+            raise RuntimeError("dockerd is not installed: run `make test`, which installs Debian's docker.io")
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [
+                "dockerd",
+                "--host",
+                self.url,
+                "--data-root",
+                str(self.data_root),
+                "--exec-root",
+                str(self.exec_root),
+                "--pidfile",
+                f"{self.exec_root}.pid",
+                f"--storage-driver={self.storage_driver}",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+            ],
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.answers():
+                return proc
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"dockerd did not start; see {log}")
 
 
-def _client():
-    import docker
-
-    return docker.DockerClient(base_url=docker_url(), timeout=600)
-
-
-def _answers() -> bool:
-    try:
-        return _client().ping()
-    except Exception:
-        return False
-
-
-def start_dockerd(log: Path) -> subprocess.Popen | None:
-    """Start a dockerd of our own; None when one already answers on our socket."""
-    if _answers():
-        return None
-    if not shutil.which("dockerd"):
-        raise RuntimeError("dockerd is not installed: run `make test`, which installs Debian's docker.io")
-    DATA_ROOT.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            "dockerd",
-            "--host",
-            docker_url(),
-            "--data-root",
-            str(DATA_ROOT),
-            "--exec-root",
-            str(EXEC_ROOT),
-            "--pidfile",
-            str(EXEC_ROOT) + ".pid",
-            "--storage-driver=vfs",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--bridge=none",
-        ],
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if _answers():
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise RuntimeError(f"dockerd did not start; see {log}")
+# The engine test_docker.py builds the aws target's images in.
+ENGINE = Engine(
+    socket=Path("/run/serveml-test-docker.sock"),
+    data_root=Path("/var/lib/serveml-test-docker"),
+    exec_root=Path("/run/serveml-test-docker"),
+    storage_driver="vfs",
+)
 
 
 def ensure_base_image(log: Path) -> str:
     """Build the stand-in Lambda base image unless the engine already has it."""
     import docker
 
-    client = _client()
+    client = ENGINE.client()
     try:
         client.images.get(BASE_IMAGE)
         return BASE_IMAGE
@@ -106,5 +122,5 @@ def ensure_base_image(log: Path) -> str:
 
 
 if __name__ == "__main__":  # warm the cache by hand: python -m tests.docker_engine
-    start_dockerd(Path("/tmp/serveml-dockerd.log"))
+    ENGINE.start(Path("/tmp/serveml-dockerd.log"))
     print(ensure_base_image(Path("/tmp/serveml-debootstrap.log")))

@@ -143,57 +143,12 @@ def test_compose_refuses_to_start_without_the_database_password(tmp_path):
 # A Docker engine of this module's own, apart from the one test_docker.py starts and stops
 # (neither stops the other's in mid-build). overlay2, not vfs: vfs copies the whole 1 GB image
 # for every layer and every container, minutes each on this 2-core machine.
-SOCKET = Path("/run/serveml-compose-docker.sock")
-DATA_ROOT = Path("/var/lib/serveml-compose-docker")
-EXEC_ROOT = Path("/run/serveml-compose-docker")
-
-
-def engine_client():
-    import docker
-
-    return docker.DockerClient(base_url=f"unix://{SOCKET}", timeout=900)
-
-
-def answers() -> bool:
-    try:
-        return engine_client().ping()
-    except Exception:
-        return False
-
-
-def start_engine(log: Path) -> subprocess.Popen | None:
-    """Start our dockerd; None when it already answers (left by a run that was killed)."""
-    if answers():
-        return None
-    if not shutil.which("dockerd"):
-        pytest.skip("dockerd is not installed: run `make test`, which installs Debian's docker.io")
-    DATA_ROOT.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            "dockerd",
-            "--host",
-            f"unix://{SOCKET}",
-            "--data-root",
-            str(DATA_ROOT),
-            "--exec-root",
-            str(EXEC_ROOT),
-            "--pidfile",
-            f"{EXEC_ROOT}.pid",
-            "--storage-driver=overlay2",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--bridge=none",
-        ],
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if answers():
-            return proc
-        time.sleep(0.5)
-    raise RuntimeError(f"dockerd did not start; see {log}")
+ENGINE = docker_engine.Engine(
+    socket=Path("/run/serveml-compose-docker.sock"),
+    data_root=Path("/var/lib/serveml-compose-docker"),
+    exec_root=Path("/run/serveml-compose-docker"),
+    storage_driver="overlay2",
+)
 
 
 def requirements_digest() -> str:
@@ -258,8 +213,10 @@ def stand_in_base(client, log: Path) -> str:
 def image():
     """ServeML's image, built from the repository's Dockerfile on the stand-in base with no network."""
     OUTPUT.joinpath("logs").mkdir(parents=True, exist_ok=True)
-    proc = start_engine(OUTPUT / "logs" / "compose-dockerd.log")
-    client = engine_client()
+    if not shutil.which("dockerd"):
+        pytest.skip("dockerd is not installed: run `make test`, which installs Debian's docker.io")
+    proc = ENGINE.start(OUTPUT / "logs" / "compose-dockerd.log")
+    client = ENGINE.client(timeout=900)
     base = stand_in_base(client, OUTPUT / "logs" / "serveml-base.log")
     tag = f"serveml-test/serveml:{requirements_digest()}"
     log = []

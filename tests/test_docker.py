@@ -24,9 +24,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.django_db]
 @pytest.fixture(scope="session")
 def engine():
     OUTPUT.joinpath("logs").mkdir(parents=True, exist_ok=True)
-    proc = docker_engine.start_dockerd(OUTPUT / "logs" / "dockerd.log")
+    proc = docker_engine.ENGINE.start(OUTPUT / "logs" / "dockerd.log")
     base = docker_engine.ensure_base_image(OUTPUT / "logs" / "debootstrap.log")
-    yield docker.DockerClient(base_url=docker_engine.docker_url(), timeout=900), base
+    yield docker_engine.ENGINE.client(timeout=900), base
     if proc is not None:
         proc.terminate()
         proc.wait(60)
@@ -35,7 +35,7 @@ def engine():
 @pytest.fixture
 def aws_image_settings(settings, engine):
     _, base = engine
-    settings.SERVEML_DOCKER_URL = docker_engine.docker_url()
+    settings.SERVEML_DOCKER_URL = docker_engine.ENGINE.url
     settings.SERVEML_LAMBDA_BASE_IMAGE = base
     settings.SERVEML_LAMBDA_ARCHITECTURE = "x86_64"
     # The stand-in runs Debian bookworm (glibc 2.36): manylinux_2_28 wheels, as on Amazon Linux 2023.
