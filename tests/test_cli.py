@@ -117,6 +117,21 @@ def test_a_person_signs_in_deploys_predicts_and_stops_from_the_terminal(
     code, _, err = terminal("predict", "iris", "--data", "[1, 2,")
     assert code == 1 and "--data is not JSON" in err
 
+    # a new version at the same URL, followed live like the first; then back to version 1
+    (tmp_path / "v2.pkl").write_bytes(dump(corpus.logistic_regression()))
+    code, out, err = terminal("deploy", str(tmp_path / "v2.pkl"), files[1], "--version-of", "iris", timeout=400)
+    assert code == 0, out + err
+    assert "Uploaded: version 2 of iris" in out and f"Ready. Version 2 serves {url}" in out
+    assert [line.split()[1] for line in out.splitlines() if line.strip().startswith("✓")][0] == "inspect"
+    assert httpx.post(url, json={"data": row}).json()["model_type"] == "LogisticRegression"
+    code, out, _ = terminal("versions", "iris", "--json")
+    assert code == 0 and [(v["version"], v["serving"]) for v in json.loads(out)] == [(2, True), (1, False)]
+    code, out, _ = terminal("versions", "iris")
+    assert code == 0 and "●" in out and "version" in out
+    code, out, _ = terminal("promote", "iris", "1")
+    assert code == 0 and f"Version 1 now serves {url}" in out
+    assert httpx.post(url, json={"data": row}).json()["model_type"] == "RandomForestClassifier"
+
     code, out, _ = terminal("stop", "iris")
     assert code == 0 and "Stopped iris" in out
     assert httpx.post(url, json={"data": row}).status_code == 404

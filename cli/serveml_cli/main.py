@@ -6,6 +6,9 @@
     serveml status <id>
     serveml predict <id> --data '[5.1, 3.5, 1.4, 0.2]'
     serveml predict <id> --csv rows.csv > predicted.csv
+    serveml deploy model.pkl requirements.txt --version-of <id>   (a new version, same URL)
+    serveml versions <id>
+    serveml promote <id> <version>
     serveml stop <id>
 
 An id may be shortened to any unique prefix, or given as the deployment's name.
@@ -181,11 +184,16 @@ def cmd_deploy(args) -> int:
         if not path.is_file():
             raise Failure(f"The {what} {str(path)!r} does not exist (or is not a file).")
     api = Api(load_config())
-    data = {key: value for key, value in (("name", args.name), ("target", args.target)) if value}
+    root = api.deployment(args.version_of) if args.version_of else None
+    if root:
+        path, data = f"/api/deployments/{root['id']}/versions", {"promote": "review" if args.review else "auto"}
+    else:
+        path = "/api/deploy"
+        data = {key: value for key, value in (("name", args.name), ("target", args.target)) if value}
     with model.open("rb") as model_file, requirements.open("rb") as requirements_file:
         response = api.call(
             "POST",
-            "/api/deploy",
+            path,
             files={"model_file": (model.name, model_file), "requirements_file": (requirements.name, requirements_file)},
             data=data,
             timeout=600,
@@ -196,7 +204,11 @@ def cmd_deploy(args) -> int:
         details = [f"  {field}: {msg}" for field, msgs in body.get("fields", {}).items() for msg in msgs]
         raise Failure("The upload was refused: " + message + ("\n" + "\n".join(details) if len(details) > 1 else ""))
     created = response.json()
-    out.print(f"Uploaded: deployment {created['id']} ({created['name']}), {created['target']} target.")
+    if root:
+        created["target"] = root["target"]
+        out.print(f"Uploaded: version {created['version']} of {root['name']} ({created['id']}).")
+    else:
+        out.print(f"Uploaded: deployment {created['id']} ({created['name']}), {created['target']} target.")
     if args.no_wait:
         out.print(f"Follow it with `serveml status {created['id'][:8]}`.")
         return 0
@@ -204,8 +216,60 @@ def cmd_deploy(args) -> int:
     if state["status"] != "ready":
         stage = f" in the {state['stage']} stage" if state.get("stage") else ""
         raise Failure(f"Deployment failed{stage}: {state.get('error') or state['status']}")
+    if root:
+        return version_ready(api, root, created)
     out.print(Text.assemble(("Ready.", "green"), f" Prediction URL: {state['endpoint_url']}"))
     out.print(curl_line(state), soft_wrap=True)
+    return 0
+
+
+def version_ready(api: Api, root: dict, created: dict) -> int:
+    versions = api.json("GET", f"/api/deployments/{root['id']}/versions")
+    mine = next(v for v in versions if v["id"] == created["id"])
+    root = api.json("GET", f"/api/deployments/{root['id']}")
+    if mine["serving"]:
+        out.print(Text.assemble(("Ready.", "green"), f" Version {mine['version']} serves {root['endpoint_url']}"))
+        out.print(curl_line(root), soft_wrap=True)
+    else:
+        out.print(
+            Text.assemble(
+                ("Ready.", "green"),
+                f" Version {mine['version']} waits for review; the URL serves the one before until "
+                f"`serveml promote {root['id'][:8]} {mine['version']}`.",
+            )
+        )
+    return 0
+
+
+def cmd_versions(args) -> int:
+    api = Api(load_config())
+    root = api.resolve(args.id)
+    versions = api.json("GET", f"/api/deployments/{root}/versions")
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    table = Table("version", "id", "status", "promote", "serving", "created")
+    for v in versions:
+        status = v["status"] + (f" ({v['stage']})" if v["status"] == "deploying" and v["stage"] else "")
+        cells = (
+            str(v["version"]),
+            v["id"][:8],
+            status,
+            v["promote"],
+            "●" if v["serving"] else "",
+            v["created_at"][:19],
+        )
+        table.add_row(*map(Text, cells))
+    out.print(table)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    api = Api(load_config())
+    root = api.resolve(args.id)
+    version = api.json("POST", f"/api/deployments/{root}/versions/{args.version}/promote")
+    url = api.json("GET", f"/api/deployments/{root}")["endpoint_url"]
+    out.print(f"Version {version['version']} now serves {url}.")
     return 0
 
 
@@ -461,6 +525,8 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("requirements", help="requirements.txt")
     deploy.add_argument("--name")
     deploy.add_argument("--target", choices=["local", "aws"])
+    deploy.add_argument("--version-of", metavar="ID", help="upload a new version of this deployment (same URL)")
+    deploy.add_argument("--review", action="store_true", help="with --version-of: serve it only once promoted")
     deploy.add_argument("--no-wait", action="store_true", help="return once uploaded")
     deploy.add_argument("--timeout", type=float, default=1800, help="seconds to follow it (default 1800)")
     deploy.set_defaults(run=cmd_deploy)
@@ -486,6 +552,16 @@ def parser() -> argparse.ArgumentParser:
         "--batch-rows", type=int, default=BATCH_ROWS, help=f"with --csv: rows per request ({BATCH_ROWS})"
     )
     predict.set_defaults(run=cmd_predict)
+
+    versions = commands.add_parser("versions", help="a deployment's versions, and which one serves its URL")
+    versions.add_argument("id", help="id, unique id prefix, or name")
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(run=cmd_versions)
+
+    promote = commands.add_parser("promote", help="serve a version at its deployment's URL (or roll back to one)")
+    promote.add_argument("id", help="id, unique id prefix, or name")
+    promote.add_argument("version", type=int)
+    promote.set_defaults(run=cmd_promote)
 
     stop = commands.add_parser("stop", help="stop a deployment")
     stop.add_argument("id", help="id, unique id prefix, or name")
