@@ -28,7 +28,7 @@ from deployments.runtime import v2
 from deployments.runtime.asgi import MAX_BODY, body_problem, canonical_uuid, error, read_body, respond
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
-from deployments.runtime.registry import RecentMisses, lookup, openapi_document, servable_access
+from deployments.runtime.registry import RecentMisses, lookup, openapi_document, servable_access, serving
 
 log = logging.getLogger("serveml.runtime")
 
@@ -62,7 +62,9 @@ class Runtime:
     """The ASGI application."""
 
     def __init__(self, max_processes: int | None = None, sweep_seconds: float = 2.0):
-        self.pools: dict[str, ModelPool] = {}
+        self.pools: dict[str, ModelPool] = {}  # by the id of the deployment or version they run
+        # A deployment's id -> the version whose pool answers its stable URL (none: its own pool).
+        self.routes: dict[str, str] = {}
         self.loading = KeyedLocks()
         self.misses = RecentMisses()
         # One core stays with this gateway process: on 2 cores, one model process that
@@ -74,7 +76,7 @@ class Runtime:
     async def pool_for(self, deployment_id: str, fresh: bool = False) -> ModelPool | None:
         """The deployment's pool, loaded on first use; None when it may not be served.
         `fresh` asks the database even about an id it just did not know (the worker's _load)."""
-        pool = self.pools.get(deployment_id)
+        pool = self.pools.get(self.routes.get(deployment_id, deployment_id))
         if pool is not None:
             return pool
         if fresh:
@@ -82,8 +84,8 @@ class Runtime:
         elif deployment_id in self.misses:
             return None
         async with self.loading.hold(deployment_id):
-            if deployment_id in self.pools:
-                return self.pools[deployment_id]
+            if (pool := self.pools.get(self.routes.get(deployment_id, deployment_id))) is not None:
+                return pool
             if not fresh and deployment_id in self.misses:  # a request ahead of this one just asked
                 return None
             return await self._load(deployment_id)
@@ -93,16 +95,73 @@ class Runtime:
         if found is None:
             self.misses.add(deployment_id)
             return None
-        pool = ModelPool(*found, self.max_processes)
-        await pool.warm()
-        self.pools[deployment_id] = pool
+        pool = await self._pool(*found)
+        self._route(deployment_id, found[0].deployment_id)
         return pool
 
+    async def _pool(self, spec, access) -> ModelPool:
+        """The warm pool of the version `spec` names: the one running already, or a new one."""
+        pool = self.pools.get(spec.deployment_id)
+        if pool is None:
+            pool = ModelPool(spec, access, self.max_processes)
+            await pool.warm()
+            if spec.deployment_id in self.pools:  # loaded through another id meanwhile: keep one
+                pool.close()
+            else:
+                self.pools[spec.deployment_id] = pool
+        return self.pools[spec.deployment_id]
+
+    def _route(self, deployment_id: str, version_id: str) -> None:
+        if version_id == deployment_id:
+            self.routes.pop(deployment_id, None)
+        else:
+            self.routes[deployment_id] = version_id
+
+    async def switch(self, deployment_id: str) -> ModelPool | None:
+        """Send a deployment's stable URL to the version that serves it now (a promote or a
+        rollback). The version's pool is warm before the route changes, so no request waits for
+        a model to load; requests that already reached the old pool finish there, and its
+        processes stop once nothing routes to it and it is idle (drain)."""
+        found = await sync_to_async(lookup)(deployment_id)
+        if found is None:
+            return None
+        pool = await self._pool(*found)
+        pool.access = found[1]
+        old = self.routes.get(deployment_id, deployment_id)
+        self._route(deployment_id, found[0].deployment_id)  # one assignment: the next request goes there
+        if old != found[0].deployment_id:
+            log.info("%s now answers with %s (was %s)", deployment_id, found[0].deployment_id, old)
+            asyncio.get_running_loop().create_task(self.drain(old, deployment_id))
+        return pool
+
+    async def drain(self, version_id: str, deployment_id: str, grace: float = 1.0) -> None:
+        """Stop a pool nothing routes to any more, once the requests it holds are answered."""
+        await asyncio.sleep(grace)  # a request that took the old pool just before the switch reaches it
+        while (pool := self.pools.get(version_id)) is not None:
+            if self.routes.get(deployment_id, deployment_id) == version_id or version_id in self.routes.values():
+                return  # it serves again (rolled back meanwhile)
+            if not pool.busy:
+                log.info("stopping the model processes of %s: nothing routes to it", version_id)
+                self.unload(version_id)
+                return
+            await asyncio.sleep(0.05)
+
     def unload(self, deployment_id: str) -> bool:
+        self.routes.pop(deployment_id, None)
         pool = self.pools.pop(deployment_id, None)
         if pool:
             pool.close()
         return pool is not None
+
+    async def reroute(self) -> None:
+        """Follow promotes the runtime was not told about, and forget routes of stopped deployments."""
+        ids = [*self.routes, *self.pools]
+        now = await sync_to_async(serving)(ids)
+        for deployment_id in ids:
+            if deployment_id not in now:
+                self.routes.pop(deployment_id, None)
+            elif self.routes.get(deployment_id, deployment_id) != now[deployment_id]:
+                await self.switch(deployment_id)
 
     async def refresh(self, ids: list[str]) -> None:
         """Re-read access rules, and unload deployments that may no longer be served."""
@@ -136,6 +195,7 @@ class Runtime:
             self.scale_to_zero()
             if self.pools:
                 try:
+                    await self.reroute()
                     await self.refresh(list(self.pools))
                 except Exception:
                     log.exception("sweep failed")
@@ -163,7 +223,7 @@ class Runtime:
             if method != "POST":
                 return await respond(send, 405, error("send predictions with POST and a JSON body"))
             return await self.predict(deployment_id, dict(scope["headers"]), receive, send)
-        if parts[0] in ("_load", "_unload", "_refresh") and method == "POST":
+        if parts[0] in ("_load", "_unload", "_refresh", "_route") and method == "POST":
             return await self.control(parts[0], deployment_id, scope, send)
         return await respond(send, 404, error("no deployment answers at this URL"))
 
@@ -214,6 +274,14 @@ class Runtime:
         if action == "_refresh":
             await self.refresh([deployment_id])
             return await respond(send, 200, orjson.dumps({"refreshed": deployment_id in self.pools}))
+        if action == "_route":
+            try:
+                pool = await self.switch(deployment_id)
+            except ModelUnavailable as exc:
+                return await respond(send, exc.status, error(exc.message))
+            return await respond(
+                send, 200 if pool else 404, orjson.dumps({"serving": pool and pool.spec.deployment_id})
+            )
         try:
             pool = await self.pool_for(deployment_id, fresh=True)  # it may have become servable just now
         except ModelUnavailable as exc:

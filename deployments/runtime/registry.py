@@ -33,25 +33,41 @@ class Spec:
     example: object = field(default=None, compare=False)
 
 
+SERVABLE = (Deployment.Status.READY, Deployment.Status.DEPLOYING)
+
+
 def _servable(deployments):
-    return deployments.filter(status__in=[Deployment.Status.READY, Deployment.Status.DEPLOYING])
+    return deployments.filter(status__in=SERVABLE)
+
+
+def _servable_row(deployment_id: str) -> Deployment | None:
+    """The servable row with this public id: a deployment, or a version of a servable one."""
+    row = (
+        _servable(Deployment.objects)
+        .filter(public_id=deployment_id, target=Deployment.Target.LOCAL)
+        .select_related("version_of", "serving")
+        .first()
+    )
+    if row is None or (row.version_of_id and row.version_of.status not in SERVABLE):
+        return None  # a version stops with its deployment
+    return row
 
 
 def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
-    """Read a servable deployment from the database (runs in a thread)."""
+    """Read a servable deployment from the database (runs in a thread).
+
+    A deployment's id resolves to the version that serves its stable URL: the Spec then
+    names that version (its id keys the pool), and the access rules are the deployment's."""
     close_old_connections()
-    deployment = (
-        _servable(Deployment.objects)
-        .filter(public_id=deployment_id, target=Deployment.Target.LOCAL)
-        .exclude(environment_key="")
-        .exclude(artifact="")
-        .first()
-    )
-    if deployment is None:
+    row = _servable_row(deployment_id)
+    if row is None:
+        return None
+    deployment = row.serving if row.serving_id else row
+    if deployment.status not in SERVABLE or not deployment.environment_key or not deployment.artifact:
         return None
     build_dir = restore_context(deployment)
     spec = Spec(
-        deployment_id,
+        str(deployment.public_id),
         environment_path(deployment.environment_key),
         build_dir,
         build_dir / deployment.model_basename(),
@@ -59,7 +75,15 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
         deployment.signature or {},
         (deployment.example_request or {}).get("data"),
     )
-    return spec, access_for(deployment)
+    return spec, access_for(row.root)
+
+
+def serving(ids: list[str]) -> dict[str, str]:
+    """For each servable deployment among `ids` (versions are not), the id of the version its
+    stable URL answers with: the runtime's sweep catches a promote it was not told about."""
+    close_old_connections()
+    rows = _servable(Deployment.objects).filter(public_id__in=ids, version_of__isnull=True).select_related("serving")
+    return {str(row.public_id): str(row.serving.public_id if row.serving_id else row.public_id) for row in rows}
 
 
 def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
@@ -73,23 +97,23 @@ def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
         .prefetch_related("keys")
         .first()
     )
-    if deployment is None or not deployment.signature.get("methods"):
+    found = openapi.deployment_document(deployment) if deployment is not None else None
+    if found is None:
         return None
-    found = openapi.prediction_document(
-        title=deployment.name,
-        endpoint_url=deployment.endpoint_url,
-        signature=deployment.signature,
-        example_request=deployment.example_request,
-        private=deployment.is_private,
-    )
-    return found, access_for(deployment)
+    return found, access_for(deployment.root)
 
 
 def servable_access(ids: list[str]) -> dict[str, Access]:
     """The access rules of those deployments that may still be served (runs in a thread)."""
     close_old_connections()
-    rows = _servable(Deployment.objects).filter(public_id__in=ids).prefetch_related("keys")
-    return {str(row.public_id): access_for(row) for row in rows}
+    rows = (
+        _servable(Deployment.objects)
+        .filter(public_id__in=ids)
+        .exclude(version_of__status__in=[Deployment.Status.STOPPING, Deployment.Status.STOPPED])
+        .select_related("version_of")
+        .prefetch_related("keys", "version_of__keys")
+    )
+    return {str(row.public_id): access_for(row.root) for row in rows}  # a version: its deployment's keys
 
 
 class RecentMisses:

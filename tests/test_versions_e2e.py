@@ -1,0 +1,125 @@
+"""Versions under load, with the real Redis, worker, runtime and database.
+
+Client threads call a deployment's stable URL the whole time while version 2 is
+uploaded, deployed and promoted, then while the deployment is rolled back to version
+1. The two versions predict different labels, so every answer says which version
+gave it: none may fail or hang, answers move from one version to the other once
+and for all at each switch, and the processes of the version left behind stop."""
+
+import threading
+import time
+
+import httpx
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from deployments.allowlist import corpus
+from tests.conftest import SKLEARN_PIN, dump, wait_for
+from tests.test_end_to_end import ROWS, deploy, model_pids, token, wait_ready  # noqa: F401  (token: a fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+class PredictionStream:
+    """Client threads sending the same rows until stopped; every answer is kept with its times."""
+
+    def __init__(self, url: str, body: dict, threads: int = 3):
+        self.url, self.body = url, body
+        # (sent, answered, status code or exception name, predictions or None)
+        self.answers: list[tuple[float, float, object, object]] = []
+        self.running = True
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
+
+    def loop(self):
+        with httpx.Client(timeout=30) as client:  # a hang would show as a ReadTimeout
+            while self.running:
+                sent = time.monotonic()
+                try:
+                    response = client.post(self.url, json=self.body)
+                    outcome, predictions = response.status_code, response.json().get("predictions")
+                except httpx.HTTPError as exc:
+                    outcome, predictions = type(exc).__name__, None
+                self.answers.append((sent, time.monotonic(), outcome, predictions))
+                time.sleep(0.01)  # steady, and leaves the worker some CPU to deploy version 2
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client is stuck: a request hangs"
+
+    def wait_until(self, predictions: list, count: int = 30, timeout: float = 300) -> float:
+        """Wait for `count` answers in a row with these predictions; when the first of them was sent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            tail = self.answers[-count:]
+            if len(tail) == count and all(answer[3] == predictions for answer in tail):
+                return tail[0][0]
+            time.sleep(0.1)
+        raise AssertionError(f"answers did not settle on {predictions}: last {self.answers[-3:]}")
+
+
+def wait_gone(deployment_id: str, timeout: float = 30) -> None:
+    wait_for(lambda: not model_pids(deployment_id), timeout, f"the model processes of {deployment_id} stopped")
+
+
+def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, token):
+    X, y = corpus.iris()
+    v1 = corpus.random_forest()
+    v2 = LogisticRegression(max_iter=500).fit(X, y + 10)  # labels 10, 11, 12: its answers tell it apart
+    v1_says, v2_says = v1.predict(ROWS).tolist(), v2.predict(ROWS).tolist()
+    assert not set(v1_says) & set(v2_says)
+    auth = {"Authorization": f"Token {token}"}
+    root = wait_ready(stack, token, deploy(live_server, token, v1, name="versioned"))
+    stable = root["endpoint_url"]
+    api = f"{live_server.url}/api/deployments/{root['id']}"
+
+    with PredictionStream(stable, {"instances": ROWS.tolist()}) as stream:
+        stream.wait_until(v1_says)
+        uploaded = httpx.post(
+            f"{api}/versions",
+            headers=auth,
+            files={"model_file": ("model.pkl", dump(v2)), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
+            timeout=30,
+        )
+        assert uploaded.status_code == 202, uploaded.text
+        version = uploaded.json()
+        assert version["version"] == 2 and version["serving"] is False
+
+        def promoted():
+            listed = httpx.get(f"{api}/versions", headers=auth).json()
+            assert listed[0]["status"] != "failed", httpx.get(listed[0]["status_url"], headers=auth).json()["error"]
+            return listed[0]["serving"]
+
+        wait_for(promoted, 300, "version 2 ready and promoted", stack.worker.log)
+        switched = stream.wait_until(v2_says)
+        wait_gone(root["id"])  # version 1's processes, drained
+
+        rollback_sent = time.monotonic()
+        back = httpx.post(f"{api}/versions/1/promote", headers=auth, timeout=120)
+        assert back.status_code == 200 and back.json()["version"] == 1 and back.json()["serving"], back.text
+        rolled_back = time.monotonic()  # the runtime switched before the answer came back
+        stream.wait_until(v1_says)
+        wait_gone(version["id"])
+        count = len(stream.answers)
+        wait_for(lambda: len(stream.answers) > count + 30, 30, "answers after version 2 stopped")
+
+    outcomes = [answer[2] for answer in stream.answers]
+    assert set(outcomes) == {200}, {outcome for outcome in outcomes if outcome != 200}
+    assert all(answer[3] in (v1_says, v2_says) for answer in stream.answers)
+    # Once version 2 answered, every request sent after that answer got version 2, until the rollback;
+    # every request sent after the rollback answered got version 1.
+    first_v2 = min(answered for _, answered, _, predictions in stream.answers if predictions == v2_says)
+    assert first_v2 <= switched + 30
+    assert all(p == v2_says for sent, answered, _, p in stream.answers if first_v2 < sent and answered < rollback_sent)
+    assert all(p == v1_says for sent, _, _, p in stream.answers if sent > rolled_back)
+    print(f"\nversions under load: {len(outcomes)} answers, all 200, through a promote and a rollback")
+
+    # The page of the deployment lists both, version 1 serving.
+    listed = httpx.get(f"{api}/versions", headers=auth).json()
+    assert [(v["version"], v["status"], v["serving"]) for v in listed] == [(2, "ready", False), (1, "ready", True)]
