@@ -1,6 +1,11 @@
 from django.contrib import admin, messages
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
 
 from deployments import services
+from deployments.forms import VersionForm
 from deployments.models import AllowedGlobal, AllowedPackage, Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
 
@@ -85,7 +90,47 @@ class DeploymentAdmin(admin.ModelAdmin):
         "stopped_at",
         "version_of",
         "version",
+        "new_version",
     ]
+
+    def get_urls(self):
+        new_version = self.admin_site.admin_view(self.new_version_view)
+        return [
+            path("<int:pk>/new-version/", new_version, name="deployments_deployment_new_version"),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="new version")
+    def new_version(self, deployment):
+        if deployment.version_of_id or not deployment.pk:
+            return ""
+        url = reverse("admin:deployments_deployment_new_version", args=[deployment.pk])
+        return format_html('<a href="{}">Upload a new version</a> (the serving one keeps serving)', url)
+
+    def new_version_view(self, request, pk):
+        """Upload a new version of a deployment for its owner, checked like the owner's own upload."""
+        root = get_object_or_404(Deployment, pk=pk, version_of__isnull=True)
+        if not self.has_change_permission(request, root):
+            return redirect("admin:index")
+        form = VersionForm()
+        if request.method == "POST":
+            form = VersionForm(request.POST, request.FILES)
+            if form.is_valid():
+                try:
+                    version = form.create_version(root=root)
+                except services.VersionRefused as exc:
+                    self.message_user(request, str(exc), messages.ERROR)
+                else:
+                    self.message_user(request, f"{version} queued.", messages.SUCCESS)
+                    return redirect("admin:deployments_deployment_change", root.pk)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"New version of {root.name}",
+            "form": form,
+            "deployment": root,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/deployments/deployment/new_version.html", context)
 
     @admin.display(description="serving")
     def serving_version(self, deployment):

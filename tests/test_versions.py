@@ -288,3 +288,17 @@ def test_the_admin_lists_deployments_and_promotes_a_version(admin_client, root, 
     )
     root.refresh_from_db()
     assert root.serving_version() == v2
+
+
+def test_the_admin_uploads_a_version_for_the_owner(admin_client, root, iris_rf_bytes):
+    change = admin_client.get(reverse("admin:deployments_deployment_change", args=[root.pk])).content.decode()
+    url = reverse("admin:deployments_deployment_new_version", args=[root.pk])
+    assert url in change
+    assert 'id="version-form"' in admin_client.get(url).content.decode()
+    response = admin_client.post(url, files(iris_rf_bytes, promote="review"))
+    assert response.status_code == 302
+    version = root.versions.get()
+    assert version.version == 2 and version.owner == root.owner and not version.auto_promote
+    root.update(status=Status.STOPPED)
+    refused = admin_client.post(url, files(iris_rf_bytes), follow=True).content.decode()
+    assert "was stopped" in refused and root.versions.count() == 1
