@@ -428,20 +428,13 @@ class DeploymentOpenAPIView(APIView):
     )
     def get(self, request, public_id):
         deployment = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        if not deployment.endpoint_url or not deployment.signature.get("methods"):
+        document = openapi.deployment_document(deployment)
+        if document is None:
             return Response(
                 {"error": "This deployment has no prediction URL yet: its document exists once it is ready."},
                 status=status.HTTP_409_CONFLICT,
             )
-        return Response(
-            openapi.prediction_document(
-                title=deployment.name,
-                endpoint_url=deployment.endpoint_url,
-                signature=deployment.signature,
-                example_request=deployment.example_request,
-                private=deployment.is_private,
-            )
-        )
+        return Response(document)
 
 
 @csrf_exempt  # it changes nothing, so a POST needs no CSRF token to be told 404

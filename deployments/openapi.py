@@ -165,6 +165,24 @@ def prediction_document(
     return document
 
 
+def deployment_document(deployment) -> dict | None:
+    """The document of a Deployment row's URL, or None while it has none. A deployment's stable URL
+    answers with the version it serves, so that version's signature describes it; a version's own
+    URL, with its own. Privacy is the deployment's. (The row is duck-typed: no Django import here.)"""
+    described = deployment if deployment.version_of_id else deployment.serving_version()
+    if not deployment.endpoint_url or not isinstance(described.signature, dict):
+        return None
+    if not described.signature.get("methods"):
+        return None
+    return prediction_document(
+        title=deployment.name,
+        endpoint_url=deployment.endpoint_url,
+        signature=described.signature,
+        example_request=described.example_request,
+        private=deployment.root.is_private,
+    )
+
+
 # ------------------------------------------------------------------ pieces
 
 

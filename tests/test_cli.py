@@ -124,6 +124,8 @@ def test_a_person_signs_in_deploys_predicts_and_stops_from_the_terminal(
     assert "Uploaded: version 2 of iris" in out and f"Ready. Version 2 serves {url}" in out
     assert [line.split()[1] for line in out.splitlines() if line.strip().startswith("✓")][0] == "inspect"
     assert httpx.post(url, json={"data": row}).json()["model_type"] == "LogisticRegression"
+    described = httpx.get(f"{url}/openapi.json").json()  # the URL's document follows the version it serves
+    assert next(iter(described["paths"].values()))["post"]["summary"] == "Predict with this LogisticRegression"
     code, out, _ = terminal("versions", "iris", "--json")
     assert code == 0 and [(v["version"], v["serving"]) for v in json.loads(out)] == [(2, True), (1, False)]
     code, out, _ = terminal("versions", "iris")

@@ -261,3 +261,33 @@ def test_a_key_request_that_is_not_an_object_with_a_string_name_is_a_400(api, us
     assert named_with_a_nul.status_code == 400 and "NUL" in named_with_a_nul.json()["error"]
     assert not deployment.keys.exists()
     assert api.post(url, {"name": "x" * 300}, format="json").json()["name"] == "x" * 100
+
+
+def test_a_deployments_document_describes_the_version_that_serves_its_url(api, user, make_deployment):
+    root, second = make_deployment(user), make_deployment(user, name="second")
+    ready = {"status": Deployment.Status.READY, "example_request": {"data": [0.0, 0.0, 0.0, 0.0]}}
+    Deployment.objects.filter(pk=root.pk).update(
+        **ready, signature=IRIS_SIGNATURE, endpoint_url=f"http://127.0.0.1:8001/predict/{root.public_id}"
+    )
+    Deployment.objects.filter(pk=second.pk).update(
+        **ready,
+        version_of=root,
+        version=2,
+        signature={**IRIS_SIGNATURE, "model_type": "LogisticRegression", "methods": ["predict", "decision_function"]},
+        endpoint_url=f"http://127.0.0.1:8001/predict/{second.public_id}",
+    )
+    Deployment.objects.filter(pk=root.pk).update(serving=second, is_private=True)
+    document = api.get(f"/api/deployments/{root.public_id}/openapi.json").json()
+    assert list(document["paths"]) == [f"/predict/{root.public_id}"]  # the stable URL…
+    operation = document["paths"][f"/predict/{root.public_id}"]["post"]
+    assert operation["summary"] == "Predict with this LogisticRegression"  # …answered by version 2
+    assert document["components"]["schemas"]["OneRow"]["properties"]["method"]["enum"] == [
+        "predict",
+        "decision_function",
+    ]
+    assert "security" in operation  # the deployment's privacy
+    own = api.get(f"/api/deployments/{second.public_id}/openapi.json").json()
+    assert (
+        list(own["paths"]) == [f"/predict/{second.public_id}"]
+        and "security" in own["paths"][f"/predict/{second.public_id}"]["post"]
+    )
