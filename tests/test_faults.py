@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import httpx
@@ -401,6 +403,26 @@ class Faults:
     def release(self, point: str) -> None:
         (self.hold_dir / point).unlink(missing_ok=True)
 
+    @contextmanager
+    def holding(self, *points: str) -> Iterator[None]:
+        """Tasks hold at each of `points` until the block ends (or `release` lets one go sooner)."""
+        for point in points:
+            self.hold(point)
+        try:
+            yield
+        finally:
+            for point in points:
+                self.release(point)
+
+    @contextmanager
+    def uploaded_and_held(self, live_server, token: str, point: str = "validate") -> Iterator[str]:
+        """Upload a model and wait until its task holds at `point`; the deployment's public id.
+        The task goes on when the block ends."""
+        with self.holding(point):
+            public_id = self.upload(live_server, token)
+            self.held(point)
+            yield public_id
+
     def held(self, point: str, timeout: float = 90) -> int:
         """Wait until a task holds at `point`; the pid of the (pool) process holding it."""
         marker = self.hold_dir / f"{point}.held"
@@ -520,9 +542,7 @@ def test_a_worker_killed_during_each_stage_loses_nothing_and_the_deployment_fini
     """Two kills in the same stage: its pool process before the stage's work, then, once the
     reaper has re-queued it, the whole worker (its main process) after the work but before
     the stage is recorded as done. A fresh worker then resumes there and finishes."""
-    faults.hold(stage)
-    faults.hold(f"{stage}.done")
-    try:
+    with faults.holding(stage, f"{stage}.done"):
         public_id = faults.upload(live_server, token)
         child = faults.held(stage)
         assert child != faults.worker.proc.pid and alive(faults.worker.proc.pid)
@@ -538,9 +558,6 @@ def test_a_worker_killed_during_each_stage_loses_nothing_and_the_deployment_fini
         faults.killed.extend(pid for pid in faults.worker.group() if pid != main)
         kill(faults, main)  # its pool processes die with it (Celery gives them PDEATHSIG)
         faults.worker.proc.wait()
-    finally:
-        faults.release(stage)
-        faults.release(f"{stage}.done")
     killed = time.monotonic()
     wait_for(lambda: not faults.worker.group(), 15, "the killed worker's pool processes gone")
     faults.restart_worker()
@@ -556,16 +573,11 @@ def test_a_worker_killed_during_each_stage_loses_nothing_and_the_deployment_fini
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_asked_to_stop_mid_stage_finishes_the_deployment_first(faults, live_server, token):
-    faults.hold("validate")
-    try:
-        public_id = faults.upload(live_server, token)
-        faults.held("validate")
+    with faults.uploaded_and_held(live_server, token) as public_id:
         faults.worker.proc.send_signal(signal.SIGTERM)  # warm shutdown, as `docker stop` or honcho asks
         time.sleep(LEASE_S + 1)  # longer than a lease: the heartbeat keeps the claim while it waits
         assert faults.worker.proc.poll() is None and "Warm shutdown" in faults.worker.output()
         assert Deployment.objects.get(public_id=public_id).status == "deploying"
-    finally:
-        faults.release("validate")
     released = time.monotonic()
     deployment = settled(public_id)
     FIGURES["worker SIGTERMed mid-stage (warm shutdown): ready after the stage resumed"] = round(
@@ -580,17 +592,12 @@ def test_a_worker_asked_to_stop_mid_stage_finishes_the_deployment_first(faults, 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_when_its_shutdown_grace_ends_hands_the_deployment_back(faults, live_server, token):
-    faults.hold("validate")
-    try:
-        public_id = faults.upload(live_server, token)
-        faults.held("validate")
+    with faults.uploaded_and_held(live_server, token) as public_id:
         faults.worker.proc.send_signal(signal.SIGTERM)
         time.sleep(1)
         faults.killed.extend(faults.worker.group())
         os.killpg(faults.worker.proc.pid, signal.SIGKILL)  # the grace period is over, as `docker stop` does
         faults.worker.proc.wait()
-    finally:
-        faults.release("validate")
     killed = time.monotonic()
     wait_for(lambda: not faults.worker.group(), 15, "the killed worker's processes gone")
     faults.restart_worker()
@@ -604,13 +611,10 @@ def test_a_worker_killed_when_its_shutdown_grace_ends_hands_the_deployment_back(
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_deployment_whose_worker_dies_every_time_fails_and_says_so(faults, live_server, token):
-    faults.hold("validate")
-    try:
+    with faults.holding("validate"):
         public_id = faults.upload(live_server, token)
         for _ in range(3):
             kill(faults, faults.held("validate"))
-    finally:
-        faults.release("validate")
     killed = time.monotonic()
     deployment = settled(public_id)
     FIGURES["a worker that dies at every attempt: failed after the 3rd"] = round(time.monotonic() - killed, 1)
@@ -624,13 +628,8 @@ def test_a_deployment_whose_worker_dies_every_time_fails_and_says_so(faults, liv
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_redis_restarted_during_a_deploy_loses_nothing_and_the_worker_reconnects(faults, live_server, token):
-    faults.hold("validate")
-    try:
-        public_id = faults.upload(live_server, token)
-        faults.held("validate")
+    with faults.uploaded_and_held(live_server, token) as public_id:
         faults.redis.stop()  # no persistence: whatever the broker held is gone
-    finally:
-        faults.release("validate")
     deployment = settled(public_id)  # the deploy under way needs the database, not the broker
     assert_sound(faults, deployment)
     faults.redis.start()
