@@ -102,21 +102,24 @@ def timeline(deployment: Deployment) -> list[dict]:
 
 
 def curl_example(deployment: Deployment) -> str:
-    if not deployment.example_request:
+    example = deployment.serving_version().example_request  # what its URL answers with now
+    if not example:
         return ""
-    body = json.dumps(deployment.example_request)
+    body = json.dumps(example)
     return f"curl -X POST {deployment.endpoint_url} \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
 
 
 def detail_context(deployment: Deployment, **extra) -> dict:
+    serving = deployment.serving_version()  # a deployment's URL answers with the version that serves it
     return {
         **extra,
         "deployment": deployment,
+        "serving": serving,
         "keys": deployment.active_keys(),
         "events": deployment.events.all(),
         "timeline": timeline(deployment),
         "curl": curl_example(deployment),
-        "example_json": json.dumps(deployment.example_request) if deployment.example_request else "",
+        "example_json": json.dumps(serving.example_request) if serving.example_request else "",
         "max_csv": settings.SERVEML_MAX_CSV_BYTES,
         **versions_context(deployment, extra.get("version_form")),
     }
@@ -267,8 +270,9 @@ def deployment_predict_csv(request, public_id):
             "This endpoint is private: paste one of its API keys in the key field "
             "(ServeML keeps only their digests, so it cannot call it for you)."
         )
-    signature = deployment.model_signature
-    example = (deployment.example_request or {}).get("data")
+    serving = deployment.serving_version()
+    signature = serving.model_signature
+    example = (serving.example_request or {}).get("data")
     try:
         layout = csvbatch.check(upload.file, signature, example, max_lines=settings.SERVEML_CSV_MAX_LINES)
     except csvbatch.CsvRefused as exc:

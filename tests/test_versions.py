@@ -302,3 +302,14 @@ def test_the_admin_uploads_a_version_for_the_owner(admin_client, root, iris_rf_b
     root.update(status=Status.STOPPED)
     refused = admin_client.post(url, files(iris_rf_bytes), follow=True).content.decode()
     assert "was stopped" in refused and root.versions.count() == 1
+
+
+def test_the_page_describes_its_url_with_the_version_that_serves_it(client, user, root, iris_rf_bytes, runtime):
+    root.update(example_request={"data": [1, 2, 3, 4]}, signature={"model_type": "RandomForestClassifier"})
+    v2 = ready(new_version(root, iris_rf_bytes))
+    v2.update(example_request={"data": [9, 8]}, signature={"model_type": "LogisticRegression"})
+    services.deployment_version_promote(root=root, number=2)
+    client.force_login(user)
+    page = client.get(root.get_absolute_url()).content.decode()
+    curl = page.split('id="curl-example">')[1].split("</pre>")[0]
+    assert root.endpoint_url in curl and "[9, 8]" in curl

@@ -272,7 +272,7 @@ class Runtime:
         if action == "_unload":
             return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
         if action == "_refresh":
-            await self.refresh([deployment_id])
+            await self.refresh([deployment_id, self.routes.get(deployment_id, deployment_id)])  # and its version's
             return await respond(send, 200, orjson.dumps({"refreshed": deployment_id in self.pools}))
         if action == "_route":
             try:
