@@ -132,6 +132,19 @@ def test_a_deployments_prediction_url_answers_every_generated_request_as_its_doc
         "in": "header",
         "name": "X-API-Key",
     }
+    if kind == "numbers":  # private now: with its key every answer is as documented, without it a 401
+        schema.write_text(json.dumps(private))
+        report = schemathesis(
+            str(schema),
+            "--url",
+            stack.runtime_url,
+            "--header",
+            f"Authorization: Bearer {key}",
+            examples=15,
+            checks=PREDICTION_CHECKS,
+            cwd=tmp_path,
+        )
+        assert "Tested: 1" in report
     httpx.delete(f"{live_server.url}/api/deployments/{ready['id']}", headers={"Authorization": f"Token {token}"})
     assert httpx.get(f"{ready['endpoint_url']}/openapi.json", headers={"X-API-Key": key}).status_code == 404
 
