@@ -515,12 +515,21 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="serveml", description="Deploy scikit-learn models with ServeML.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    login = commands.add_parser("login", help="sign in to a ServeML and keep its token")
+    def command(name: str, run, help: str, *, with_id=False, with_json=False) -> argparse.ArgumentParser:
+        """A subcommand that runs `run`: first the deployment it is about, then --json, when asked for."""
+        sub = commands.add_parser(name, help=help)
+        sub.set_defaults(run=run)
+        if with_id:
+            sub.add_argument("id", help="id, unique id prefix, or name")
+        if with_json:
+            sub.add_argument("--json", action="store_true")
+        return sub
+
+    login = command("login", cmd_login, "sign in to a ServeML and keep its token")
     login.add_argument("url", help="your ServeML, e.g. http://127.0.0.1:8000")
     login.add_argument("--username", help="asked when not given")
-    login.set_defaults(run=cmd_login)
 
-    deploy = commands.add_parser("deploy", help="upload a model and follow its deployment until it is ready")
+    deploy = command("deploy", cmd_deploy, "upload a model and follow its deployment until it is ready")
     deploy.add_argument("model", help="model.pkl, a joblib file or a .skops file")
     deploy.add_argument("requirements", help="requirements.txt")
     deploy.add_argument("--name")
@@ -529,19 +538,11 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--review", action="store_true", help="with --version-of: serve it only once promoted")
     deploy.add_argument("--no-wait", action="store_true", help="return once uploaded")
     deploy.add_argument("--timeout", type=float, default=1800, help="seconds to follow it (default 1800)")
-    deploy.set_defaults(run=cmd_deploy)
 
-    listing = commands.add_parser("list", help="your deployments")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=cmd_list)
+    command("list", cmd_list, "your deployments", with_json=True)
+    command("status", cmd_status, "a deployment's state and event log", with_id=True, with_json=True)
 
-    status = commands.add_parser("status", help="a deployment's state and event log")
-    status.add_argument("id", help="id, unique id prefix, or name")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(run=cmd_status)
-
-    predict = commands.add_parser("predict", help="call a deployment's prediction URL")
-    predict.add_argument("id", help="id, unique id prefix, or name")
+    predict = command("predict", cmd_predict, "call a deployment's prediction URL", with_id=True)
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="JSON: one row, a list of rows, or a whole request")
     source.add_argument("--csv", help="a CSV file: predicted in batches, written back with the predictions")
@@ -551,21 +552,16 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--batch-rows", type=int, default=BATCH_ROWS, help=f"with --csv: rows per request ({BATCH_ROWS})"
     )
-    predict.set_defaults(run=cmd_predict)
 
-    versions = commands.add_parser("versions", help="a deployment's versions, and which one serves its URL")
-    versions.add_argument("id", help="id, unique id prefix, or name")
-    versions.add_argument("--json", action="store_true")
-    versions.set_defaults(run=cmd_versions)
-
-    promote = commands.add_parser("promote", help="serve a version at its deployment's URL (or roll back to one)")
-    promote.add_argument("id", help="id, unique id prefix, or name")
+    command(
+        "versions", cmd_versions, "a deployment's versions, and which one serves its URL", with_id=True, with_json=True
+    )
+    promote = command(
+        "promote", cmd_promote, "serve a version at its deployment's URL (or roll back to one)", with_id=True
+    )
     promote.add_argument("version", type=int)
-    promote.set_defaults(run=cmd_promote)
 
-    stop = commands.add_parser("stop", help="stop a deployment")
-    stop.add_argument("id", help="id, unique id prefix, or name")
-    stop.set_defaults(run=cmd_stop)
+    command("stop", cmd_stop, "stop a deployment", with_id=True)
     return top
 
 
