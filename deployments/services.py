@@ -615,6 +615,8 @@ def deployment_version_create(
 def deployment_version_get(*, root: Deployment, number: int) -> Deployment | None:
     if number == 1:
         return root
+    if not 1 < number < 2**31:  # beyond the column's range: no such version, not a database error
+        return None
     return root.versions.filter(version=number).first()
 
 

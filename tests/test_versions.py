@@ -220,6 +220,8 @@ def test_the_api_promotes_and_rolls_back(api, root, iris_rf_bytes, runtime):
     assert back.status_code == 200 and back.json()["version"] == 1 and back.json()["serving"] is True
     missing = api.post(f"/api/deployments/{root.public_id}/versions/9/promote")
     assert missing.status_code == 409 and "no version 9" in missing.json()["error"]
+    huge = api.post(f"/api/deployments/{root.public_id}/versions/{2**64}/promote")
+    assert huge.status_code == 409 and "no version" in huge.json()["error"]
     stop_a_version = api.delete(f"/api/deployments/{v2.public_id}")
     assert stop_a_version.status_code == 409 and "stops with the deployment" in stop_a_version.json()["error"]
 
