@@ -315,3 +315,17 @@ def test_the_page_describes_its_url_with_the_version_that_serves_it(client, user
     page = client.get(root.get_absolute_url()).content.decode()
     curl = page.split('id="curl-example">')[1].split("</pre>")[0]
     assert root.endpoint_url in curl and "[9, 8]" in curl
+
+
+def test_v2_urls_name_a_version_on_the_runtime_and_only_version_1_elsewhere():
+    from deployments.buildkit import serveml_v2
+
+    some = "0b8f6c2e-5f0e-4c0a-9d55-1f0f3f3f3f3f"
+    assert serveml_v2.route("POST", f"/v2/models/{some}/versions/2/infer", versions=True) == ("infer", some, 2)
+    assert serveml_v2.route("GET", f"/v2/models/{some}", versions=True) == ("metadata", some, None)
+    assert serveml_v2.route("GET", "/v2/health/live", versions=True) == ("live", None, None)
+    assert serveml_v2.route("GET", f"/v2/models/{some}/versions/1/ready", versions=True) == ("ready", some, 1)
+    with pytest.raises(serveml_v2.V2Error, match="no version"):
+        serveml_v2.route("POST", f"/v2/models/{some}/versions/{2**40}/infer", versions=True)
+    with pytest.raises(serveml_v2.V2Error, match="one version for now"):
+        serveml_v2.route("POST", f"/v2/models/{some}/versions/2/infer")  # the aws handler's

@@ -100,6 +100,21 @@ def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, tok
         switched = stream.wait_until(v2_says)
         wait_gone(root["id"])  # version 1's processes, drained
 
+        # The Open Inference Protocol names versions: /versions/<n> is that version, serving or not.
+        def v2_infer(path: str) -> list:
+            tensor = {
+                "inputs": [
+                    {"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64", "data": ROWS.ravel().tolist()}
+                ]
+            }
+            answer = httpx.post(f"{stack.runtime_url}/v2/models/{root['id']}{path}/infer", json=tensor, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["outputs"][0]["data"]
+
+        assert v2_infer("") == v2_infer("/versions/2") == v2_says
+        assert v2_infer("/versions/1") == v1_says
+        assert httpx.post(f"{stack.runtime_url}/v2/models/{root['id']}/versions/3/infer", json={}).status_code == 404
+
         rollback_sent = time.monotonic()
         back = httpx.post(f"{api}/versions/1/promote", headers=auth, timeout=120)
         assert back.status_code == 200 and back.json()["version"] == 1 and back.json()["serving"], back.text

@@ -68,20 +68,29 @@ class V2Error(ValueError):
 # ------------------------------------------------------------------ routes
 
 
-def route(method, path):
-    """What a V2 URL asks for: (action, deployment id or None). Raises V2Error 404/405."""
+def route(method, path, versions=False):
+    """What a V2 URL asks for: (action, deployment id or None). Raises V2Error 404/405.
+
+    With `versions` (the local runtime, where a deployment has versions), (action, deployment
+    id, the version number the URL names or None); otherwise only version 1 exists."""
     parts = [part for part in path.split("/") if part]
     if parts[:1] != ["v2"]:
         raise V2Error("no deployment answers at this URL", 404)
     rest = parts[1:]
     if rest in ([], ["health", "live"], ["health", "ready"]):
         _allow(method, "GET")
-        return ("server" if not rest else rest[1]), None
+        action = "server" if not rest else rest[1]
+        return (action, None, None) if versions else (action, None)
     if len(rest) < 2 or rest[0] != "models":
         raise V2Error("no V2 endpoint answers at this URL: see /v2/models/<deployment id>", 404)
     deployment_id = canonical_id(rest[1])
     tail = rest[2:]
-    if tail[:1] == ["versions"]:
+    number = None
+    if versions and tail[:1] == ["versions"] and len(tail) > 1 and tail[1].isdigit() and tail[1].isascii():
+        number, tail = int(tail[1]), tail[2:]
+        if not 0 < number < 2**31:
+            raise V2Error(f"deployment {rest[1]} has no version {number}", 404)
+    elif tail[:1] == ["versions"]:
         if len(tail) < 2 or tail[1] != VERSION:
             raise V2Error(
                 f"deployment {rest[1]} has no version {tail[1] if len(tail) > 1 else ''!s}: deployments have "
@@ -90,14 +99,18 @@ def route(method, path):
             )
         tail = tail[2:]
     if not tail:
+        action = "metadata"
         _allow(method, "GET")
-        return "metadata", deployment_id
-    if tail == ["ready"]:
+    elif tail == ["ready"]:
+        action = "ready"
         _allow(method, "GET")
-        return "ready", deployment_id
-    if tail == ["infer"]:
+    elif tail == ["infer"]:
+        action = "infer"
         _allow(method, "POST")
-        return "infer", deployment_id
+    else:
+        action = None
+    if action:
+        return (action, deployment_id, number) if versions else (action, deployment_id)
     raise V2Error("no V2 endpoint answers at this URL: a model has /ready, /infer and its metadata", 404)
 
 

@@ -28,7 +28,14 @@ from deployments.runtime import v2
 from deployments.runtime.asgi import MAX_BODY, body_problem, canonical_uuid, error, read_body, respond
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
-from deployments.runtime.registry import RecentMisses, lookup, openapi_document, servable_access, serving
+from deployments.runtime.registry import (
+    RecentMisses,
+    lookup,
+    lookup_version,
+    openapi_document,
+    servable_access,
+    serving,
+)
 
 log = logging.getLogger("serveml.runtime")
 
@@ -65,6 +72,7 @@ class Runtime:
         self.pools: dict[str, ModelPool] = {}  # by the id of the deployment or version they run
         # A deployment's id -> the version whose pool answers its stable URL (none: its own pool).
         self.routes: dict[str, str] = {}
+        self.version_ids: dict[str, str] = {}  # "<deployment id>/<n>" -> that version's id (V2's /versions/<n>)
         self.loading = KeyedLocks()
         self.misses = RecentMisses()
         # One core stays with this gateway process: on 2 cores, one model process that
@@ -89,6 +97,24 @@ class Runtime:
             if not fresh and deployment_id in self.misses:  # a request ahead of this one just asked
                 return None
             return await self._load(deployment_id)
+
+    async def version_pool(self, deployment_id: str, number: int) -> ModelPool | None:
+        """Version `number` of a deployment, whether or not it serves the deployment's URL."""
+        key = f"{deployment_id}/{number}"
+        pool = self.pools.get(self.version_ids.get(key, ""))
+        if pool is not None:
+            return pool
+        if key in self.misses:
+            return None
+        async with self.loading.hold(key):
+            if (pool := self.pools.get(self.version_ids.get(key, ""))) is not None:
+                return pool
+            found = await sync_to_async(lookup_version)(deployment_id, number)
+            if found is None:
+                self.misses.add(key)
+                return None
+            self.version_ids[key] = found[0].deployment_id
+            return await self._pool(*found)
 
     async def _load(self, deployment_id: str) -> ModelPool | None:
         found = await sync_to_async(lookup)(deployment_id)
@@ -252,9 +278,9 @@ class Runtime:
             return await respond(send, 401, error("this endpoint is private: send one of its API keys"))
         await respond(send, 200, orjson.dumps(document))
 
-    async def pool_with_access(self, deployment_id: str, headers: dict) -> ModelPool:
-        """The deployment's pool, if it may be served and these headers may call it."""
-        pool = await self.pool_for(deployment_id)
+    async def pool_with_access(self, deployment_id: str, headers: dict, version: int | None = None) -> ModelPool:
+        """The deployment's pool (or its version `version`'s), if it may be served and these headers may call it."""
+        pool = await (self.pool_for(deployment_id) if version is None else self.version_pool(deployment_id, version))
         if pool is None:
             raise ModelUnavailable(404, "no deployment answers at this URL: it does not exist or was stopped")
         if not pool.access.allows(headers, self.token):

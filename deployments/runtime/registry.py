@@ -62,7 +62,20 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     row = _servable_row(deployment_id)
     if row is None:
         return None
-    deployment = row.serving if row.serving_id else row
+    return _spec(row.serving if row.serving_id else row, access_for(row.root))
+
+
+def lookup_version(deployment_id: str, number: int) -> tuple[Spec, Access] | None:
+    """Version `number` of a servable deployment, whichever serves its URL (V2's /versions/<n>; runs in a thread)."""
+    close_old_connections()
+    root = _servable_row(deployment_id)
+    if root is None or root.version_of_id:
+        return None
+    version = root if number == 1 else root.versions.filter(version=number).first()
+    return _spec(version, access_for(root)) if version is not None else None
+
+
+def _spec(deployment: Deployment, access: Access) -> tuple[Spec, Access] | None:
     if deployment.status not in SERVABLE or not deployment.environment_key or not deployment.artifact:
         return None
     build_dir = restore_context(deployment)
@@ -75,7 +88,7 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
         deployment.signature or {},
         (deployment.example_request or {}).get("data"),
     )
-    return spec, access_for(row.root)
+    return spec, access
 
 
 def serving(ids: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from deployments.runtime.process import ModelUnavailable
 async def serve(runtime, scope, receive, send) -> None:
     headers = dict(scope["headers"])
     try:
-        action, deployment_id = serveml_v2.route(scope["method"], scope["path"])
+        action, deployment_id, version = serveml_v2.route(scope["method"], scope["path"], versions=True)
         if deployment_id is None:  # the server's own: metadata, live, ready
             if action == "server":
                 return await asgi.respond(send, 200, orjson.dumps(serveml_v2.server_metadata()))
@@ -29,7 +29,7 @@ async def serve(runtime, scope, receive, send) -> None:
             body = await asgi.read_body(receive)
             if body is None:
                 raise V2Error(f"request body is larger than {asgi.MAX_BODY // 1024**2} MB", 413)
-        pool = await runtime.pool_with_access(deployment_id, headers)
+        pool = await runtime.pool_with_access(deployment_id, headers, version)
         if action == "ready":
             return await asgi.respond(send, 200, b"")
         model = serveml_v2.describe(pool.spec.signature, pool.spec.example)
