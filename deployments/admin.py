@@ -151,7 +151,11 @@ class DeploymentAdmin(admin.ModelAdmin):
         count = 0
         for deployment in queryset:
             if deployment.status not in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
-                services.deployment_redeploy(deployment=deployment)
+                try:
+                    services.deployment_redeploy(deployment=deployment)
+                except services.VersionRefused as exc:
+                    self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
+                    continue
                 count += 1
         self.message_user(request, f"{count} deployment(s) queued again.", messages.SUCCESS)
 

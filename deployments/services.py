@@ -411,6 +411,12 @@ def deployment_redeploy(*, deployment: Deployment) -> None:
     reads `queued`, which the runtime neither serves nor loads again."""
     if deployment.status in (Deployment.Status.DEPLOYING, Deployment.Status.STOPPING):
         return  # a task owns it
+    if deployment.version_of_id or deployment.versions.exists():
+        # Its URL would answer nothing until the pipeline ends: versions move it without a gap.
+        raise VersionRefused(
+            "It has versions: upload a new version, or promote one, instead of redeploying (a redeploy would take "
+            "the deployment's URL down until it is ready again)."
+        )
     deployment_update(
         deployment=deployment,
         status=Deployment.Status.QUEUED,

@@ -329,3 +329,19 @@ def test_v2_urls_name_a_version_on_the_runtime_and_only_version_1_elsewhere():
         serveml_v2.route("POST", f"/v2/models/{some}/versions/{2**40}/infer", versions=True)
     with pytest.raises(serveml_v2.V2Error, match="one version for now"):
         serveml_v2.route("POST", f"/v2/models/{some}/versions/2/infer")  # the aws handler's
+
+
+def test_a_deployment_with_versions_is_not_redeployed_which_would_take_its_url_down(
+    admin_client, root, iris_rf_bytes, runtime
+):
+    v2 = ready(new_version(root, iris_rf_bytes))
+    for row in (root, v2):
+        with pytest.raises(services.VersionRefused, match="upload a new version"):
+            services.deployment_redeploy(deployment=row)
+    page = admin_client.post(
+        reverse("admin:deployments_deployment_changelist"),
+        {"action": "redeploy", "_selected_action": [root.pk]},
+        follow=True,
+    ).content.decode()
+    assert "upload a new version" in page
+    assert {row.status for row in Deployment.objects.all()} == {Status.READY}
