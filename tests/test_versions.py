@@ -345,3 +345,21 @@ def test_a_deployment_with_versions_is_not_redeployed_which_would_take_its_url_d
     ).content.decode()
     assert "upload a new version" in page
     assert {row.status for row in Deployment.objects.all()} == {Status.READY}
+
+
+def test_the_runtimes_sweep_keeps_the_old_version_when_the_new_one_does_not_load(monkeypatch):
+    import asyncio
+
+    from deployments.runtime import app
+    from deployments.runtime.process import ModelUnavailable
+
+    runtime = app.Runtime()
+    runtime.routes = {"deployment": "v1"}
+
+    async def fails(deployment_id):
+        raise ModelUnavailable(502, "the model did not load")
+
+    monkeypatch.setattr(app, "serving", lambda ids: {"deployment": "v2"})
+    monkeypatch.setattr(runtime, "switch", fails)
+    asyncio.run(runtime.reroute())
+    assert runtime.routes == {"deployment": "v1"}

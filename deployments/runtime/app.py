@@ -187,7 +187,10 @@ class Runtime:
             if deployment_id not in now:
                 self.routes.pop(deployment_id, None)
             elif self.routes.get(deployment_id, deployment_id) != now[deployment_id]:
-                await self.switch(deployment_id)
+                try:
+                    await self.switch(deployment_id)
+                except ModelUnavailable as exc:  # the version did not load: the old one keeps serving
+                    log.warning("could not switch %s to %s: %s", deployment_id, now[deployment_id], exc.message)
 
     async def refresh(self, ids: list[str]) -> None:
         """Re-read access rules, and unload deployments that may no longer be served."""
