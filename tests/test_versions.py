@@ -363,3 +363,13 @@ def test_the_runtimes_sweep_keeps_the_old_version_when_the_new_one_does_not_load
     monkeypatch.setattr(runtime, "switch", fails)
     asyncio.run(runtime.reroute())
     assert runtime.routes == {"deployment": "v1"}
+
+
+def test_two_promotes_from_the_same_view_of_the_deployment_do_not_interleave(root, iris_rf_bytes, runtime):
+    ready(new_version(root, iris_rf_bytes)), ready(new_version(root, iris_rf_bytes))
+    seen_by_a, seen_by_b = Deployment.objects.get(pk=root.pk), Deployment.objects.get(pk=root.pk)
+    services.deployment_version_promote(root=seen_by_a, number=2)
+    with pytest.raises(services.VersionRefused, match="changed meanwhile"):
+        services.deployment_version_promote(root=seen_by_b, number=3)
+    root.refresh_from_db()
+    assert root.serving_version().version == 2
