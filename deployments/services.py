@@ -91,17 +91,22 @@ def deployment_create(
         name=name,
         target=target,
         model_format=model_format,
-        model_filename=display_name(model_upload.name),
-        requirements_filename=display_name(requirements_upload.name),
-        model_sha256=_sha256(model_upload),
     )
+    _store_upload(deployment, model_upload, requirements_upload)
+    deployment_record_event(deployment=deployment, stage="", message=f"queued for the {target} target")
+    _enqueue(deployment)
+    return deployment
+
+
+def _store_upload(deployment: Deployment, model_upload: UploadedFile, requirements_upload: UploadedFile) -> None:
+    """Store a new deployment's (or version's) files and save its row."""
+    deployment.model_filename = display_name(model_upload.name)
+    deployment.requirements_filename = display_name(requirements_upload.name)
+    deployment.model_sha256 = _sha256(model_upload)
     # upload_to ignores the client's file name; it only sees the deployment's id.
     deployment.model_file.save("model", model_upload, save=False)
     deployment.requirements_file.save("requirements.txt", requirements_upload, save=False)
     deployment.save()
-    deployment_record_event(deployment=deployment, stage="", message=f"queued for the {target} target")
-    _enqueue(deployment)
-    return deployment
 
 
 def display_name(name: str | None) -> str:
@@ -599,13 +604,8 @@ def deployment_version_create(
         auto_promote=auto_promote,
         is_private=root.is_private,
         model_format=model_format,
-        model_filename=display_name(model_upload.name),
-        requirements_filename=display_name(requirements_upload.name),
-        model_sha256=_sha256(model_upload),
     )
-    version.model_file.save("model", model_upload, save=False)
-    version.requirements_file.save("requirements.txt", requirements_upload, save=False)
-    version.save()
+    _store_upload(version, model_upload, requirements_upload)
     then = "promoted once it is ready" if auto_promote else "ready for review once deployed; promote it to serve"
     deployment_record_event(deployment=version, stage="", message=f"version {number} queued; {then}")
     deployment_record_event(
