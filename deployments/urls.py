@@ -8,6 +8,7 @@ urlpatterns = [
     path("deployments/new", views.deployment_new, name="deployment-new"),
     path("deployments/<uuid:public_id>", views.deployment_detail, name="deployment-detail"),
     path("deployments/<uuid:public_id>/status", views.deployment_status, name="deployment-status"),
+    path("deployments/<uuid:public_id>/figures", views.deployment_figures, name="deployment-figures"),
     path("deployments/<uuid:public_id>/stop", views.deployment_stop, name="deployment-stop"),
     path("deployments/<uuid:public_id>/try", views.deployment_try, name="deployment-try"),
     path("deployments/<uuid:public_id>/predict.csv", views.deployment_predict_csv, name="deployment-predict-csv"),

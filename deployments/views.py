@@ -1,4 +1,5 @@
 import json
+from datetime import UTC, datetime
 
 import httpx
 from django.conf import settings
@@ -60,8 +61,23 @@ def bound_form(request, form_class=DeploymentForm) -> DeploymentForm:
 
 @login_required
 def deployment_list(request):
-    deployments = request.user.deployments.filter(version_of__isnull=True)  # versions are listed on their page
-    return render(request, "deployments/list.html", {"deployments": deployments})
+    deployments = list(request.user.deployments.filter(version_of__isnull=True))  # versions: on their page
+    return render(request, "deployments/list.html", {"deployments": deployments, "rates": list_rates(deployments)})
+
+
+def list_rates(deployments: list[Deployment]) -> bool:
+    """Sets `requests_per_minute` (the last minute's, from the runtime in one call) on each ready
+    local deployment; False when none is ready or the runtime does not answer (no column then)."""
+    local = [d for d in deployments if d.status == Deployment.Status.READY and d.target == Deployment.Target.LOCAL]
+    if not local:
+        return False
+    try:
+        found = client.figures(timeout=1.0)
+    except client.RuntimeUnavailable:
+        return False
+    for d in local:
+        d.requests_per_minute = found.get(str(d.public_id), {}).get("total", {}).get("requests_per_minute", 0)
+    return True
 
 
 @login_required
@@ -141,7 +157,9 @@ def versions_context(deployment: Deployment, form: VersionForm | None) -> dict:
 @login_required
 def deployment_detail(request, public_id):
     deployment = own_deployment(request, public_id)
-    return render(request, "deployments/detail.html", detail_context(deployment))
+    return render(
+        request, "deployments/detail.html", detail_context(deployment) | figures_context(deployment, fetch=False)
+    )
 
 
 @login_required
@@ -150,6 +168,68 @@ def deployment_status(request, public_id):
     # A terminal deployment's fragment carries no hx-trigger, so polling stops there.
     deployment = own_deployment(request, public_id)
     return render(request, "deployments/_status.html", detail_context(deployment))
+
+
+FIGURES_SECONDS = 5  # slower than the status fragment's poll: each one asks the runtime
+
+
+@login_required
+def deployment_figures(request, public_id):
+    """The live figures fragment, polled with htmx while the deployment may be called."""
+    deployment = own_deployment(request, public_id)
+    return render(request, "deployments/_figures.html", figures_context(deployment))
+
+
+def figures_context(deployment: Deployment, fetch: bool = True) -> dict:
+    """The live figures card of a deployment's page (a version's page: its deployment's). Without
+    `fetch`, a placeholder that asks for them as soon as the page has loaded."""
+    root = deployment.root
+    poll = f"every {FIGURES_SECONDS}s"
+    context = {
+        "deployment": deployment,
+        "figures_root": root,
+        "figures_seconds": FIGURES_SECONDS,
+        "figures_poll": False,
+        "figures_trigger": poll,
+    }
+    if root.target != Deployment.Target.LOCAL:
+        return context | {"figures_state": "aws"}
+    if root.status in (Deployment.Status.STOPPING, Deployment.Status.STOPPED, Deployment.Status.FAILED):
+        return context | {"figures_state": "over"}  # no poll: nothing calls it any more
+    context["figures_poll"] = True
+    if not fetch:
+        return context | {"figures_state": "loading", "figures_trigger": f"load, {poll}"}
+    if root.status != Deployment.Status.READY:
+        return context | {"figures_state": "waiting"}
+    try:
+        found = client.figures(root.public_id).get(str(root.public_id), {})
+    except client.RuntimeUnavailable:
+        return context | {"figures_state": "unavailable"}
+    serving = root.serving_id or root.pk
+    versions = found.get("versions", {})
+    rows = [figures_row("total", "Its URL (all versions)", found.get("total"))]
+    rows += [
+        figures_row(f"v{v.version}", f"v{v.version}", versions.get(str(v.version)), serving=v.pk == serving)
+        for v in root.all_versions()
+        if str(v.version) in versions or v.status == Deployment.Status.READY
+    ]
+    return context | {"figures_state": "live", "figures_rows": rows}
+
+
+def figures_row(key: str, label: str, figures: dict | None, serving: bool = False) -> dict:
+    row = {"key": key, "label": label, "serving": serving, "requests": None}
+    if not figures:
+        return row  # not called since the runtime started
+    milliseconds = {name: figures[f"{name}_seconds"] for name in ("p50", "p99")}
+    return row | {
+        "requests": figures["requests"],
+        "rpm": figures["requests_per_minute"],
+        "error_rate": None if figures["error_rate"] is None else figures["error_rate"] * 100,
+        "errors_4xx": figures["errors_4xx"],
+        "errors_5xx": figures["errors_5xx"],
+        **{f"{name}_ms": None if value is None else value * 1000 for name, value in milliseconds.items()},
+        "last": datetime.fromtimestamp(figures["last_request"], UTC) if figures["last_request"] else None,
+    }
 
 
 @login_required

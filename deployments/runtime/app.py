@@ -10,7 +10,8 @@ worker could not reach the runtime; a deployment nobody calls scales to zero.
 
 Besides `/predict/<id>`, `/v2/...` (the Open Inference Protocol, runtime/v2.py) and
 `/health`, the worker drives `/_load`, `/_unload` and `/_refresh` (runtime/client.py),
-with the runtime token.
+with the runtime token; `/metrics` (Prometheus text) and `/_figures` (the web page's)
+need it too (runtime/metrics.py: every request to a deployment is counted there).
 """
 
 import asyncio
@@ -26,6 +27,7 @@ from django.conf import settings
 
 from deployments.runtime import v2
 from deployments.runtime.asgi import MAX_BODY, body_problem, canonical_uuid, error, read_body, respond
+from deployments.runtime.metrics import Metrics
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import (
@@ -75,6 +77,7 @@ class Runtime:
         self.version_ids: dict[str, str] = {}  # "<deployment id>/<n>" -> that version's id (V2's /versions/<n>)
         self.loading = KeyedLocks()
         self.misses = RecentMisses()
+        self.metrics = Metrics(self)
         # One core stays with this gateway process: on 2 cores, one model process that
         # takes whole batches beat two that each took half of them (bench/README.md).
         self.max_processes = max_processes or max(1, (os.cpu_count() or 1) - 1)
@@ -130,6 +133,7 @@ class Runtime:
         pool = self.pools.get(spec.deployment_id)
         if pool is None:
             pool = ModelPool(spec, access, self.max_processes)
+            pool.stats = await self.metrics.track(spec)
             await pool.warm()
             if spec.deployment_id in self.pools:  # loaded through another id meanwhile: keep one
                 pool.close()
@@ -222,6 +226,7 @@ class Runtime:
         while True:
             await asyncio.sleep(self.sweep_seconds)
             self.scale_to_zero()
+            self.metrics.sample()
             if self.pools:
                 try:
                     await self.reroute()
@@ -240,6 +245,8 @@ class Runtime:
         parts = path.strip("/").split("/")
         if path == "/health":
             return await respond(send, 200, orjson.dumps({"status": "ok", "loaded": len(self.pools)}))
+        if parts[0] in ("metrics", "_figures"):
+            return await self.metrics.serve(scope, send)
         if parts[0] == "v2":  # the Open Inference Protocol, translated onto the same pools
             return await v2.serve(self, scope, receive, send)
         if len(parts) == 3 and parts[0] == "predict" and parts[2] == "openapi.json" and method == "GET":
@@ -257,16 +264,27 @@ class Runtime:
         return await respond(send, 404, error("no deployment answers at this URL"))
 
     async def predict(self, deployment_id: str, headers: dict, receive, send):
+        started = time.perf_counter()
         body = await read_body(receive)
         if body is None:
             return await respond(send, 413, error(f"request body is larger than {MAX_BODY // 1024**2} MB"))
         try:
             pool = await self.pool_with_access(deployment_id, headers)
-            if problem := body_problem(body):
-                return await respond(send, 400, error(problem))
-            status, answer = await pool.predict(body)
         except ModelUnavailable as exc:
+            self.metrics.refused(deployment_id, exc.status, started)
             return await respond(send, exc.status, error(exc.message))
+        stats = pool.stats  # counted inline, not through metrics.counted: this is the benchmarked path
+        stats.in_flight += 1
+        try:
+            if problem := body_problem(body):
+                status, answer = 400, error(problem)
+            else:
+                status, answer = await pool.predict(body)
+        except ModelUnavailable as exc:
+            status, answer = exc.status, error(exc.message)
+        finally:
+            stats.in_flight -= 1
+        stats.record(status, started)
         await respond(send, status, answer)
 
     async def document(self, deployment_id: str | None, headers: dict, send):
@@ -298,7 +316,8 @@ class Runtime:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(auth, b"Bearer " + self.token):
             return await respond(send, 403, error("bad runtime token"))
-        if action == "_unload":
+        if action == "_unload":  # the deployment was stopped
+            self.metrics.forget(deployment_id)
             return await respond(send, 200, orjson.dumps({"unloaded": self.unload(deployment_id)}))
         if action == "_refresh":
             await self.refresh([deployment_id, self.routes.get(deployment_id, deployment_id)])  # and its version's

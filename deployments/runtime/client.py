@@ -82,3 +82,19 @@ def route_quietly(public_id) -> None:
         _control("_route", public_id, timeout=settings.SERVEML_SANDBOX_WALL_SECONDS + 30)
     except RuntimeUnavailable:
         pass
+
+
+def figures(public_id=None, timeout: float = 2.0) -> dict:
+    """The runtime's live figures (runtime/metrics.py): for one deployment and its versions,
+    or for every deployment it has served when `public_id` is None. RuntimeUnavailable when
+    the runtime does not answer, quickly: a page waits for this."""
+    url = f"{settings.SERVEML_RUNTIME_INTERNAL_URL}/_figures" + (f"/{public_id}" if public_id else "")
+    try:
+        response = httpx.get(
+            url, headers={"Authorization": f"Bearer {settings.SERVEML_RUNTIME_TOKEN}"}, timeout=timeout
+        )
+    except httpx.HTTPError as exc:
+        raise RuntimeUnavailable(f"the runtime did not answer ({exc})") from None
+    if response.status_code != 200:
+        raise RuntimeUnavailable(f"the runtime answered {response.status_code}")
+    return response.json()

@@ -4,6 +4,7 @@ import asyncio
 import time
 
 from deployments.runtime.access import Access
+from deployments.runtime.metrics import Stats
 from deployments.runtime.process import ModelProcess, ModelUnavailable, Request, fail_requests, stopped
 from deployments.runtime.registry import Spec
 
@@ -29,6 +30,7 @@ class ModelPool:
         self.pending: list[Request] = []
         self.closed = False
         self.last_used = time.monotonic()
+        self.stats = Stats(spec.deployment_id)  # the runtime's own, labelled, once it tracks this version
 
     @property
     def busy(self) -> bool:

@@ -99,6 +99,14 @@ def serving(ids: list[str]) -> dict[str, str]:
     return {str(row.public_id): str(row.serving.public_id if row.serving_id else row.public_id) for row in rows}
 
 
+def version_labels(version_id: str) -> tuple[str, int] | None:
+    """The id of the deployment a version belongs to (its stable URL's) and its number, which
+    label its metrics (runs in a thread, once per version the runtime loads)."""
+    close_old_connections()
+    row = Deployment.objects.filter(public_id=version_id).select_related("version_of").first()
+    return (str(row.root.public_id), row.version) if row is not None else None
+
+
 def openapi_document(deployment_id: str) -> tuple[dict, Access] | None:
     """A servable deployment's OpenAPI document (deployments/openapi.py) and who may read it (runs in a
     thread). Read afresh each time: no model process is started to describe the model."""

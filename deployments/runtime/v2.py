@@ -7,16 +7,18 @@ metadata comes from the signature the validate stage recorded.
 """
 
 import asyncio
+import time
 
 import orjson
 
 from deployments.buildkit import serveml_v2
 from deployments.buildkit.serveml_v2 import V2Error
-from deployments.runtime import asgi
+from deployments.runtime import asgi, metrics
 from deployments.runtime.process import ModelUnavailable
 
 
 async def serve(runtime, scope, receive, send) -> None:
+    started = time.perf_counter()
     headers = dict(scope["headers"])
     try:
         action, deployment_id, version = serveml_v2.route(scope["method"], scope["path"], versions=True)
@@ -35,7 +37,9 @@ async def serve(runtime, scope, receive, send) -> None:
         model = serveml_v2.describe(pool.spec.signature, pool.spec.example)
         if action == "metadata":
             return await asgi.respond(send, 200, orjson.dumps(serveml_v2.model_metadata(deployment_id, model)))
-        status, answer, extra = await infer(pool, deployment_id, model, headers, body)
+        status, answer, extra = await metrics.counted(
+            pool.stats, started, infer(pool, deployment_id, model, headers, body)
+        )
     except V2Error as exc:
         return await asgi.respond(send, exc.status, asgi.error(exc.message))
     except ModelUnavailable as exc:
