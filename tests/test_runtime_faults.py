@@ -10,7 +10,6 @@ README's operations section.
 
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -18,63 +17,10 @@ import pytest
 from django.db import connection
 
 from deployments.allowlist import corpus
+from tests.support.load import Stream
 from tests.test_end_to_end import ROWS, deploy, model_pid, token, wait_ready  # noqa: F401  (token: a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-class Stream:
-    """Client threads sending predictions until stopped; every answer is recorded with its time."""
-
-    def __init__(self, url: str, body: dict, threads: int = 4):
-        self.url, self.body = url, body
-        self.answers: list[tuple[float, float, object]] = []  # (sent, answered, status code or exception name)
-        self.running = True
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
-
-    def loop(self):
-        with httpx.Client(timeout=30) as client:  # a hang would show as a ReadTimeout
-            while self.running:
-                sent = time.monotonic()
-                try:
-                    outcome = client.post(self.url, json=self.body).status_code
-                except httpx.HTTPError as exc:
-                    outcome = type(exc).__name__
-                    time.sleep(0.05)  # the runtime is down: do not spin
-                self.answers.append((sent, time.monotonic(), outcome))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        for thread in self.threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in self.threads), "a client is stuck: a request hangs"
-
-    def failures(self) -> list:
-        return [outcome for _, _, outcome in self.answers if outcome != 200]
-
-    def recovered_at(self, fault: float) -> float:
-        """When the first request sent after the fault's last failure was answered 200: service is back."""
-        last_failure = max((answered for _, answered, outcome in self.answers if outcome != 200), default=fault)
-        return min(answered for sent, answered, outcome in self.answers if sent >= last_failure and outcome == 200)
-
-    def slowest_after(self, moment: float, window: float = 5.0) -> float:
-        """The longest wait of a request answered in the `window` seconds after `moment`."""
-        return max(
-            (answered - sent for sent, answered, _ in self.answers if moment <= answered <= moment + window),
-            default=0.0,
-        )
-
-    def wait_for_answers(self, count: int, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        start = len(self.answers)
-        while len(self.answers) < start + count:
-            assert time.monotonic() < deadline, "the stream stopped getting answers"
-            time.sleep(0.05)
 
 
 def test_a_model_process_killed_under_load_costs_at_most_the_requests_it_held(stack, live_server, token):
@@ -90,7 +36,7 @@ def test_a_model_process_killed_under_load_costs_at_most_the_requests_it_held(st
     # The requests it held go once more to a fresh process: a kill costs at most those (four
     # clients, so at most four in flight), never a hang.
     assert len(failed) <= 4 and set(failed) <= {502}, failed
-    assert all(outcome == 200 for _, _, outcome in stream.answers[-50:])
+    assert all(outcome == 200 for _, _, outcome, _ in stream.answers[-50:])
     print(
         f"\nmodel process killed under load: {len(failed)} of {len(stream.answers)} requests failed; "
         f"the slowest answer in the 5 s after the kill took {stream.slowest_after(killed_at):.2f} s"
@@ -115,7 +61,7 @@ def test_the_runtime_killed_under_load_serves_again_within_seconds(stack, live_s
         started_at = time.monotonic()
         stream.wait_for_answers(200)
     recovered = stream.recovered_at(killed_at)
-    assert all(outcome == 200 for sent, _, outcome in stream.answers if sent > recovered)
+    assert all(outcome == 200 for sent, _, outcome, _ in stream.answers if sent > recovered)
     assert recovered - started_at < 10  # the ready deployment is loaded again on its first request
     failed = stream.failures()
     assert set(failed) <= {"ConnectError", "RemoteProtocolError", "ReadError", 502, 503}, set(failed)

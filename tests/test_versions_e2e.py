@@ -6,7 +6,6 @@ uploaded, deployed and promoted, then while the deployment is rolled back to ver
 gave it: none may fail or hang, answers move from one version to the other once
 and for all at each switch, and the processes of the version left behind stop."""
 
-import threading
 import time
 
 import httpx
@@ -15,53 +14,10 @@ from sklearn.linear_model import LogisticRegression
 
 from deployments.allowlist import corpus
 from tests.conftest import SKLEARN_PIN, dump, wait_for
+from tests.support.load import Stream as PredictionStream
 from tests.test_end_to_end import ROWS, deploy, model_pids, token, wait_ready  # noqa: F401  (token: a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-class PredictionStream:
-    """Client threads sending the same rows until stopped; every answer is kept with its times."""
-
-    def __init__(self, url: str, body: dict, threads: int = 3):
-        self.url, self.body = url, body
-        # (sent, answered, status code or exception name, predictions or None)
-        self.answers: list[tuple[float, float, object, object]] = []
-        self.running = True
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
-
-    def loop(self):
-        with httpx.Client(timeout=30) as client:  # a hang would show as a ReadTimeout
-            while self.running:
-                sent = time.monotonic()
-                try:
-                    response = client.post(self.url, json=self.body)
-                    outcome, predictions = response.status_code, response.json().get("predictions")
-                except httpx.HTTPError as exc:
-                    outcome, predictions = type(exc).__name__, None
-                self.answers.append((sent, time.monotonic(), outcome, predictions))
-                time.sleep(0.01)  # steady, and leaves the worker some CPU to deploy version 2
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        for thread in self.threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in self.threads), "a client is stuck: a request hangs"
-
-    def wait_until(self, predictions: list, count: int = 30, timeout: float = 300) -> float:
-        """Wait for `count` answers in a row with these predictions; when the first of them was sent."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            tail = self.answers[-count:]
-            if len(tail) == count and all(answer[3] == predictions for answer in tail):
-                return tail[0][0]
-            time.sleep(0.1)
-        raise AssertionError(f"answers did not settle on {predictions}: last {self.answers[-3:]}")
 
 
 def wait_gone(deployment_id: str, timeout: float = 30) -> None:
@@ -79,7 +35,7 @@ def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, tok
     stable = root["endpoint_url"]
     api = f"{live_server.url}/api/deployments/{root['id']}"
 
-    with PredictionStream(stable, {"instances": ROWS.tolist()}) as stream:
+    with PredictionStream(stable, {"instances": ROWS.tolist()}, threads=3, pause=0.01) as stream:
         stream.wait_until(v1_says)
         uploaded = httpx.post(
             f"{api}/versions",
