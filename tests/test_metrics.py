@@ -146,6 +146,8 @@ def test_the_runtime_counts_each_answer_by_status_and_serves_them_to_prometheus_
     assert 0 < found["serveml_request_duration_seconds_sum", version] < 60
     assert found["serveml_requests_in_flight", version] == 0
     assert found["serveml_model_processes", version] == 1
+    assert found["serveml_model_process_starts_total", version] >= 3  # the first, and one after each kill
+    assert found["serveml_model_memory_bytes", version] > 5 * 1024**2  # an interpreter, at least
     assert found["serveml_version_serving", version] == 1
     assert abs(found["serveml_last_request_timestamp_seconds", version] - time.time()) < 60
 

@@ -11,6 +11,7 @@ when its deployment is stopped.
 """
 
 import hmac
+import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -50,12 +51,13 @@ CLASSES = ((2, "2xx"), (4, "4xx"), (5, "5xx"))  # status // 100: what is counted
 SAMPLE_SECONDS = 10.0  # how often the sweep keeps a copy of the counters (the page's "last minute")
 HISTORY = 361  # an hour of copies, for a chart to come
 WINDOW = 60.0
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Stats:
     """One version's counters. Only `record` and `in_flight` are touched per request."""
 
-    __slots__ = ("deployment", "version", "statuses", "buckets", "seconds", "in_flight", "last", "history")
+    __slots__ = ("deployment", "version", "statuses", "buckets", "seconds", "in_flight", "last", "starts", "history")
 
     def __init__(self, deployment: str, version: int = 1):
         self.deployment = deployment  # the stable URL's id (the root deployment's)
@@ -65,6 +67,7 @@ class Stats:
         self.seconds = 0.0
         self.in_flight = 0
         self.last = 0.0  # perf_counter() of the last answer; 0: none yet
+        self.starts = 0  # model processes started (cold starts: the first, after scale to zero, after a crash)
         self.history = deque([(time.perf_counter(), tuple(self.statuses), tuple(self.buckets))], maxlen=HISTORY)
 
     def record(self, status: int, started: float) -> None:
@@ -165,6 +168,35 @@ class Metrics:
         pool = self.runtime.pools.get(version_id)
         return len(pool.processes) if pool is not None else 0
 
+    def memory(self) -> dict[str, int]:
+        """Resident memory of each version's model processes (the sandbox and all it started), in
+        bytes: one pass over /proc, when scraped."""
+        sandboxes = {
+            version_id: [p.transport.get_pid() for p in pool.processes if p.alive]
+            for version_id, pool in list(self.runtime.pools.items())
+        }
+        if not any(sandboxes.values()):
+            return {}
+        children, resident = {}, {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                        fields = stat.read().rsplit(b")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue  # gone meanwhile
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+                resident[int(entry.name)] = int(fields[21]) * PAGE  # rss, in pages
+        found = {}
+        for version_id, pids in sandboxes.items():
+            total, todo = 0, list(pids)
+            while todo:
+                pid = todo.pop()
+                total += resident.get(pid, 0)
+                todo.extend(children.get(pid, ()))
+            found[version_id] = total
+        return found
+
     def serving(self, deployment_id: str) -> str:
         return self.runtime.routes.get(deployment_id, deployment_id)
 
@@ -246,6 +278,12 @@ class Collector:
         )
         in_flight = GaugeMetricFamily("serveml_requests_in_flight", "Requests being answered", labels=labels)
         processes = GaugeMetricFamily("serveml_model_processes", "Model processes running", labels=labels)
+        starts = CounterMetricFamily(
+            "serveml_model_process_starts", "Model processes started (cold starts, restarts)", labels=labels
+        )
+        memory = GaugeMetricFamily(
+            "serveml_model_memory_bytes", "Resident memory of the model processes running", labels=labels
+        )
         serving = GaugeMetricFamily(
             "serveml_version_serving", "1 for the version the stable URL answers with", labels=labels
         )
@@ -253,6 +291,7 @@ class Collector:
             "serveml_last_request_timestamp_seconds", "When the last request was answered (Unix time)", labels=labels
         )
         now, wall = time.perf_counter(), time.time()
+        resident = self.metrics.memory()
         for version_id, stats in list(self.metrics.stats.items()):
             values = [stats.deployment, str(stats.version)]
             for index, name in CLASSES:
@@ -264,7 +303,9 @@ class Collector:
             latency.add_metric(values, buckets, stats.seconds)
             in_flight.add_metric(values, stats.in_flight)
             processes.add_metric(values, self.metrics.processes(version_id))
+            starts.add_metric(values, stats.starts)
+            memory.add_metric(values, resident.get(version_id, 0))
             serving.add_metric(values, int(self.metrics.serving(stats.deployment) == version_id))
             if stats.last:
                 last.add_metric(values, wall - (now - stats.last))
-        yield from (requests, latency, in_flight, processes, serving, last)
+        yield from (requests, latency, in_flight, processes, starts, memory, serving, last)

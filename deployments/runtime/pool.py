@@ -57,6 +57,7 @@ class ModelPool:
                     # No process will ever take the requests that wait: tell them why.
                     self._fail_pending(exc)
             raise
+        self.stats.starts += 1
         if self.closed:
             process.stop()
             raise stopped()
@@ -112,6 +113,7 @@ class ModelPool:
         except ModelUnavailable as exc:
             failure = exc
         else:
+            self.stats.starts += 1
             if not self.closed:
                 process.send(batch)
                 return
