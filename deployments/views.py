@@ -213,7 +213,33 @@ def figures_context(deployment: Deployment, fetch: bool = True) -> dict:
         for v in root.all_versions()
         if str(v.version) in versions or v.status == Deployment.Status.READY
     ]
-    return context | {"figures_state": "live", "figures_rows": rows}
+    return context | {"figures_state": "live", "figures_rows": rows, "figures_charts": charts(found.get("last_hour"))}
+
+
+def charts(last_hour: list[dict] | None, width: int = 240, height: int = 40) -> list[dict]:
+    """The last hour, minute by minute, as three small SVG lines drawn here: each poll redraws them."""
+    if not last_hour or len(last_hour) < 2:
+        return []
+    drawn = []
+    for key, label, scale, unit in (
+        ("requests_per_second", "requests/s", 1, ""),
+        ("p99_seconds", "p99", 1000, " ms"),
+        ("errors", "errors/min", 1, ""),
+    ):
+        values = [(point[key] or 0) * scale for point in last_hour]
+        top, step = max(values) or 1, width / (len(values) - 1)
+        points = " ".join(f"{i * step:.1f},{height - value / top * height:.1f}" for i, value in enumerate(values))
+        drawn.append(
+            {
+                "key": key,
+                "label": label,
+                "points": points,
+                "peak": max(values),
+                "now": round(values[-1], 6),
+                "unit": unit,
+            }
+        )
+    return drawn
 
 
 def figures_row(key: str, label: str, figures: dict | None, serving: bool = False) -> dict:

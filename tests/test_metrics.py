@@ -95,6 +95,26 @@ def test_the_last_minute_counts_only_what_came_after_a_sample_a_minute_old(monke
     assert stats.requests == 6 and stats.statuses[2] == 5
 
 
+def test_the_last_hour_is_minute_by_minute_with_every_version_of_a_deployment(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    v1, v2 = Stats("d", 1), Stats("d", 2)
+    for _ in range(120):
+        v1.record(200, clock[0] - 0.002)
+    clock[0] += metrics.SAMPLE_SECONDS
+    v1.sample(clock[0])
+    v2.sample(clock[0])
+    clock[0] += 30 * 60  # half an hour later
+    for _ in range(6):
+        v2.record(500, clock[0] - 0.2)
+    hour = metrics.last_hour([v1, v2], clock[0])
+    assert len(hour) == 60
+    busy = [minute for minute in hour if minute["requests_per_second"]]
+    assert busy == [hour[29], hour[59]]  # 30 minutes ago, and the last minute
+    assert hour[29]["requests_per_second"] == 2 and hour[29]["errors"] == 0 and hour[29]["p99_seconds"] < 0.0025
+    assert hour[59]["requests_per_second"] == 0.1 and hour[59]["errors"] == 6 and hour[59]["p99_seconds"] > 0.1
+
+
 def test_counting_an_answer_costs_about_a_microsecond():
     stats = Stats("d", 1)
     started = time.perf_counter()
@@ -222,7 +242,9 @@ def test_the_page_shows_the_runtimes_figures_for_the_deployment_and_each_version
         "last_request": now - 5,
         "serving": True,
     }
-    answer = {str(ready.public_id): {"total": version, "versions": {"1": version}}}
+    hour = [{"requests_per_second": 0, "errors": 0, "p99_seconds": None}] * 59
+    hour.append({"requests_per_second": 0.2, "errors": 3, "p99_seconds": 0.0051})
+    answer = {str(ready.public_id): {"total": version, "versions": {"1": version}, "last_hour": hour}}
     asked = []
     monkeypatch.setattr(views.client, "figures", lambda public_id=None, **kw: asked.append(public_id) or answer)
     client.force_login(user)
@@ -232,6 +254,13 @@ def test_the_page_shows_the_runtimes_figures_for_the_deployment_and_each_version
     assert 'id="figures-v1"' in html and "serving" in html
     assert "25.0 %" in html and "(3 4xx, 0 5xx)" in html and "1.2 ms" in html and "5.1 ms" in html
     assert "ago" in html
+    # The last hour, drawn on each poll: the last minute at the top of the requests/s line.
+    assert 'id="chart-requests_per_second" data-now="0.2"' in html and "240.0,0.0" in html
+    assert 'id="chart-p99_seconds" data-now="5.1"' in html and 'id="chart-errors" data-now="3"' in html
+    hour[-1] = {"requests_per_second": 0.1, "errors": 0, "p99_seconds": 0.001}
+    hour[-2] = {"requests_per_second": 0.2, "errors": 0, "p99_seconds": 0.001}
+    html = client.get(reverse("deployment-figures", args=[ready.public_id])).content.decode()
+    assert 'id="chart-requests_per_second" data-now="0.1"' in html and "240.0,20.0" in html  # the next poll, redrawn
 
     listed = client.get(reverse("deployment-list")).content.decode()
     assert "req/min" in listed and '<td class="rate">12</td>' in listed
@@ -320,3 +349,5 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     assert figures["versions"]["2"]["requests"] >= 4 and figures["versions"]["2"]["serving"]
     assert figures["total"]["requests"] == sum(v["requests"] for v in figures["versions"].values())
     assert f'data-requests="{figures["total"]["requests"]}"' in html
+    assert len(figures["last_hour"]) == 60 and figures["last_hour"][-1]["requests_per_second"] > 0
+    assert 'id="chart-requests_per_second"' in html

@@ -117,6 +117,32 @@ def quantile(q: float, buckets: list[int]) -> float | None:
     return BOUNDS[-1]
 
 
+def last_hour(versions: list[Stats], now: float, minutes: int = 60) -> list[dict]:
+    """Minute by minute over the last hour, oldest first, a deployment's versions together:
+    requests per second, errors (4xx and 5xx) and p99, from the copies the sweep keeps."""
+    statuses = [[0] * 6 for _ in range(minutes)]
+    buckets = [[0] * (len(BOUNDS) + 1) for _ in range(minutes)]
+    for stats in versions:
+        points = [*stats.history, (now, tuple(stats.statuses), tuple(stats.buckets))]
+        for (_, statuses0, buckets0), (then, statuses1, buckets1) in zip(points, points[1:], strict=False):
+            age = int((now - then) // WINDOW)  # each step counts in the minute it ended in
+            if age >= minutes:
+                continue
+            minute = minutes - 1 - age
+            for total, before, after in ((statuses, statuses0, statuses1), (buckets, buckets0, buckets1)):
+                row = total[minute]
+                for index, (a, b) in enumerate(zip(before, after, strict=True)):
+                    row[index] += b - a
+    return [
+        {
+            "requests_per_second": sum(counts) / WINDOW,
+            "errors": answers[4] + answers[5],
+            "p99_seconds": quantile(0.99, counts),
+        }
+        for answers, counts in zip(statuses, buckets, strict=True)
+    ]
+
+
 def summary(statuses: list[int], buckets: list[int]) -> dict:
     requests = sum(buckets)
     errors = statuses[4] + statuses[5]
@@ -220,7 +246,8 @@ class Metrics:
             entry["versions"][str(stats.version)] = figures
             for total, part in zip(entry["window"], (statuses, buckets), strict=True):
                 total[:] = [a + b for a, b in zip(total, part, strict=True)]
-        for entry in found.values():
+        for deployment, entry in found.items():
+            entry["last_hour"] = last_hour([s for s in list(self.stats.values()) if s.deployment == deployment], now)
             versions = entry["versions"].values()
             last = [v["last_request"] for v in versions if v["last_request"]]
             entry["total"] = summary(*entry.pop("window")) | {
