@@ -168,6 +168,10 @@ def test_the_runtime_counts_each_answer_by_status_and_serves_them_to_prometheus_
     assert found["serveml_model_processes", version] == 1
     assert found["serveml_model_process_starts_total", version] >= 3  # the first, and one after each kill
     assert found["serveml_model_memory_bytes", version] > 5 * 1024**2  # an interpreter, at least
+    # One request at a time, so frames of one: the two 400s never reached a model process, the killed
+    # request went twice (5 + 2 + 1).
+    assert found["serveml_batch_size_bucket", labels(deployment_id, 1, le="1")] == 8
+    assert found["serveml_batch_size_count", version] == found["serveml_batch_size_sum", version] == 8
     assert found["serveml_version_serving", version] == 1
     assert abs(found["serveml_last_request_timestamp_seconds", version] - time.time()) < 60
 

@@ -47,6 +47,8 @@ BOUNDS = (
     30.0,
     60.0,
 )
+# Requests per frame a model process is given (ModelPool.MAX_BATCH is 64): how much batching helps.
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
 CLASSES = ((2, "2xx"), (4, "4xx"), (5, "5xx"))  # status // 100: what is counted by name
 SAMPLE_SECONDS = 10.0  # how often the sweep keeps a copy of the counters (the page's "last minute")
 HISTORY = 361  # an hour of copies, for a chart to come
@@ -57,7 +59,19 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 class Stats:
     """One version's counters. Only `record` and `in_flight` are touched per request."""
 
-    __slots__ = ("deployment", "version", "statuses", "buckets", "seconds", "in_flight", "last", "starts", "history")
+    __slots__ = (
+        "deployment",
+        "version",
+        "statuses",
+        "buckets",
+        "seconds",
+        "in_flight",
+        "last",
+        "starts",
+        "batches",
+        "batched_requests",
+        "history",
+    )
 
     def __init__(self, deployment: str, version: int = 1):
         self.deployment = deployment  # the stable URL's id (the root deployment's)
@@ -68,6 +82,8 @@ class Stats:
         self.in_flight = 0
         self.last = 0.0  # perf_counter() of the last answer; 0: none yet
         self.starts = 0  # model processes started (cold starts: the first, after scale to zero, after a crash)
+        self.batches = [0] * (len(BATCH_BOUNDS) + 1)  # frames sent to model processes, by requests in them
+        self.batched_requests = 0  # requests in those frames (a retried request counts again)
         self.history = deque([(time.perf_counter(), tuple(self.statuses), tuple(self.buckets))], maxlen=HISTORY)
 
     def record(self, status: int, started: float) -> None:
@@ -77,6 +93,11 @@ class Stats:
         self.buckets[bisect_left(BOUNDS, elapsed)] += 1
         self.seconds += elapsed
         self.last = now
+
+    def batched(self, size: int) -> None:
+        """A frame of `size` requests went to a model process (once per frame, not per request)."""
+        self.batches[bisect_left(BATCH_BOUNDS, size)] += 1
+        self.batched_requests += size
 
     @property
     def requests(self) -> int:
@@ -303,6 +324,9 @@ class Collector:
         latency = HistogramMetricFamily(
             "serveml_request_duration_seconds", "Time from request to answer", labels=labels
         )
+        batch = HistogramMetricFamily(
+            "serveml_batch_size", "Requests in each frame sent to a model process", labels=labels
+        )
         in_flight = GaugeMetricFamily("serveml_requests_in_flight", "Requests being answered", labels=labels)
         processes = GaugeMetricFamily("serveml_model_processes", "Model processes running", labels=labels)
         starts = CounterMetricFamily(
@@ -328,6 +352,11 @@ class Collector:
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, stats.seconds)
+            sizes, cumulative = [], 0
+            for bound, count in zip((*map(str, BATCH_BOUNDS), "+Inf"), stats.batches, strict=True):
+                cumulative += count
+                sizes.append((bound, cumulative))
+            batch.add_metric(values, sizes, stats.batched_requests)
             in_flight.add_metric(values, stats.in_flight)
             processes.add_metric(values, self.metrics.processes(version_id))
             starts.add_metric(values, stats.starts)
@@ -335,4 +364,4 @@ class Collector:
             serving.add_metric(values, int(self.metrics.serving(stats.deployment) == version_id))
             if stats.last:
                 last.add_metric(values, wall - (now - stats.last))
-        yield from (requests, latency, in_flight, processes, starts, memory, serving, last)
+        yield from (requests, latency, batch, in_flight, processes, starts, memory, serving, last)

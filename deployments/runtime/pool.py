@@ -97,6 +97,7 @@ class ModelPool:
         loop = asyncio.get_running_loop()
         while self.pending and self.idle:
             batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
+            self.stats.batched(len(batch))
             process = self.idle.pop()
             if process.alive:
                 process.send(batch)
