@@ -54,6 +54,9 @@ class VersionsFilter(admin.SimpleListFilter):
         return queryset.filter(version_of__isnull=True)
 
 
+ADMIN_CANARY_PERCENT = 10  # the page and the API take any share from 1 to 50
+
+
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
     list_display = ["name", "owner", "status", "stage", "target", "model_type", "serving_version", "created_at"]
@@ -62,7 +65,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     date_hierarchy = "created_at"
     inlines = [VersionInline, DeploymentEventInline]
-    actions = ["redeploy", "stop", "promote"]
+    actions = ["redeploy", "stop", "promote", "canary", "end_canary"]
     readonly_fields = [
         "public_id",
         "status",
@@ -134,7 +137,12 @@ class DeploymentAdmin(admin.ModelAdmin):
 
     @admin.display(description="serving")
     def serving_version(self, deployment):
-        return f"v{deployment.serving_version().version}" if not deployment.version_of_id else ""
+        if deployment.version_of_id:
+            return ""
+        serving = f"v{deployment.serving_version().version}"
+        if deployment.canary_id:
+            return f"{serving} (canary v{deployment.canary.version}: {deployment.canary_percent}%)"
+        return serving
 
     @admin.action(description="Serve the selected versions at their deployment's URL (promote or roll back)")
     def promote(self, request, queryset):
@@ -145,6 +153,32 @@ class DeploymentAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{version}: {exc}", messages.ERROR)
             else:
                 self.message_user(request, f"{version} now serves {version.root.endpoint_url}.", messages.SUCCESS)
+
+    @admin.action(
+        description=f"Canary: send {ADMIN_CANARY_PERCENT}%% of their deployment's requests to the selected versions"
+    )
+    def canary(self, request, queryset):
+        for version in queryset.select_related("version_of"):
+            try:
+                services.deployment_canary_start(
+                    root=version.root, number=version.version, percent=ADMIN_CANARY_PERCENT
+                )
+            except services.VersionRefused as exc:
+                self.message_user(request, f"{version}: {exc}", messages.ERROR)
+            else:
+                message = f"{version} answers {ADMIN_CANARY_PERCENT}% of the requests to {version.root.endpoint_url}."
+                self.message_user(request, message, messages.SUCCESS)
+
+    @admin.action(description="End the canary of the selected deployments (or of the selected canary versions)")
+    def end_canary(self, request, queryset):
+        for deployment in queryset.select_related("version_of"):
+            try:
+                number = deployment.version if deployment.version_of_id else None  # a version: if it is the canary
+                version = services.deployment_canary_end(root=deployment.root, number=number)
+            except services.VersionRefused as exc:
+                self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{version}: canary ended.", messages.SUCCESS)
 
     @admin.action(description="Redeploy the selected deployments")
     def redeploy(self, request, queryset):

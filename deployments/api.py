@@ -68,11 +68,23 @@ class VersionSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="public_id")
     promote = serializers.SerializerMethodField()
     serving = serializers.SerializerMethodField()
+    canary_percent = serializers.SerializerMethodField()
     status_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
-        fields = ["id", "version", "status", "stage", "error", "promote", "serving", "status_url", "created_at"]
+        fields = [
+            "id",
+            "version",
+            "status",
+            "stage",
+            "error",
+            "promote",
+            "serving",
+            "canary_percent",
+            "status_url",
+            "created_at",
+        ]
 
     def get_promote(self, version) -> str:
         return "auto" if version.auto_promote else "review"
@@ -80,6 +92,11 @@ class VersionSerializer(serializers.ModelSerializer):
     def get_serving(self, version) -> bool:
         """Whether the deployment's stable URL answers with this version."""
         return version.serving_version().pk == version.pk
+
+    def get_canary_percent(self, version) -> int | None:
+        """The percent of the stable URL's requests it answers as a canary; null when it is not one."""
+        root = version.root
+        return root.canary_percent if root.canary_id == version.pk else None
 
     @extend_schema_field(OpenApiTypes.URI)
     def get_status_url(self, version) -> str:
@@ -407,6 +424,57 @@ class DeploymentVersionPromoteView(APIView):
         root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
         try:
             version = services.deployment_version_promote(root=root, number=number)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        version.refresh_from_db()
+        return Response(VersionSerializer(version, context={"request": request}).data)
+
+
+class CanarySerializer(serializers.Serializer):
+    percent = serializers.IntegerField(
+        min_value=1, max_value=50, help_text="The percent of the stable URL's requests this version answers (1-50)."
+    )
+
+
+class DeploymentVersionCanaryView(APIView):
+    @extend_schema(
+        operation_id="deployment_version_canary",
+        summary="Canary: this ready version answers a percent of the deployment's requests, the serving one the rest",
+        request=CanarySerializer,
+        responses={
+            200: VersionSerializer,
+            400: OpenApiResponse(ErrorSerializer, description="`percent` is missing or not 1 to 50."),
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="It cannot be a canary now (see `error`)."),
+        },
+    )
+    def post(self, request, public_id, number):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        body = CanarySerializer(data=request.data)
+        if not body.is_valid():
+            return Response({"error": "send `percent`, a whole number from 1 to 50"}, status=400)
+        try:
+            version = services.deployment_canary_start(root=root, number=number, percent=body.validated_data["percent"])
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(VersionSerializer(version, context={"request": request}).data)
+
+    @extend_schema(
+        operation_id="deployment_version_canary_end",
+        summary="End this version's canary: the serving version answers every request again",
+        request=None,
+        responses={
+            200: VersionSerializer,
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="This version is not a canary."),
+        },
+    )
+    def delete(self, request, public_id, number):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        try:
+            version = services.deployment_canary_end(root=root, number=number)
         except services.VersionRefused as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         version.refresh_from_db()

@@ -118,6 +118,12 @@ class Deployment(models.Model):
     )
     # A version that becomes ready is promoted at once, unless its owner asked to review it first.
     auto_promote = models.BooleanField(default=True)
+    # A canary (on the root): a ready version that answers `canary_percent` of the stable URL's
+    # requests while `serving` answers the rest. Only the canary services and promote move it.
+    canary = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    canary_percent = models.PositiveSmallIntegerField(default=0, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

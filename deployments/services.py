@@ -655,20 +655,93 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
         ) from None
     was = root.serving_version().version
     with transaction.atomic():
+        # A promote ends a canary: the one promoted now takes all the traffic, whichever it was.
         switched = Deployment.objects.filter(pk=root.pk, serving_id=previous, status=Status.READY).update(
-            serving=version, updated_at=timezone.now()
+            serving=version, canary=None, canary_percent=0, updated_at=timezone.now()
         )
         if not switched:
             raise VersionRefused("The deployment changed meanwhile (another promote, or a stop): look again and retry.")
         root.serving = version
+        canary, root.canary, root.canary_percent = root.canary_id, None, 0
         word = "rolled back to" if number < was else "promoted"
+        ended = " (its canary ended)" if canary else ""
         deployment_record_event(
             deployment=root,
             stage="",
-            message=f"{word} version {number}: {root.endpoint_url} answers with it (was version {was})",
+            message=f"{word} version {number}: {root.endpoint_url} answers with it (was version {was}){ended}",
         )
         if version.pk != root.pk:
             deployment_record_event(deployment=version, stage="", message=f"now serving {root.endpoint_url}")
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    return version
+
+
+CANARY_PERCENTS = range(1, 51)  # a canary is the smaller share: past half, promote it
+
+
+def deployment_canary_start(*, root: Deployment, number: int, percent: int) -> Deployment:
+    """Send `percent` of `root`'s stable URL's requests to ready version `number` (a canary),
+    the rest to the version that serves; a canary running already is replaced, or changes its
+    share. The version is warm before the runtime routes anything to it. Raises VersionRefused."""
+    if root.version_of_id:
+        raise VersionRefused("Start a canary through the deployment itself.")
+    if percent not in CANARY_PERCENTS:
+        raise VersionRefused(f"A canary takes 1 to 50 percent of the requests, not {percent}.")
+    version = deployment_version_get(root=root, number=number)
+    if version is None:
+        raise VersionRefused(f"This deployment has no version {number}.")
+    if root.status != Status.READY:
+        raise VersionRefused("This deployment is not ready (it was stopped or failed): it has no traffic to share.")
+    if version.status != Status.READY:
+        raise VersionRefused(
+            f"Version {number} is {version.get_status_display().lower()}: only a ready version can be a canary."
+        )
+    serving = root.serving_id
+    if (serving or root.pk) == version.pk:
+        raise VersionRefused(f"Version {number} serves every request already: a canary is another version.")
+    try:
+        client.load(version.public_id)  # warm first: no request waits for the canary's model to load
+    except client.RuntimeUnavailable as exc:
+        raise VersionRefused(f"Version {number} could not be loaded, so no canary started: {exc}") from None
+    with transaction.atomic():
+        started = Deployment.objects.filter(pk=root.pk, serving_id=serving, status=Status.READY).update(
+            canary=version, canary_percent=percent, updated_at=timezone.now()
+        )
+        if not started:
+            raise VersionRefused("The deployment changed meanwhile (a promote, or a stop): look again and retry.")
+        root.canary, root.canary_percent = version, percent
+        deployment_record_event(
+            deployment=root,
+            stage="",
+            message=f"canary: version {number} answers {percent}% of the requests to {root.endpoint_url}, "
+            f"version {root.serving_version().version} the rest",
+        )
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    return version
+
+
+def deployment_canary_end(*, root: Deployment, number: int | None = None) -> Deployment | None:
+    """End `root`'s canary (cancel: the serving version takes every request again); with `number`,
+    only if that version is the canary. The canary version, or None when there was none."""
+    if root.version_of_id:
+        raise VersionRefused("End a canary through the deployment itself.")
+    canary = root.canary_id
+    version = Deployment.objects.filter(pk=canary).first() if canary else None
+    if version is None or (number is not None and version.version != number):
+        raise VersionRefused(f"Version {number} is not a canary of this deployment." if number else "No canary runs.")
+    with transaction.atomic():
+        ended = Deployment.objects.filter(pk=root.pk, canary_id=canary).update(
+            canary=None, canary_percent=0, updated_at=timezone.now()
+        )
+        if not ended:
+            raise VersionRefused("The deployment changed meanwhile (a promote, or another change): look again.")
+        root.canary, root.canary_percent = None, 0
+        deployment_record_event(
+            deployment=root,
+            stage="",
+            message=f"canary of version {version.version} ended: version {root.serving_version().version} "
+            "answers every request",
+        )
         transaction.on_commit(lambda: client.route_quietly(root.public_id))
     return version
 

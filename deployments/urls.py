@@ -25,6 +25,12 @@ urlpatterns = [
         views.deployment_version_promote,
         name="deployment-version-promote",
     ),
+    path(
+        "deployments/<uuid:public_id>/versions/<int:number>/canary",
+        views.deployment_version_canary,
+        name="deployment-version-canary",
+    ),
+    path("deployments/<uuid:public_id>/canary/end", views.deployment_canary_end, name="deployment-canary-end"),
     path("signup", views.signup, name="signup"),
     path("health", views.health, name="health"),
     path("api/token", api.obtain_token, name="api-token"),
@@ -37,6 +43,11 @@ urlpatterns = [
         "api/deployments/<uuid:public_id>/versions/<int:number>/promote",
         api.DeploymentVersionPromoteView.as_view(),
         name="api-version-promote",
+    ),
+    path(
+        "api/deployments/<uuid:public_id>/versions/<int:number>/canary",
+        api.DeploymentVersionCanaryView.as_view(),
+        name="api-version-canary",
     ),
     path(
         "api/deployments/<uuid:public_id>/openapi.json",

@@ -149,6 +149,7 @@ def versions_context(deployment: Deployment, form: VersionForm | None) -> dict:
     return {
         "versions": versions,
         "serving_pk": deployment.serving_id or deployment.pk,
+        "canary_pk": deployment.canary_id,
         "versions_busy": any(not version.is_terminal() for version in versions),
         "version_form": form or VersionForm(),
     }
@@ -303,6 +304,39 @@ def deployment_version_promote(request, public_id, number):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"Version {number} now serves {root.endpoint_url}.")
+    return redirect(root)
+
+
+@login_required
+@require_POST
+def deployment_version_canary(request, public_id, number):
+    """Start a canary (or change its share): the version answers that percent of the URL's requests."""
+    root = own_deployment(request, public_id)
+    try:
+        percent = int(request.POST.get("percent", ""))
+    except ValueError:
+        messages.error(request, "A canary takes a whole number of percent, from 1 to 50.")
+        return redirect(root)
+    try:
+        services.deployment_canary_start(root=root, number=number, percent=percent)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Version {number} answers {percent}% of the requests to {root.endpoint_url}.")
+    return redirect(root)
+
+
+@login_required
+@require_POST
+def deployment_canary_end(request, public_id):
+    """Cancel the canary: the serving version answers every request again."""
+    root = own_deployment(request, public_id)
+    try:
+        version = services.deployment_canary_end(root=root)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Canary of version {version.version} ended: the serving version answers all.")
     return redirect(root)
 
 

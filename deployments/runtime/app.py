@@ -32,7 +32,9 @@ from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.registry import (
     RecentMisses,
+    canaries,
     lookup,
+    lookup_canary,
     lookup_version,
     openapi_document,
     servable_access,
@@ -67,6 +69,22 @@ class KeyedLocks:
                 del self.entries[key]
 
 
+class Canary:
+    """A share of a deployment's stable URL's requests answered by another ready version. Request i
+    (counted per deployment) goes to it when (i * percent) % 100 < percent: every 100 requests in a
+    row send exactly `percent` of them there, spread out (20: every fifth), with no randomness."""
+
+    __slots__ = ("version_id", "percent", "count")
+
+    def __init__(self, version_id: str, percent: int):
+        self.version_id, self.percent, self.count = version_id, percent, 0
+
+    def take(self) -> bool:
+        i = self.count
+        self.count = (i + 1) % 100
+        return i * self.percent % 100 < self.percent
+
+
 class Runtime:
     """The ASGI application."""
 
@@ -74,6 +92,7 @@ class Runtime:
         self.pools: dict[str, ModelPool] = {}  # by the id of the deployment or version they run
         # A deployment's id -> the version whose pool answers its stable URL (none: its own pool).
         self.routes: dict[str, str] = {}
+        self.canaries: dict[str, Canary] = {}  # a deployment's id -> its canary, if it has one
         self.version_ids: dict[str, str] = {}  # "<deployment id>/<n>" -> that version's id (V2's /versions/<n>)
         self.loading = KeyedLocks()
         self.misses = RecentMisses()
@@ -87,6 +106,9 @@ class Runtime:
     async def pool_for(self, deployment_id: str, fresh: bool = False) -> ModelPool | None:
         """The deployment's pool, loaded on first use; None when it may not be served.
         `fresh` asks the database even about an id it just did not know (the worker's _load)."""
+        canary = self.canaries.get(deployment_id)
+        if canary is not None and not fresh and canary.take() and (pool := self.pools.get(canary.version_id)):
+            return pool  # its pool gone (idle, unservable): the serving version answers, the sweep looks again
         pool = self.pools.get(self.routes.get(deployment_id, deployment_id))
         if pool is not None:
             return pool
@@ -151,18 +173,54 @@ class Runtime:
         """Send a deployment's stable URL to the version that serves it now (a promote or a
         rollback). The version's pool is warm before the route changes, so no request waits for
         a model to load; requests that already reached the old pool finish there, and its
-        processes stop once nothing routes to it and it is idle (drain)."""
+        processes stop once nothing routes to it and it is idle (drain). Its canary, if it has one,
+        follows the database the same way (started, changed, ended or promoted)."""
         found = await sync_to_async(lookup)(deployment_id)
         if found is None:
             return None
         pool = await self._pool(*found)
         pool.access = found[1]
+        canary = await self._canary_pool(deployment_id)
         old = self.routes.get(deployment_id, deployment_id)
         self._route(deployment_id, found[0].deployment_id)  # one assignment: the next request goes there
         if old != found[0].deployment_id:
             log.info("%s now answers with %s (was %s)", deployment_id, found[0].deployment_id, old)
             asyncio.get_running_loop().create_task(self.drain(old, deployment_id))
+        self._set_canary(deployment_id, canary)
         return pool
+
+    async def _canary_pool(self, deployment_id: str) -> tuple[str, int] | None:
+        """The deployment's canary (its version's id, its percent) with its pool warm; None without
+        one, or when it does not load: the serving version then answers every request."""
+        found = await sync_to_async(lookup_canary)(deployment_id)
+        if found is None:
+            return None
+        spec, access, percent = found
+        try:
+            pool = await self._pool(spec, access)
+        except ModelUnavailable as exc:
+            log.warning("the canary %s of %s did not load: %s", spec.deployment_id, deployment_id, exc.message)
+            return None
+        pool.access = access
+        return spec.deployment_id, percent
+
+    def _set_canary(self, deployment_id: str, canary: tuple[str, int] | None) -> None:
+        old = self.canaries.get(deployment_id)
+        if canary is None:
+            self.canaries.pop(deployment_id, None)
+        elif old is None or old.version_id != canary[0]:
+            self.canaries[deployment_id] = Canary(*canary)
+        else:
+            old.percent = canary[1]
+        if old is not None and old.version_id != (canary and canary[0]):
+            log.info("%s: the canary %s ended", deployment_id, old.version_id)
+            asyncio.get_running_loop().create_task(self.drain(old.version_id, deployment_id))
+
+    def _canary_changed(self, deployment_id: str, wanted: tuple[str, int] | None) -> bool:
+        canary = self.canaries.get(deployment_id)
+        if wanted is None:
+            return canary is not None
+        return canary is None or (canary.version_id, canary.percent) != wanted or wanted[0] not in self.pools
 
     async def drain(self, version_id: str, deployment_id: str, grace: float = 1.0) -> None:
         """Stop a pool nothing routes to any more, once the requests it holds are answered."""
@@ -170,6 +228,8 @@ class Runtime:
         while (pool := self.pools.get(version_id)) is not None:
             if self.routes.get(deployment_id, deployment_id) == version_id or version_id in self.routes.values():
                 return  # it serves again (rolled back meanwhile)
+            if any(canary.version_id == version_id for canary in self.canaries.values()):
+                return  # a canary again
             if not pool.busy:
                 log.info("stopping the model processes of %s: nothing routes to it", version_id)
                 self.unload(version_id)
@@ -187,10 +247,14 @@ class Runtime:
         """Follow promotes the runtime was not told about, and forget routes of stopped deployments."""
         ids = [*self.routes, *self.pools]
         now = await sync_to_async(serving)(ids)
+        wanted = await sync_to_async(canaries)(list(now)) if now else {}
         for deployment_id in ids:
             if deployment_id not in now:
                 self.routes.pop(deployment_id, None)
-            elif self.routes.get(deployment_id, deployment_id) != now[deployment_id]:
+                self.canaries.pop(deployment_id, None)
+            elif self.routes.get(deployment_id, deployment_id) != now[deployment_id] or self._canary_changed(
+                deployment_id, wanted.get(deployment_id)
+            ):
                 try:
                     await self.switch(deployment_id)
                 except ModelUnavailable as exc:  # the version did not load: the old one keeps serving

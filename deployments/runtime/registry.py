@@ -65,6 +65,33 @@ def lookup(deployment_id: str) -> tuple[Spec, Access] | None:
     return _spec(row.serving if row.serving_id else row, access_for(row.root))
 
 
+def lookup_canary(deployment_id: str) -> tuple[Spec, Access, int] | None:
+    """A servable deployment's canary: the version that answers a share of its stable URL's
+    requests, with the deployment's access rules, and that share in percent (runs in a thread).
+    None without one, or when the canary version may not be served (it then drops out)."""
+    close_old_connections()
+    root = _servable_row(deployment_id)
+    if root is None or root.version_of_id or not root.canary_id or not root.canary_percent:
+        return None
+    canary = Deployment.objects.filter(pk=root.canary_id, status=Deployment.Status.READY).first()
+    found = _spec(canary, access_for(root)) if canary is not None else None
+    return (*found, root.canary_percent) if found is not None else None
+
+
+def canaries(ids: list[str]) -> dict[str, tuple[str, int]]:
+    """For each servable deployment among `ids` with a servable canary: the canary version's id and
+    its share, so the runtime's sweep follows a canary change it was not told about."""
+    close_old_connections()
+    rows = (
+        _servable(Deployment.objects)
+        .filter(
+            public_id__in=ids, version_of__isnull=True, canary__status=Deployment.Status.READY, canary_percent__gt=0
+        )
+        .select_related("canary")
+    )
+    return {str(row.public_id): (str(row.canary.public_id), row.canary_percent) for row in rows}
+
+
 def lookup_version(deployment_id: str, number: int) -> tuple[Spec, Access] | None:
     """Version `number` of a servable deployment, whichever serves its URL (V2's /versions/<n>; runs in a thread)."""
     close_old_connections()
