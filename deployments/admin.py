@@ -8,6 +8,7 @@ from deployments import services
 from deployments.forms import VersionForm
 from deployments.models import AllowedGlobal, AllowedPackage, Deployment, DeploymentEvent
 from deployments.pipeline.errors import StageError
+from deployments.runtime import client
 
 
 class DeploymentEventInline(admin.TabularInline):
@@ -94,6 +95,7 @@ class DeploymentAdmin(admin.ModelAdmin):
         "version_of",
         "version",
         "new_version",
+        "live_figures",
     ]
 
     def get_urls(self):
@@ -109,6 +111,27 @@ class DeploymentAdmin(admin.ModelAdmin):
             return ""
         url = reverse("admin:deployments_deployment_new_version", args=[deployment.pk])
         return format_html('<a href="{}">Upload a new version</a> (the serving one keeps serving)', url)
+
+    @admin.display(description="live figures")
+    def live_figures(self, deployment):
+        """Totals from the runtime (its URL, all versions; a version's page: the deployment's)."""
+        root = deployment.root if deployment.pk else None
+        if root is None or root.target != Deployment.Target.LOCAL:
+            return "from CloudWatch for aws deployments" if root else ""
+        try:
+            found = client.figures(root.public_id, timeout=1.0).get(str(root.public_id))
+        except client.RuntimeUnavailable:
+            return "figures unavailable: the runtime did not answer"
+        if not found:
+            return "not called since the runtime started"
+        total = found["total"]
+        rate = "—" if total["error_rate"] is None else f"{total['error_rate']:.1%}"
+        p99 = "—" if total["p99_seconds"] is None else f"{total['p99_seconds'] * 1000:.1f} ms"
+        versions = ", ".join(f"v{n}: {v['requests']}" for n, v in sorted(found["versions"].items()))
+        return (
+            f"{total['requests']} requests since the runtime started ({versions}); last minute: "
+            f"{total['requests_per_minute']} requests, error rate {rate}, p99 {p99}"
+        )
 
     def new_version_view(self, request, pk):
         """Upload a new version of a deployment for its owner, checked like the owner's own upload."""

@@ -355,3 +355,19 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     assert f'data-requests="{figures["total"]["requests"]}"' in html
     assert len(figures["last_hour"]) == 60 and figures["last_hour"][-1]["requests_per_second"] > 0
     assert 'id="chart-requests_per_second"' in html
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_a_deployments_totals_or_that_they_are_unavailable(admin_client, ready, monkeypatch, settings):
+    from deployments import admin
+    from tests.support.processes import free_port
+
+    page = reverse("admin:deployments_deployment_change", args=[ready.pk])
+    settings.SERVEML_RUNTIME_INTERNAL_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert "figures unavailable: the runtime did not answer" in admin_client.get(page).content.decode()
+
+    figures = {"requests": 7, "requests_per_minute": 3, "error_rate": 0.5, "p99_seconds": 0.002}
+    answer = {str(ready.public_id): {"total": figures, "versions": {"1": {**figures, "requests": 7}}}}
+    monkeypatch.setattr(admin.client, "figures", lambda public_id=None, **kw: answer)
+    html = admin_client.get(page).content.decode()
+    assert "7 requests since the runtime started (v1: 7); last minute: 3 requests, error rate 50.0%, p99 2.0 ms" in html
