@@ -210,7 +210,13 @@ def figures_context(deployment: Deployment, fetch: bool = True) -> dict:
     versions = found.get("versions", {})
     rows = [figures_row("total", "Its URL (all versions)", found.get("total"))]
     rows += [
-        figures_row(f"v{v.version}", f"v{v.version}", versions.get(str(v.version)), serving=v.pk == serving)
+        figures_row(
+            f"v{v.version}",
+            f"v{v.version}",
+            versions.get(str(v.version)),
+            serving=v.pk == serving,
+            canary=root.canary_percent if v.pk == root.canary_id else None,
+        )
         for v in root.all_versions()
         if str(v.version) in versions or v.status == Deployment.Status.READY
     ]
@@ -243,8 +249,8 @@ def charts(last_hour: list[dict] | None, width: int = 240, height: int = 40) -> 
     return drawn
 
 
-def figures_row(key: str, label: str, figures: dict | None, serving: bool = False) -> dict:
-    row = {"key": key, "label": label, "serving": serving, "requests": None}
+def figures_row(key: str, label: str, figures: dict | None, serving: bool = False, canary: int | None = None) -> dict:
+    row = {"key": key, "label": label, "serving": serving, "canary": canary, "requests": None}
     if not figures:
         return row  # not called since the runtime started
     milliseconds = {name: figures[f"{name}_seconds"] for name in ("p50", "p99")}

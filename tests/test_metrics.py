@@ -25,6 +25,8 @@ from deployments.runtime.pool import ModelPool
 from deployments.runtime.registry import Spec
 from tests.conftest import stand_in_build
 from tests.test_runtime_pool import environment, run  # noqa: F401  (environment: a fixture)
+from tests.test_versions import new_version, root, runtime  # noqa: F401  (root, runtime: fixtures)
+from tests.test_versions import ready as ready_version
 
 # Answers every request with 200, except one that kills its model process (each time: the
 # runtime gives it a second process, then answers 502).
@@ -371,3 +373,46 @@ def test_the_admin_shows_a_deployments_totals_or_that_they_are_unavailable(admin
     monkeypatch.setattr(admin.client, "figures", lambda public_id=None, **kw: answer)
     html = admin_client.get(page).content.decode()
     assert "7 requests since the runtime started (v1: 7); last minute: 3 requests, error rate 50.0%, p99 2.0 ms" in html
+
+
+def test_a_canarys_share_of_the_traffic_is_in_metrics_beside_the_serving_versions():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from deployments.runtime import app
+
+    runtime = app.Runtime(max_processes=1)
+    runtime.pools = {"v1": SimpleNamespace(processes=[]), "v2": SimpleNamespace(processes=[])}
+    runtime.routes = {"deployment": "v1"}
+    runtime.canaries = {"deployment": app.Canary("v2", 20)}
+    runtime.metrics.stats = {"v1": Stats("deployment", 1), "v2": Stats("deployment", 2), "v3": Stats("deployment", 3)}
+    found = parse(generate_latest(runtime.metrics.registry).decode())
+    share = {n: found["serveml_version_traffic_percent", labels("deployment", n)] for n in (1, 2, 3)}
+    assert share == {1: 80, 2: 20, 3: 0}
+    assert runtime.metrics.figures("deployment")["deployment"]["versions"]["2"]["traffic_percent"] == 20
+
+
+@pytest.mark.django_db
+def test_the_page_shows_a_canarys_figures_beside_the_serving_versions(
+    client,
+    user,
+    root,  # noqa: F811
+    runtime,  # noqa: F811
+    iris_rf_bytes,
+    monkeypatch,
+):
+    from deployments import views
+
+    v2 = ready_version(new_version(root, iris_rf_bytes))
+    Deployment.objects.filter(pk=root.pk).update(canary=v2, canary_percent=20)
+    figures = {"requests": 5, "requests_per_minute": 5, "errors_4xx": 0, "errors_5xx": 0, "error_rate": 0.0}
+    figures |= {"p50_seconds": 0.001, "p95_seconds": 0.001, "p99_seconds": 0.001, "last_request": time.time()}
+    answer = {str(root.public_id): {"total": figures, "versions": {"1": figures, "2": figures}}}
+    monkeypatch.setattr(views.client, "figures", lambda public_id=None, **kw: answer)
+    client.force_login(user)
+    html = client.get(reverse("deployment-figures", args=[root.public_id])).content.decode()
+    v1_row = html.split('id="figures-v1"')[1].split("</tr>")[0]
+    v2_row = html.split('id="figures-v2"')[1].split("</tr>")[0]
+    assert "canary 20%" in v2_row and "serving" not in v2_row
+    assert "serving" in v1_row and "canary" not in v1_row

@@ -247,6 +247,15 @@ class Metrics:
     def serving(self, deployment_id: str) -> str:
         return self.runtime.routes.get(deployment_id, deployment_id)
 
+    def share(self, deployment_id: str, version_id: str) -> int:
+        """The percent of the stable URL's requests this version is sent: the serving one's, less a canary's."""
+        canary = self.runtime.canaries.get(deployment_id)
+        if canary is not None and canary.version_id == version_id:
+            return canary.percent
+        if self.serving(deployment_id) != version_id:
+            return 0
+        return 100 - canary.percent if canary is not None else 100
+
     def figures(self, deployment_id: str | None = None) -> dict:
         """For each deployment (or just `deployment_id`): its figures over the last minute, in
         total and for each version, as the web page shows them."""
@@ -262,6 +271,7 @@ class Metrics:
                 "processes": self.processes(version_id),
                 "last_request": wall - (now - stats.last) if stats.last else None,
                 "serving": self.serving(stats.deployment) == version_id,
+                "traffic_percent": self.share(stats.deployment, version_id),
             }
             entry = found.setdefault(stats.deployment, {"versions": {}, "window": ([0] * 6, [0] * len(buckets))})
             entry["versions"][str(stats.version)] = figures
@@ -338,6 +348,11 @@ class Collector:
         serving = GaugeMetricFamily(
             "serveml_version_serving", "1 for the version the stable URL answers with", labels=labels
         )
+        share = GaugeMetricFamily(
+            "serveml_version_traffic_percent",
+            "The share of the stable URL's requests sent to this version (the serving one, a canary)",
+            labels=labels,
+        )
         last = GaugeMetricFamily(
             "serveml_last_request_timestamp_seconds", "When the last request was answered (Unix time)", labels=labels
         )
@@ -362,6 +377,7 @@ class Collector:
             starts.add_metric(values, stats.starts)
             memory.add_metric(values, resident.get(version_id, 0))
             serving.add_metric(values, int(self.metrics.serving(stats.deployment) == version_id))
+            share.add_metric(values, self.metrics.share(stats.deployment, version_id))
             if stats.last:
                 last.add_metric(values, wall - (now - stats.last))
-        yield from (requests, latency, batch, in_flight, processes, starts, memory, serving, last)
+        yield from (requests, latency, batch, in_flight, processes, starts, memory, serving, share, last)
