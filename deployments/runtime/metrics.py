@@ -1,11 +1,13 @@
 """Live figures of the runtime, per deployment and version: answers by status class, a
-latency histogram, requests in flight, model processes, the last request.
+latency histogram, requests in flight, the last request, batch sizes, model processes (how
+many, how often started, their memory) and each version's share of the traffic.
 
 The prediction path only touches a version's `Stats`, held by its pool: `record` is a few
 integer increments and one bucket found by bisect, with no lock (one event loop) and no
 label lookup. Everything else reads those counters when asked: `GET /metrics` (Prometheus
 text, through a custom collector) and `GET /_figures[/<id>]` (the deployment page's figures
-over the last minute). Both need the runtime token: they name every deployment on the host.
+over the last minute and the last hour, from copies of the counters the sweep keeps). Both
+need the runtime token: they name every deployment on the host.
 A version's counters outlive its model processes (scale to zero, drain); they are dropped
 when its deployment is stopped.
 """
@@ -51,7 +53,7 @@ BOUNDS = (
 BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
 CLASSES = ((2, "2xx"), (4, "4xx"), (5, "5xx"))  # status // 100: what is counted by name
 SAMPLE_SECONDS = 10.0  # how often the sweep keeps a copy of the counters (the page's "last minute")
-HISTORY = 361  # an hour of copies, for a chart to come
+HISTORY = 361  # an hour of copies: the page's last-hour chart
 WINDOW = 60.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
