@@ -69,6 +69,7 @@ class VersionSerializer(serializers.ModelSerializer):
     promote = serializers.SerializerMethodField()
     serving = serializers.SerializerMethodField()
     canary_percent = serializers.SerializerMethodField()
+    shadowed = serializers.SerializerMethodField()
     status_url = serializers.SerializerMethodField()
 
     class Meta:
@@ -82,6 +83,7 @@ class VersionSerializer(serializers.ModelSerializer):
             "promote",
             "serving",
             "canary_percent",
+            "shadowed",
             "status_url",
             "created_at",
         ]
@@ -92,6 +94,10 @@ class VersionSerializer(serializers.ModelSerializer):
     def get_serving(self, version) -> bool:
         """Whether the deployment's stable URL answers with this version."""
         return version.serving_version().pk == version.pk
+
+    def get_shadowed(self, version) -> bool:
+        """Whether it also predicts a sample of the live requests, compared with the serving version."""
+        return version.root.shadow_id == version.pk
 
     def get_canary_percent(self, version) -> int | None:
         """The percent of the stable URL's requests it answers as a canary; null when it is not one."""
@@ -475,6 +481,47 @@ class DeploymentVersionCanaryView(APIView):
         root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
         try:
             version = services.deployment_canary_end(root=root, number=number)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        version.refresh_from_db()
+        return Response(VersionSerializer(version, context={"request": request}).data)
+
+
+class DeploymentVersionShadowView(APIView):
+    @extend_schema(
+        operation_id="deployment_version_shadow",
+        summary="Shadow: this ready version also predicts a sample of the live requests, compared with the serving one",
+        request=None,
+        responses={
+            200: VersionSerializer,
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="It cannot be shadowed now (see `error`)."),
+        },
+    )
+    def post(self, request, public_id, number):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        try:
+            version = services.deployment_shadow_start(root=root, number=number)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(VersionSerializer(version, context={"request": request}).data)
+
+    @extend_schema(
+        operation_id="deployment_version_shadow_end",
+        summary="Stop shadowing this version",
+        request=None,
+        responses={
+            200: VersionSerializer,
+            401: NOT_SIGNED_IN,
+            404: NOT_YOURS,
+            409: OpenApiResponse(ErrorSerializer, description="This version is not shadowed."),
+        },
+    )
+    def delete(self, request, public_id, number):
+        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        try:
+            version = services.deployment_shadow_end(root=root, number=number)
         except services.VersionRefused as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         version.refresh_from_db()

@@ -124,6 +124,11 @@ class Deployment(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
     )
     canary_percent = models.PositiveSmallIntegerField(default=0, editable=False)
+    # Shadow (on the root): a ready version that also predicts a sample of the live requests,
+    # after they are answered, so its owner sees how often it agrees before promoting it.
+    shadow = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

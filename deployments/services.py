@@ -657,14 +657,16 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
     with transaction.atomic():
         # A promote ends a canary: the one promoted now takes all the traffic, whichever it was.
         switched = Deployment.objects.filter(pk=root.pk, serving_id=previous, status=Status.READY).update(
-            serving=version, canary=None, canary_percent=0, updated_at=timezone.now()
+            serving=version, canary=None, canary_percent=0, shadow=None, updated_at=timezone.now()
         )
         if not switched:
             raise VersionRefused("The deployment changed meanwhile (another promote, or a stop): look again and retry.")
         root.serving = version
         canary, root.canary, root.canary_percent = root.canary_id, None, 0
+        shadow, root.shadow = root.shadow_id, None
         word = "rolled back to" if number < was else "promoted"
-        ended = " (its canary ended)" if canary else ""
+        ended = " and ".join(name for name, was_on in (("canary", canary), ("shadow", shadow)) if was_on)
+        ended = f" (its {ended} ended)" if ended else ""
         deployment_record_event(
             deployment=root,
             stage="",
@@ -742,6 +744,62 @@ def deployment_canary_end(*, root: Deployment, number: int | None = None) -> Dep
             message=f"canary of version {version.version} ended: version {root.serving_version().version} "
             "answers every request",
         )
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    return version
+
+
+def deployment_shadow_start(*, root: Deployment, number: int) -> Deployment:
+    """Shadow: ready version `number` also predicts a sample of the requests `root`'s stable URL
+    answers, after they are answered, and the runtime counts how often it agrees with the serving
+    version (runtime/shadow.py). One candidate at a time: another one replaces it. Raises VersionRefused."""
+    if root.version_of_id:
+        raise VersionRefused("Shadow versions through the deployment itself.")
+    version = deployment_version_get(root=root, number=number)
+    if version is None:
+        raise VersionRefused(f"This deployment has no version {number}.")
+    if root.status != Status.READY:
+        raise VersionRefused("This deployment is not ready (it was stopped or failed): it has no requests to copy.")
+    if version.status != Status.READY:
+        raise VersionRefused(
+            f"Version {number} is {version.get_status_display().lower()}: only a ready version can be shadowed."
+        )
+    serving = root.serving_id
+    if (serving or root.pk) == version.pk:
+        raise VersionRefused(f"Version {number} serves the requests already: shadow a candidate, another version.")
+    try:
+        client.load(version.public_id)
+    except client.RuntimeUnavailable as exc:
+        raise VersionRefused(f"Version {number} could not be loaded, so no shadow started: {exc}") from None
+    with transaction.atomic():
+        started = Deployment.objects.filter(pk=root.pk, serving_id=serving, status=Status.READY).update(
+            shadow=version, updated_at=timezone.now()
+        )
+        if not started:
+            raise VersionRefused("The deployment changed meanwhile (a promote, or a stop): look again and retry.")
+        root.shadow = version
+        deployment_record_event(
+            deployment=root,
+            stage="",
+            message=f"shadow: version {number} also predicts a sample of the requests to {root.endpoint_url}, "
+            "compared with the answers of the serving version",
+        )
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    return version
+
+
+def deployment_shadow_end(*, root: Deployment, number: int | None = None) -> Deployment:
+    """Stop shadowing (with `number`: only if that version is the shadowed one). Raises VersionRefused."""
+    if root.version_of_id:
+        raise VersionRefused("End a shadow through the deployment itself.")
+    shadow = root.shadow_id
+    version = Deployment.objects.filter(pk=shadow).first() if shadow else None
+    if version is None or (number is not None and version.version != number):
+        raise VersionRefused(f"Version {number} is not shadowed." if number else "No version is shadowed.")
+    with transaction.atomic():
+        if not Deployment.objects.filter(pk=root.pk, shadow_id=shadow).update(shadow=None, updated_at=timezone.now()):
+            raise VersionRefused("The deployment changed meanwhile (a promote, or another change): look again.")
+        root.shadow = None
+        deployment_record_event(deployment=root, stage="", message=f"shadow of version {version.version} ended")
         transaction.on_commit(lambda: client.route_quietly(root.public_id))
     return version
 

@@ -31,6 +31,12 @@ urlpatterns = [
         name="deployment-version-canary",
     ),
     path("deployments/<uuid:public_id>/canary/end", views.deployment_canary_end, name="deployment-canary-end"),
+    path(
+        "deployments/<uuid:public_id>/versions/<int:number>/shadow",
+        views.deployment_version_shadow,
+        name="deployment-version-shadow",
+    ),
+    path("deployments/<uuid:public_id>/shadow/end", views.deployment_shadow_end, name="deployment-shadow-end"),
     path("signup", views.signup, name="signup"),
     path("health", views.health, name="health"),
     path("api/token", api.obtain_token, name="api-token"),
@@ -48,6 +54,11 @@ urlpatterns = [
         "api/deployments/<uuid:public_id>/versions/<int:number>/canary",
         api.DeploymentVersionCanaryView.as_view(),
         name="api-version-canary",
+    ),
+    path(
+        "api/deployments/<uuid:public_id>/versions/<int:number>/shadow",
+        api.DeploymentVersionShadowView.as_view(),
+        name="api-version-shadow",
     ),
     path(
         "api/deployments/<uuid:public_id>/openapi.json",

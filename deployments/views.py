@@ -150,6 +150,8 @@ def versions_context(deployment: Deployment, form: VersionForm | None) -> dict:
         "versions": versions,
         "serving_pk": deployment.serving_id or deployment.pk,
         "canary_pk": deployment.canary_id,
+        "shadow_pk": deployment.shadow_id,
+        "shadow_report": shadow_report(deployment),
         "versions_busy": any(not version.is_terminal() for version in versions),
         "version_form": form or VersionForm(),
     }
@@ -343,6 +345,45 @@ def deployment_canary_end(request, public_id):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"Canary of version {version.version} ended: the serving version answers all.")
+    return redirect(root)
+
+
+def shadow_report(root: Deployment) -> dict | None:
+    """What comparing the shadowed candidate with the serving version found so far, for its row;
+    {"unavailable": True} when the runtime does not answer (the page carries on)."""
+    if not root.shadow_id or root.status != Deployment.Status.READY:
+        return None
+    try:
+        report = client.shadow_report(root.public_id)
+    except client.RuntimeUnavailable:
+        return {"unavailable": True}
+    return report or {"compared": 0, "agreed": 0, "examples": []}
+
+
+@login_required
+@require_POST
+def deployment_version_shadow(request, public_id, number):
+    """Shadow a candidate: it also predicts a sample of the live requests, and the page says how often it agreed."""
+    root = own_deployment(request, public_id)
+    try:
+        services.deployment_shadow_start(root=root, number=number)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Version {number} is shadowed: it also predicts a sample of the live requests.")
+    return redirect(root)
+
+
+@login_required
+@require_POST
+def deployment_shadow_end(request, public_id):
+    root = own_deployment(request, public_id)
+    try:
+        version = services.deployment_shadow_end(root=root)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Shadow of version {version.version} ended.")
     return redirect(root)
 
 

@@ -213,6 +213,7 @@ def test_the_runtime_follows_a_canary_that_starts_changes_ends_and_is_promoted(m
         return runtime.pools.setdefault(spec.deployment_id, StandIn(spec.deployment_id))
 
     monkeypatch.setattr(runtime, "_pool", pool)
+    monkeypatch.setattr(app, "lookup_shadow", lambda d: None)
     monkeypatch.setattr(app, "lookup", lambda d: (SimpleNamespace(deployment_id=state["serving"]), None))
     monkeypatch.setattr(
         app,
@@ -221,6 +222,7 @@ def test_the_runtime_follows_a_canary_that_starts_changes_ends_and_is_promoted(m
     )
     monkeypatch.setattr(app, "serving", lambda ids: {"deployment": state["serving"]})
     monkeypatch.setattr(app, "canaries", lambda ids: {"deployment": state["canary"]} if state["canary"] else {})
+    monkeypatch.setattr(app, "shadows", lambda ids: {})
 
     async def scenario():
         state["canary"] = ("v2", 20)

@@ -361,6 +361,7 @@ def test_the_runtimes_sweep_keeps_the_old_version_when_the_new_one_does_not_load
 
     monkeypatch.setattr(app, "serving", lambda ids: {"deployment": "v2"})
     monkeypatch.setattr(app, "canaries", lambda ids: {})
+    monkeypatch.setattr(app, "shadows", lambda ids: {})
     monkeypatch.setattr(runtime, "switch", fails)
     asyncio.run(runtime.reroute())
     assert runtime.routes == {"deployment": "v1"}

@@ -35,11 +35,14 @@ from deployments.runtime.registry import (
     canaries,
     lookup,
     lookup_canary,
+    lookup_shadow,
     lookup_version,
     openapi_document,
     servable_access,
     serving,
+    shadows,
 )
+from deployments.runtime.shadow import Shadow
 
 log = logging.getLogger("serveml.runtime")
 
@@ -93,6 +96,7 @@ class Runtime:
         # A deployment's id -> the version whose pool answers its stable URL (none: its own pool).
         self.routes: dict[str, str] = {}
         self.canaries: dict[str, Canary] = {}  # a deployment's id -> its canary, if it has one
+        self.shadows: dict[str, Shadow] = {}  # a deployment's id -> its shadowed candidate (runtime/shadow.py)
         self.version_ids: dict[str, str] = {}  # "<deployment id>/<n>" -> that version's id (V2's /versions/<n>)
         self.loading = KeyedLocks()
         self.misses = RecentMisses()
@@ -181,13 +185,37 @@ class Runtime:
         pool = await self._pool(*found)
         pool.access = found[1]
         canary = await self._canary_pool(deployment_id)
+        shadow = await self._shadow_pool(deployment_id)
         old = self.routes.get(deployment_id, deployment_id)
         self._route(deployment_id, found[0].deployment_id)  # one assignment: the next request goes there
         if old != found[0].deployment_id:
             log.info("%s now answers with %s (was %s)", deployment_id, found[0].deployment_id, old)
             asyncio.get_running_loop().create_task(self.drain(old, deployment_id))
         self._set_canary(deployment_id, canary)
+        self._set_shadow(deployment_id, shadow)
         return pool
+
+    async def _shadow_pool(self, deployment_id: str) -> str | None:
+        """The id of the deployment's shadowed candidate, its pool warm; None without one or when it does not load."""
+        found = await sync_to_async(lookup_shadow)(deployment_id)
+        if found is None:
+            return None
+        try:
+            pool = await self._pool(*found)
+        except ModelUnavailable as exc:
+            log.warning("the shadow %s of %s did not load: %s", found[0].deployment_id, deployment_id, exc.message)
+            return None
+        pool.access = found[1]
+        return found[0].deployment_id
+
+    def _set_shadow(self, deployment_id: str, version_id: str | None) -> None:
+        old = self.shadows.get(deployment_id)
+        if version_id is None:
+            self.shadows.pop(deployment_id, None)
+        elif old is None or old.version_id != version_id:
+            self.shadows[deployment_id] = Shadow(version_id)  # a new candidate: its own counts
+        if old is not None and old.version_id != version_id:
+            asyncio.get_running_loop().create_task(self.drain(old.version_id, deployment_id))
 
     async def _canary_pool(self, deployment_id: str) -> tuple[str, int] | None:
         """The deployment's canary (its version's id, its percent) with its pool warm; None without
@@ -216,6 +244,12 @@ class Runtime:
             log.info("%s: the canary %s ended", deployment_id, old.version_id)
             asyncio.get_running_loop().create_task(self.drain(old.version_id, deployment_id))
 
+    def _shadow_changed(self, deployment_id: str, wanted: str | None) -> bool:
+        shadow = self.shadows.get(deployment_id)
+        if wanted is None:
+            return shadow is not None
+        return shadow is None or shadow.version_id != wanted or wanted not in self.pools
+
     def _canary_changed(self, deployment_id: str, wanted: tuple[str, int] | None) -> bool:
         canary = self.canaries.get(deployment_id)
         if wanted is None:
@@ -230,6 +264,8 @@ class Runtime:
                 return  # it serves again (rolled back meanwhile)
             if any(canary.version_id == version_id for canary in self.canaries.values()):
                 return  # a canary again
+            if any(shadow.version_id == version_id for shadow in self.shadows.values()):
+                return  # shadowed
             if not pool.busy:
                 log.info("stopping the model processes of %s: nothing routes to it", version_id)
                 self.unload(version_id)
@@ -248,12 +284,16 @@ class Runtime:
         ids = [*self.routes, *self.pools]
         now = await sync_to_async(serving)(ids)
         wanted = await sync_to_async(canaries)(list(now)) if now else {}
+        shadowed = await sync_to_async(shadows)(list(now)) if now else {}
         for deployment_id in ids:
             if deployment_id not in now:
                 self.routes.pop(deployment_id, None)
                 self.canaries.pop(deployment_id, None)
-            elif self.routes.get(deployment_id, deployment_id) != now[deployment_id] or self._canary_changed(
-                deployment_id, wanted.get(deployment_id)
+                self.shadows.pop(deployment_id, None)
+            elif (
+                self.routes.get(deployment_id, deployment_id) != now[deployment_id]
+                or self._canary_changed(deployment_id, wanted.get(deployment_id))
+                or self._shadow_changed(deployment_id, shadowed.get(deployment_id))
             ):
                 try:
                     await self.switch(deployment_id)
@@ -325,6 +365,8 @@ class Runtime:
             return await self.predict(deployment_id, dict(scope["headers"]), receive, send)
         if parts[0] in ("_load", "_unload", "_refresh", "_route") and method == "POST":
             return await self.control(parts[0], deployment_id, scope, send)
+        if parts[0] == "_shadow" and method == "GET":
+            return await self.shadow_report(deployment_id, scope, send)
         return await respond(send, 404, error("no deployment answers at this URL"))
 
     async def predict(self, deployment_id: str, headers: dict, receive, send):
@@ -350,6 +392,9 @@ class Runtime:
             stats.in_flight -= 1
         stats.record(status, started)
         await respond(send, status, answer)
+        if status == 200 and (shadow := self.shadows.get(deployment_id)) is not None:
+            if pool.spec.deployment_id != shadow.version_id:  # a canary's answer is not compared with itself
+                shadow.offer(self.pools.get(shadow.version_id), body, answer)  # after the answer went out
 
     async def document(self, deployment_id: str | None, headers: dict, send):
         """`<endpoint_url>/openapi.json`: the prediction URL's OpenAPI document, for whoever may call it."""
@@ -375,6 +420,15 @@ class Runtime:
                 "or `X-API-Key: <key>` (the deployment's owner creates keys on its page)",
             )
         return pool
+
+    async def shadow_report(self, deployment_id: str, scope, send):
+        """What the shadow comparison of a deployment found so far (the web page's; runtime token)."""
+        if not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), b"Bearer " + self.token):
+            return await respond(send, 403, error("bad runtime token"))
+        shadow = self.shadows.get(deployment_id)
+        if shadow is None:
+            return await respond(send, 404, error("no version of this deployment is shadowed here"))
+        await respond(send, 200, orjson.dumps(shadow.report()))
 
     async def control(self, action: str, deployment_id: str, scope, send):
         auth = dict(scope["headers"]).get(b"authorization", b"")

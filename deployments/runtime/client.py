@@ -98,3 +98,20 @@ def figures(public_id=None, timeout: float = 2.0) -> dict:
     if response.status_code != 200:
         raise RuntimeUnavailable(f"the runtime answered {response.status_code}")
     return response.json()
+
+
+def shadow_report(public_id, timeout: float = 1.0) -> dict | None:
+    """What the shadow comparison of a deployment found so far (runtime/shadow.py), or None when
+    the runtime shadows none of its versions. RuntimeUnavailable when it does not answer."""
+    url = f"{settings.SERVEML_RUNTIME_INTERNAL_URL}/_shadow/{public_id}"
+    try:
+        response = httpx.get(
+            url, headers={"Authorization": f"Bearer {settings.SERVEML_RUNTIME_TOKEN}"}, timeout=timeout
+        )
+    except httpx.HTTPError as exc:
+        raise RuntimeUnavailable(f"the runtime did not answer ({exc})") from None
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        raise RuntimeUnavailable(f"the runtime answered {response.status_code}")
+    return response.json()

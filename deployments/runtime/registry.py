@@ -92,6 +92,27 @@ def canaries(ids: list[str]) -> dict[str, tuple[str, int]]:
     return {str(row.public_id): (str(row.canary.public_id), row.canary_percent) for row in rows}
 
 
+def lookup_shadow(deployment_id: str) -> tuple[Spec, Access] | None:
+    """A servable deployment's shadowed candidate, if it may be served (runs in a thread)."""
+    close_old_connections()
+    root = _servable_row(deployment_id)
+    if root is None or root.version_of_id or not root.shadow_id:
+        return None
+    shadow = Deployment.objects.filter(pk=root.shadow_id, status=Deployment.Status.READY).first()
+    return _spec(shadow, access_for(root)) if shadow is not None else None
+
+
+def shadows(ids: list[str]) -> dict[str, str]:
+    """For each servable deployment among `ids` with a servable shadowed candidate: its id."""
+    close_old_connections()
+    rows = (
+        _servable(Deployment.objects)
+        .filter(public_id__in=ids, version_of__isnull=True, shadow__status=Deployment.Status.READY)
+        .select_related("shadow")
+    )
+    return {str(row.public_id): str(row.shadow.public_id) for row in rows}
+
+
 def lookup_version(deployment_id: str, number: int) -> tuple[Spec, Access] | None:
     """Version `number` of a servable deployment, whichever serves its URL (V2's /versions/<n>; runs in a thread)."""
     close_old_connections()
