@@ -286,7 +286,7 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
 
     from deployments.allowlist import corpus
     from tests.conftest import SKLEARN_PIN, dump, wait_for
-    from tests.test_end_to_end import ROWS, deploy, wait_ready
+    from tests.test_end_to_end import ROWS, deploy, model_pids, wait_ready
 
     token = Token.objects.create(user=user).key
     auth = {"Authorization": f"Token {token}"}
@@ -345,6 +345,9 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     assert counted(2, "2xx", after, before_v2) == 4
     assert counted(1, "2xx", after, before_v2) == 0
     assert after["serveml_version_serving", labels(deployment_id, 1)] == 0
+    # Version 1's processes stop once nothing routes to it (drain): the URL still routes to version 2.
+    wait_for(lambda: not model_pids(deployment_id), 30, "version 1's model processes stopped")
+    assert scrape()["serveml_version_serving", labels(deployment_id, 2)] == 1
 
     # The page's fragment, from the same runtime.
     client.force_login(user)

@@ -268,13 +268,19 @@ class Runtime:
                 return  # shadowed
             if not pool.busy:
                 log.info("stopping the model processes of %s: nothing routes to it", version_id)
-                self.unload(version_id)
+                self.stop_pool(version_id)
                 return
             await asyncio.sleep(0.05)
 
     def unload(self, deployment_id: str) -> bool:
+        """Stop serving a deployment (stopped, or no longer servable): its route and its pool."""
         self.routes.pop(deployment_id, None)
-        pool = self.pools.pop(deployment_id, None)
+        return self.stop_pool(deployment_id)
+
+    def stop_pool(self, version_id: str) -> bool:
+        """Stop one version's model processes (drained, or idle), leaving every route as it is:
+        the pool of version 1 is kept under the deployment's own id, which may route to version 2."""
+        pool = self.pools.pop(version_id, None)
         if pool:
             pool.close()
         return pool is not None
@@ -322,7 +328,7 @@ class Runtime:
         idle = [d for d, pool in self.pools.items() if not pool.busy and now - pool.last_used > idle_seconds]
         for deployment_id in idle:
             log.info("stopping the model processes of %s: idle for %g s", deployment_id, idle_seconds)
-            self.unload(deployment_id)
+            self.stop_pool(deployment_id)
         return idle
 
     async def sweep(self) -> None:
