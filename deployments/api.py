@@ -414,26 +414,50 @@ class DeploymentVersionsView(APIView):
         return Response(VersionSerializer(version, context={"request": request}).data, status=202)
 
 
-class DeploymentVersionPromoteView(APIView):
-    @extend_schema(
-        operation_id="deployment_version_promote",
-        summary="Serve this version at the deployment's URL: promote a new one, or roll back to an earlier one",
-        request=None,
+def caller_root(request, public_id) -> Deployment:
+    """The caller's own deployment (404 otherwise), whose versions the version actions act on."""
+    return get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+
+
+def version_answer(request, action, *, refresh: bool = False, **arguments) -> Response:
+    """Run a version action of services (promote, canary, shadow: start or end) and answer the
+    version it acted on; VersionRefused is a 409 with its message. `refresh` re-reads the version
+    before answering, for the actions that change the root rather than the version they return."""
+    try:
+        version = action(**arguments)
+    except services.VersionRefused as exc:
+        return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+    if refresh:
+        version.refresh_from_db()
+    return Response(VersionSerializer(version, context={"request": request}).data)
+
+
+def version_action_schema(operation_id: str, summary: str, *, conflict: str, request=None, bad_request: str = ""):
+    """The OpenAPI description of a version action: it answers the version, or 409 with why not."""
+    refused = {400: OpenApiResponse(ErrorSerializer, description=bad_request)} if bad_request else {}
+    return extend_schema(
+        operation_id=operation_id,
+        summary=summary,
+        request=request,
         responses={
             200: VersionSerializer,
+            **refused,
             401: NOT_SIGNED_IN,
             404: NOT_YOURS,
-            409: OpenApiResponse(ErrorSerializer, description="It cannot serve now: not ready, or no such version."),
+            409: OpenApiResponse(ErrorSerializer, description=conflict),
         },
     )
+
+
+class DeploymentVersionPromoteView(APIView):
+    @version_action_schema(
+        "deployment_version_promote",
+        "Serve this version at the deployment's URL: promote a new one, or roll back to an earlier one",
+        conflict="It cannot serve now: not ready, or no such version.",
+    )
     def post(self, request, public_id, number):
-        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        try:
-            version = services.deployment_version_promote(root=root, number=number)
-        except services.VersionRefused as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        version.refresh_from_db()
-        return Response(VersionSerializer(version, context={"request": request}).data)
+        root = caller_root(request, public_id)
+        return version_answer(request, services.deployment_version_promote, refresh=True, root=root, number=number)
 
 
 class CanarySerializer(serializers.Serializer):
@@ -443,89 +467,49 @@ class CanarySerializer(serializers.Serializer):
 
 
 class DeploymentVersionCanaryView(APIView):
-    @extend_schema(
-        operation_id="deployment_version_canary",
-        summary="Canary: this ready version answers a percent of the deployment's requests, the serving one the rest",
+    @version_action_schema(
+        "deployment_version_canary",
+        "Canary: this ready version answers a percent of the deployment's requests, the serving one the rest",
+        conflict="It cannot be a canary now (see `error`).",
         request=CanarySerializer,
-        responses={
-            200: VersionSerializer,
-            400: OpenApiResponse(ErrorSerializer, description="`percent` is missing or not 1 to 50."),
-            401: NOT_SIGNED_IN,
-            404: NOT_YOURS,
-            409: OpenApiResponse(ErrorSerializer, description="It cannot be a canary now (see `error`)."),
-        },
+        bad_request="`percent` is missing or not 1 to 50.",
     )
     def post(self, request, public_id, number):
-        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
+        root = caller_root(request, public_id)
         body = CanarySerializer(data=request.data)
         if not body.is_valid():
             return Response({"error": "send `percent`, a whole number from 1 to 50"}, status=400)
-        try:
-            version = services.deployment_canary_start(root=root, number=number, percent=body.validated_data["percent"])
-        except services.VersionRefused as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(VersionSerializer(version, context={"request": request}).data)
+        percent = body.validated_data["percent"]
+        return version_answer(request, services.deployment_canary_start, root=root, number=number, percent=percent)
 
-    @extend_schema(
-        operation_id="deployment_version_canary_end",
-        summary="End this version's canary: the serving version answers every request again",
-        request=None,
-        responses={
-            200: VersionSerializer,
-            401: NOT_SIGNED_IN,
-            404: NOT_YOURS,
-            409: OpenApiResponse(ErrorSerializer, description="This version is not a canary."),
-        },
+    @version_action_schema(
+        "deployment_version_canary_end",
+        "End this version's canary: the serving version answers every request again",
+        conflict="This version is not a canary.",
     )
     def delete(self, request, public_id, number):
-        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        try:
-            version = services.deployment_canary_end(root=root, number=number)
-        except services.VersionRefused as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        version.refresh_from_db()
-        return Response(VersionSerializer(version, context={"request": request}).data)
+        root = caller_root(request, public_id)
+        return version_answer(request, services.deployment_canary_end, refresh=True, root=root, number=number)
 
 
 class DeploymentVersionShadowView(APIView):
-    @extend_schema(
-        operation_id="deployment_version_shadow",
-        summary="Shadow: this ready version also predicts a sample of the live requests, compared with the serving one",
-        request=None,
-        responses={
-            200: VersionSerializer,
-            401: NOT_SIGNED_IN,
-            404: NOT_YOURS,
-            409: OpenApiResponse(ErrorSerializer, description="It cannot be shadowed now (see `error`)."),
-        },
+    @version_action_schema(
+        "deployment_version_shadow",
+        "Shadow: this ready version also predicts a sample of the live requests, compared with the serving one",
+        conflict="It cannot be shadowed now (see `error`).",
     )
     def post(self, request, public_id, number):
-        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        try:
-            version = services.deployment_shadow_start(root=root, number=number)
-        except services.VersionRefused as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(VersionSerializer(version, context={"request": request}).data)
+        root = caller_root(request, public_id)
+        return version_answer(request, services.deployment_shadow_start, root=root, number=number)
 
-    @extend_schema(
-        operation_id="deployment_version_shadow_end",
-        summary="Stop shadowing this version",
-        request=None,
-        responses={
-            200: VersionSerializer,
-            401: NOT_SIGNED_IN,
-            404: NOT_YOURS,
-            409: OpenApiResponse(ErrorSerializer, description="This version is not shadowed."),
-        },
+    @version_action_schema(
+        "deployment_version_shadow_end",
+        "Stop shadowing this version",
+        conflict="This version is not shadowed.",
     )
     def delete(self, request, public_id, number):
-        root = get_object_or_404(Deployment, public_id=public_id, owner=request.user)
-        try:
-            version = services.deployment_shadow_end(root=root, number=number)
-        except services.VersionRefused as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        version.refresh_from_db()
-        return Response(VersionSerializer(version, context={"request": request}).data)
+        root = caller_root(request, public_id)
+        return version_answer(request, services.deployment_shadow_end, refresh=True, root=root, number=number)
 
 
 class DeploymentOpenAPIView(APIView):

@@ -681,6 +681,46 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
 CANARY_PERCENTS = range(1, 51)  # a canary is the smaller share: past half, promote it
 
 
+def _warm_candidate(
+    root: Deployment, number: int, *, role: str, can_be: str, no_traffic: str, serves: str
+) -> Deployment:
+    """Ready version `number` of ready `root`, not the serving one, loaded so that no request
+    waits for its model: the `role` (canary, shadow) it is to take. Raises VersionRefused,
+    its reasons worded for the role (`can_be`, `no_traffic`, `serves`)."""
+    version = deployment_version_get(root=root, number=number)
+    if version is None:
+        raise VersionRefused(f"This deployment has no version {number}.")
+    if root.status != Status.READY:
+        raise VersionRefused(f"This deployment is not ready (it was stopped or failed): {no_traffic}.")
+    if version.status != Status.READY:
+        raise VersionRefused(
+            f"Version {number} is {version.get_status_display().lower()}: only a ready version can {can_be}."
+        )
+    if (root.serving_id or root.pk) == version.pk:
+        raise VersionRefused(f"Version {number} {serves}.")
+    try:
+        client.load(version.public_id)  # warm first: no request waits for its model to load
+    except client.RuntimeUnavailable as exc:
+        raise VersionRefused(f"Version {number} could not be loaded, so no {role} started: {exc}") from None
+    return version
+
+
+def _route_change(root: Deployment, *, expect: dict, change: dict, refused: str, message: str) -> None:
+    """Save `change` on `root` in one conditional UPDATE, only while it still has `expect` (else
+    VersionRefused with `refused`), record `message` and have the runtime route it anew."""
+    with transaction.atomic():
+        if not Deployment.objects.filter(pk=root.pk, **expect).update(**change, updated_at=timezone.now()):
+            raise VersionRefused(refused)
+        for field, value in change.items():
+            setattr(root, field, value)
+        deployment_record_event(deployment=root, stage="", message=message)
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+
+
+CHANGED_BEFORE_START = "The deployment changed meanwhile (a promote, or a stop): look again and retry."
+CHANGED_BEFORE_END = "The deployment changed meanwhile (a promote, or another change): look again."
+
+
 def deployment_canary_start(*, root: Deployment, number: int, percent: int) -> Deployment:
     """Send `percent` of `root`'s stable URL's requests to ready version `number` (a canary),
     the rest to the version that serves; a canary running already is replaced, or changes its
@@ -689,36 +729,24 @@ def deployment_canary_start(*, root: Deployment, number: int, percent: int) -> D
         raise VersionRefused("Start a canary through the deployment itself.")
     if percent not in CANARY_PERCENTS:
         raise VersionRefused(f"A canary takes 1 to 50 percent of the requests, not {percent}.")
-    version = deployment_version_get(root=root, number=number)
-    if version is None:
-        raise VersionRefused(f"This deployment has no version {number}.")
-    if root.status != Status.READY:
-        raise VersionRefused("This deployment is not ready (it was stopped or failed): it has no traffic to share.")
-    if version.status != Status.READY:
-        raise VersionRefused(
-            f"Version {number} is {version.get_status_display().lower()}: only a ready version can be a canary."
-        )
-    serving = root.serving_id
-    if (serving or root.pk) == version.pk:
-        raise VersionRefused(f"Version {number} serves every request already: a canary is another version.")
-    try:
-        client.load(version.public_id)  # warm first: no request waits for the canary's model to load
-    except client.RuntimeUnavailable as exc:
-        raise VersionRefused(f"Version {number} could not be loaded, so no canary started: {exc}") from None
-    with transaction.atomic():
-        started = Deployment.objects.filter(pk=root.pk, serving_id=serving, status=Status.READY).update(
-            canary=version, canary_percent=percent, updated_at=timezone.now()
-        )
-        if not started:
-            raise VersionRefused("The deployment changed meanwhile (a promote, or a stop): look again and retry.")
-        root.canary, root.canary_percent = version, percent
-        deployment_record_event(
-            deployment=root,
-            stage="",
-            message=f"canary: version {number} answers {percent}% of the requests to {root.endpoint_url}, "
-            f"version {root.serving_version().version} the rest",
-        )
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    version = _warm_candidate(
+        root,
+        number,
+        role="canary",
+        can_be="be a canary",
+        no_traffic="it has no traffic to share",
+        serves="serves every request already: a canary is another version",
+    )
+    _route_change(
+        root,
+        expect={"serving_id": root.serving_id, "status": Status.READY},
+        change={"canary": version, "canary_percent": percent},
+        refused=CHANGED_BEFORE_START,
+        message=(
+            f"canary: version {number} answers {percent}% of the requests to {root.endpoint_url}, "
+            f"version {root.serving_version().version} the rest"
+        ),
+    )
     return version
 
 
@@ -731,20 +759,15 @@ def deployment_canary_end(*, root: Deployment, number: int | None = None) -> Dep
     version = Deployment.objects.filter(pk=canary).first() if canary else None
     if version is None or (number is not None and version.version != number):
         raise VersionRefused(f"Version {number} is not a canary of this deployment." if number else "No canary runs.")
-    with transaction.atomic():
-        ended = Deployment.objects.filter(pk=root.pk, canary_id=canary).update(
-            canary=None, canary_percent=0, updated_at=timezone.now()
-        )
-        if not ended:
-            raise VersionRefused("The deployment changed meanwhile (a promote, or another change): look again.")
-        root.canary, root.canary_percent = None, 0
-        deployment_record_event(
-            deployment=root,
-            stage="",
-            message=f"canary of version {version.version} ended: version {root.serving_version().version} "
-            "answers every request",
-        )
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    _route_change(
+        root,
+        expect={"canary_id": canary},
+        change={"canary": None, "canary_percent": 0},
+        refused=CHANGED_BEFORE_END,
+        message=(
+            f"canary of version {version.version} ended: version {root.serving_version().version} answers every request"
+        ),
+    )
     return version
 
 
@@ -754,36 +777,24 @@ def deployment_shadow_start(*, root: Deployment, number: int) -> Deployment:
     version (runtime/shadow.py). One candidate at a time: another one replaces it. Raises VersionRefused."""
     if root.version_of_id:
         raise VersionRefused("Shadow versions through the deployment itself.")
-    version = deployment_version_get(root=root, number=number)
-    if version is None:
-        raise VersionRefused(f"This deployment has no version {number}.")
-    if root.status != Status.READY:
-        raise VersionRefused("This deployment is not ready (it was stopped or failed): it has no requests to copy.")
-    if version.status != Status.READY:
-        raise VersionRefused(
-            f"Version {number} is {version.get_status_display().lower()}: only a ready version can be shadowed."
-        )
-    serving = root.serving_id
-    if (serving or root.pk) == version.pk:
-        raise VersionRefused(f"Version {number} serves the requests already: shadow a candidate, another version.")
-    try:
-        client.load(version.public_id)
-    except client.RuntimeUnavailable as exc:
-        raise VersionRefused(f"Version {number} could not be loaded, so no shadow started: {exc}") from None
-    with transaction.atomic():
-        started = Deployment.objects.filter(pk=root.pk, serving_id=serving, status=Status.READY).update(
-            shadow=version, updated_at=timezone.now()
-        )
-        if not started:
-            raise VersionRefused("The deployment changed meanwhile (a promote, or a stop): look again and retry.")
-        root.shadow = version
-        deployment_record_event(
-            deployment=root,
-            stage="",
-            message=f"shadow: version {number} also predicts a sample of the requests to {root.endpoint_url}, "
-            "compared with the answers of the serving version",
-        )
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    version = _warm_candidate(
+        root,
+        number,
+        role="shadow",
+        can_be="be shadowed",
+        no_traffic="it has no requests to copy",
+        serves="serves the requests already: shadow a candidate, another version",
+    )
+    _route_change(
+        root,
+        expect={"serving_id": root.serving_id, "status": Status.READY},
+        change={"shadow": version},
+        refused=CHANGED_BEFORE_START,
+        message=(
+            f"shadow: version {number} also predicts a sample of the requests to "
+            f"{root.endpoint_url}, compared with the answers of the serving version"
+        ),
+    )
     return version
 
 
@@ -795,12 +806,13 @@ def deployment_shadow_end(*, root: Deployment, number: int | None = None) -> Dep
     version = Deployment.objects.filter(pk=shadow).first() if shadow else None
     if version is None or (number is not None and version.version != number):
         raise VersionRefused(f"Version {number} is not shadowed." if number else "No version is shadowed.")
-    with transaction.atomic():
-        if not Deployment.objects.filter(pk=root.pk, shadow_id=shadow).update(shadow=None, updated_at=timezone.now()):
-            raise VersionRefused("The deployment changed meanwhile (a promote, or another change): look again.")
-        root.shadow = None
-        deployment_record_event(deployment=root, stage="", message=f"shadow of version {version.version} ended")
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+    _route_change(
+        root,
+        expect={"shadow_id": shadow},
+        change={"shadow": None},
+        refused=CHANGED_BEFORE_END,
+        message=f"shadow of version {version.version} ended",
+    )
     return version
 
 

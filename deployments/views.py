@@ -301,18 +301,30 @@ def deployment_version_create(request, public_id):
     return render(request, "deployments/detail.html", detail_context(root, version_form=form), status=400)
 
 
+def version_action(request, action, said, **arguments) -> HttpResponse:
+    """Run a version action of services (promote, canary, shadow: start or end) and go back to the
+    deployment's page, saying what `said(version)` says, or why VersionRefused refused it."""
+    try:
+        version = action(**arguments)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, said(version))
+    return redirect(arguments["root"])
+
+
 @login_required
 @require_POST
 def deployment_version_promote(request, public_id, number):
     """Promote a ready version, or roll back to an earlier one: the stable URL answers with it at once."""
     root = own_deployment(request, public_id)
-    try:
-        services.deployment_version_promote(root=root, number=number)
-    except services.VersionRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Version {number} now serves {root.endpoint_url}.")
-    return redirect(root)
+    return version_action(
+        request,
+        services.deployment_version_promote,
+        lambda version: f"Version {number} now serves {root.endpoint_url}.",
+        root=root,
+        number=number,
+    )
 
 
 @login_required
@@ -325,27 +337,26 @@ def deployment_version_canary(request, public_id, number):
     except ValueError:
         messages.error(request, "A canary takes a whole number of percent, from 1 to 50.")
         return redirect(root)
-    try:
-        services.deployment_canary_start(root=root, number=number, percent=percent)
-    except services.VersionRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Version {number} answers {percent}% of the requests to {root.endpoint_url}.")
-    return redirect(root)
+    return version_action(
+        request,
+        services.deployment_canary_start,
+        lambda version: f"Version {number} answers {percent}% of the requests to {root.endpoint_url}.",
+        root=root,
+        number=number,
+        percent=percent,
+    )
 
 
 @login_required
 @require_POST
 def deployment_canary_end(request, public_id):
     """Cancel the canary: the serving version answers every request again."""
-    root = own_deployment(request, public_id)
-    try:
-        version = services.deployment_canary_end(root=root)
-    except services.VersionRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Canary of version {version.version} ended: the serving version answers all.")
-    return redirect(root)
+    return version_action(
+        request,
+        services.deployment_canary_end,
+        lambda version: f"Canary of version {version.version} ended: the serving version answers all.",
+        root=own_deployment(request, public_id),
+    )
 
 
 def shadow_report(root: Deployment) -> dict | None:
@@ -364,27 +375,45 @@ def shadow_report(root: Deployment) -> dict | None:
 @require_POST
 def deployment_version_shadow(request, public_id, number):
     """Shadow a candidate: it also predicts a sample of the live requests, and the page says how often it agreed."""
-    root = own_deployment(request, public_id)
-    try:
-        services.deployment_shadow_start(root=root, number=number)
-    except services.VersionRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Version {number} is shadowed: it also predicts a sample of the live requests.")
-    return redirect(root)
+    return version_action(
+        request,
+        services.deployment_shadow_start,
+        lambda version: f"Version {number} is shadowed: it also predicts a sample of the live requests.",
+        root=own_deployment(request, public_id),
+        number=number,
+    )
 
 
 @login_required
 @require_POST
 def deployment_shadow_end(request, public_id):
-    root = own_deployment(request, public_id)
-    try:
-        version = services.deployment_shadow_end(root=root)
-    except services.VersionRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Shadow of version {version.version} ended.")
-    return redirect(root)
+    return version_action(
+        request,
+        services.deployment_shadow_end,
+        lambda version: f"Shadow of version {version.version} ended.",
+        root=own_deployment(request, public_id),
+    )
+
+
+def endpoint_refusal(deployment: Deployment, key: str) -> str | None:
+    """Why the page cannot call the deployment's endpoint with `key` (may be ""), or None."""
+    if deployment.status != Deployment.Status.READY:
+        return "This deployment is not ready."
+    if key and not (key.isascii() and key.isprintable()):
+        return "That is not an API key: keys start with sml_ and hold only letters, digits, - and _."
+    if deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:
+        # Only the local runtime takes ServeML's own token; ServeML keeps no key of the
+        # owner's (only digests), so it cannot call a private cloud endpoint on its own.
+        return (
+            "This endpoint is private: paste one of its API keys in the key field "
+            "(ServeML keeps only their digests, so it cannot call it for you)."
+        )
+    return None
+
+
+def endpoint_headers(deployment: Deployment, key: str) -> dict:
+    """The headers the page calls the deployment's endpoint with: the runtime's own, and `key` as a Bearer token."""
+    return {**client.server_side_headers(deployment), **({"Authorization": f"Bearer {key}"} if key else {})}
 
 
 @login_required
@@ -394,27 +423,15 @@ def deployment_try(request, public_id):
     deployment = own_deployment(request, public_id)
     body = request.POST.get("body", "")
     key = request.POST.get("key", "").strip()
-    headers = {"Content-Type": "application/json", **client.server_side_headers(deployment)}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    if deployment.status != Deployment.Status.READY:
-        answer, status = "This deployment is not ready.", None
-    elif key and not (key.isascii() and key.isprintable()):
-        answer, status = "That is not an API key: keys start with sml_ and hold only letters, digits, - and _.", None
-    elif deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:
-        # Only the local runtime takes ServeML's own token; ServeML keeps no key of the
-        # owner's (only digests), so it cannot call a private cloud endpoint on its own.
-        answer, status = (
-            "This endpoint is private: paste one of its API keys in the key field to try it "
-            "(ServeML keeps only their digests, so it cannot call it for you).",
-            None,
-        )
+    refusal = endpoint_refusal(deployment, key)
+    if refusal:
+        answer, status = refusal, None
     else:
         try:
             response = httpx.post(
                 client.server_side_url(deployment),
                 content=body.encode(),
-                headers=headers,
+                headers={"Content-Type": "application/json", **endpoint_headers(deployment, key)},
                 timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
             )
             status, answer = response.status_code, response.text
@@ -446,17 +463,13 @@ def deployment_predict_csv(request, public_id):
     key = request.POST.get("key", "").strip()
     if "csv_file" in getattr(request, "oversized_uploads", {}):
         return csv_refusal(too_large, 413)
+    refusal = endpoint_refusal(deployment, key)
     if deployment.status != Deployment.Status.READY:
-        return csv_refusal("This deployment is not ready.", 409)
+        return csv_refusal(refusal, 409)
     if upload is None:
         return csv_refusal("Choose a CSV file to predict.")
-    if key and not (key.isascii() and key.isprintable()):
-        return csv_refusal("That is not an API key: keys start with sml_ and hold only letters, digits, - and _.")
-    if deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:
-        return csv_refusal(
-            "This endpoint is private: paste one of its API keys in the key field "
-            "(ServeML keeps only their digests, so it cannot call it for you)."
-        )
+    if refusal:
+        return csv_refusal(refusal)
     serving = deployment.serving_version()
     signature = serving.model_signature
     example = (serving.example_request or {}).get("data")
@@ -464,9 +477,10 @@ def deployment_predict_csv(request, public_id):
         layout = csvbatch.check(upload.file, signature, example, max_lines=settings.SERVEML_CSV_MAX_LINES)
     except csvbatch.CsvRefused as exc:
         return csv_refusal("Nothing was predicted: the file does not fit the model.\n" + "\n".join(exc.lines()))
-    headers = {**client.server_side_headers(deployment), **({"Authorization": f"Bearer {key}"} if key else {})}
     endpoint = csvbatch.Endpoint(
-        client.server_side_url(deployment), headers, timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5
+        client.server_side_url(deployment),
+        endpoint_headers(deployment, key),
+        timeout=settings.SERVEML_PREDICT_TIMEOUT_S + 5,
     )
     probabilities = request.POST.get("probabilities") == "1" and "predict_proba" in signature.methods
 
