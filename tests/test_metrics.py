@@ -2,7 +2,8 @@
 
 In this process: a Runtime and a real sandboxed model process with a stand-in handler that
 can crash (502), counted through the runtime's own ASGI entry; /metrics parsed with
-prometheus_client's text parser. End to end: a deployment through the real worker and
+prometheus_client's text parser; the rows predicted (JSON data, instances, records and a V2
+infer) and none for refused requests. End to end: a deployment through the real worker and
 runtime, its answers (200, 400 from the runtime, 400 from the handler, V2) in /metrics by
 version after a promote, and on the page. The page with the runtime down says "figures
 unavailable"."""
@@ -27,6 +28,7 @@ from tests.conftest import stand_in_build
 from tests.test_runtime_pool import environment, run  # noqa: F401  (environment: a fixture)
 from tests.test_versions import new_version, root, runtime  # noqa: F401  (root, runtime: fixtures)
 from tests.test_versions import ready as ready_version
+from tests.test_versions_e2e import wait_promoted
 
 # Answers every request with 200, except one that kills its model process (each time: the
 # runtime gives it a second process, then answers 502).
@@ -92,7 +94,8 @@ def test_the_last_minute_counts_only_what_came_after_a_sample_a_minute_old(monke
     stats.sample(clock[0])
     clock[0] += metrics.WINDOW
     stats.record(500, clock[0] - 0.002)
-    statuses, buckets = stats.window(clock[0])
+    statuses, buckets, rows = stats.window(clock[0])
+    assert rows == 0
     assert sum(buckets) == 1 and statuses[5] == 1 and statuses[2] == 0  # the five are older than a minute
     assert stats.requests == 6 and stats.statuses[2] == 5
 
@@ -182,6 +185,106 @@ def test_the_runtime_counts_each_answer_by_status_and_serves_them_to_prometheus_
     assert (total["errors_4xx"], total["errors_5xx"]) == (2, 1) and total["error_rate"] == pytest.approx(3 / 9)
     assert 0 < total["p50_seconds"] <= total["p95_seconds"] <= total["p99_seconds"] <= 60
     assert figures[deployment_id]["versions"]["1"]["serving"] is True
+
+
+# Answers as the real handler does, by the rows it is sent (a list of records, "instances", or one
+# "data" row); refuses (400) a request that asks it to.
+ROWS_HANDLER = """
+import json
+
+def model():
+    pass
+
+def handle_many(bodies):
+    answers = []
+    for body in bodies:
+        request = json.loads(body)
+        if isinstance(request, list):
+            request = {"instances": request}
+        if request.get("refuse"):
+            answers.append((400, b'{"error": "refused"}'))
+        elif "data" in request:
+            answers.append((200, b'{"prediction": 1, "model_type": "StandIn"}'))
+        else:
+            predictions = [1] * len(request["instances"])
+            answers.append((200, json.dumps({"predictions": predictions, "model_type": "StandIn"}).encode()))
+    return answers
+"""
+
+
+@pytest.mark.parametrize(
+    "body, rows",
+    [
+        (b'{"data": [5.1, 3.5, 1.4, 0.2]}', 1),
+        (b'{"data": [[1, 2], [3, 4]], "method": "predict"}', 1),  # "data" is one row, as the handler reads it
+        (b'{"instances": [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]}', 3),
+        (b'[{"a": 1}, {"a": 2}]', 2),  # records
+        (b'{"instances": "not rows"}', 0),
+        (b'"a string"', 0),
+        (b'{"data": [1', 0),  # not JSON: refused, no rows
+        (b"[" * 33 + b"]" * 33, 0),  # too deep: refused, no rows
+    ],
+)
+def test_the_one_parse_of_a_prediction_body_also_counts_its_rows(body, rows):
+    from deployments.runtime.asgi import body_problem, check_body
+
+    problem, found = check_body(body)
+    assert found == rows
+    assert problem == body_problem(body)  # body_problem's answer, unchanged
+
+
+def test_the_runtime_counts_the_rows_of_answered_requests_json_and_v2_and_none_of_refused_ones(
+    environment,  # noqa: F811
+    tmp_path,
+):
+    from deployments.runtime.app import Runtime
+
+    deployment_id = "0f0e0d0c-0000-4000-8000-0000000000a1"
+    n = 7
+    records = orjson.dumps([{"a": i, "b": i} for i in range(n)])
+    tensor = {"inputs": [{"name": "input-0", "shape": [5, 4], "datatype": "FP64", "data": list(range(20))}]}
+    bad_tensor = {"inputs": [{"name": "input-0", "shape": [2, 3], "datatype": "FP64", "data": list(range(6))}]}
+
+    async def scenario():
+        model = stand_in_build(tmp_path / "build", ROWS_HANDLER)
+        signature = {"model_type": "StandIn", "n_features_in": 4, "classes": [0, 1], "methods": ["predict"]}
+        spec = Spec(deployment_id, environment, tmp_path / "build", model, 2_000_996, signature)
+        pool = ModelPool(spec, Access(), max_size=1)
+        runtime = Runtime(max_processes=1)
+        runtime.pools[deployment_id] = pool
+        runtime.metrics.stats[deployment_id] = pool.stats = Stats(deployment_id, 1)  # what track() labels
+        url, v2_url = f"/predict/{deployment_id}", f"/v2/models/{deployment_id}/infer"
+        token = settings.SERVEML_RUNTIME_TOKEN
+        try:
+            answered = [
+                await call(runtime, "POST", url, b'{"data": [1, 2, 3, 4]}'),  # 1
+                await call(runtime, "POST", url, orjson.dumps({"instances": [[1, 2, 3, 4]] * 3})),  # 3
+                await call(runtime, "POST", url, records),  # n
+                await call(runtime, "POST", v2_url, orjson.dumps(tensor)),  # 5
+            ]
+            refused = [
+                await call(runtime, "POST", url, orjson.dumps({"instances": [[1, 2, 3, 4]] * 9, "refuse": True})),
+                await call(runtime, "POST", url, b'{"instances": [[1, 2, 3, 4]'),  # not JSON
+                await call(runtime, "POST", v2_url, orjson.dumps(bad_tensor)),  # 3 features, not 4
+            ]
+            _, text = await call(runtime, "GET", "/metrics", token=token)
+            _, figures = await call(runtime, "GET", f"/_figures/{deployment_id}", token=token)
+            return answered, refused, text.decode(), orjson.loads(figures)
+        finally:
+            pool.close()
+
+    answered, refused, text, figures = run(scenario())
+    assert [code for code, _ in answered] == [200] * 4, answered
+    assert orjson.loads(answered[3][1])["outputs"][0]["shape"][0] == 5
+    assert [code for code, _ in refused] == [400] * 3, refused
+    found = parse(text)
+    expected = 1 + 3 + n + 5
+    assert found["serveml_rows_total", labels(deployment_id, 1)] == expected
+    assert found["serveml_requests_total", labels(deployment_id, 1, code="2xx")] == 4
+    assert found["serveml_requests_total", labels(deployment_id, 1, code="4xx")] == 3
+    entry = figures[deployment_id]
+    assert entry["versions"]["1"]["rows"] == entry["versions"]["1"]["rows_per_minute"] == expected
+    assert entry["total"]["rows"] == entry["total"]["rows_per_minute"] == expected
 
 
 # ------------------------------------------------------------------ the page
@@ -318,6 +421,8 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     assert counted(1, "2xx", found, before) == 6  # five, and the V2 request
     assert counted(1, "4xx", found, before) == 3
     assert counted(1, "5xx", found, before) == 0
+    rows = ("serveml_rows_total", labels(deployment_id, 1))
+    assert found[rows] - before.get(rows, 0) == 6  # a row each: the refused ones carry none
     assert found["serveml_model_processes", labels(deployment_id, 1)] >= 1
 
     # Version 2, promoted when ready: its answers under its own label, version 1's stay.
@@ -330,12 +435,7 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     )
     assert uploaded.status_code == 202, uploaded.text
 
-    def promoted():
-        listed = httpx.get(f"{live_server.url}/api/deployments/{deployment_id}/versions", headers=auth).json()
-        assert listed[0]["status"] != "failed"
-        return listed[0]["serving"]
-
-    wait_for(promoted, 300, "version 2 ready and promoted", stack.worker.log)
+    wait_promoted(stack, f"{live_server.url}/api/deployments/{deployment_id}", auth)
     wait_for(
         lambda: scrape().get(("serveml_version_serving", labels(deployment_id, 2))) == 1, 30, "the runtime switched"
     )

@@ -26,7 +26,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from deployments.runtime import v2
-from deployments.runtime.asgi import MAX_BODY, body_problem, canonical_uuid, error, read_body, respond
+from deployments.runtime.asgi import MAX_BODY, canonical_uuid, check_body, error, read_body, respond
 from deployments.runtime.metrics import Metrics
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
@@ -388,7 +388,8 @@ class Runtime:
         stats = pool.stats  # counted inline, not through metrics.counted: this is the benchmarked path
         stats.in_flight += 1
         try:
-            if problem := body_problem(body):
+            problem, rows = check_body(body)
+            if problem:
                 status, answer = 400, error(problem)
             else:
                 status, answer = await pool.predict(body)
@@ -397,6 +398,8 @@ class Runtime:
         finally:
             stats.in_flight -= 1
         stats.record(status, started)
+        if status < 300:
+            stats.rows += rows  # only answered requests' rows are predicted rows
         await respond(send, status, answer)
         if status == 200 and (shadow := self.shadows.get(deployment_id)) is not None:
             if pool.spec.deployment_id != shadow.version_id:  # a canary's answer is not compared with itself

@@ -15,13 +15,35 @@ JSON = [(b"content-type", b"application/json")]
 def body_problem(body: bytes) -> str | None:
     """Why a prediction body must not reach the model, or None. Parsed here once, so a
     body no handler could take costs the model process nothing (it still gets the raw bytes)."""
+    return check_body(body)[0]
+
+
+def check_body(body: bytes) -> tuple[str | None, int]:
+    """body_problem's answer, and the rows the body carries (row_count) when it has none: the
+    one parse of the prediction path gives both."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return f"request body is not valid JSON: {exc}"
+        return f"request body is not valid JSON: {exc}", 0
     if nested_deeper_than(value, MAX_DEPTH):
-        return f"request body is nested deeper than {MAX_DEPTH} levels"
-    return None
+        return f"request body is nested deeper than {MAX_DEPTH} levels", 0
+    return None, row_count(value)
+
+
+def row_count(value) -> int:
+    """The rows a ServeML request asks predictions for, read as the handler reads them
+    (serveml_handler._request): `{"data": [...]}` one, `{"instances": [...]}` and a list of
+    records as many as they hold; 0 for what the handler refuses. No loop over the rows."""
+    kind = type(value)
+    if kind is list:
+        return len(value)
+    if kind is dict:
+        if "data" in value:
+            return 1
+        instances = value.get("instances")
+        if type(instances) is list:
+            return len(instances)
+    return 0
 
 
 def nested_deeper_than(value, limit: int) -> bool:

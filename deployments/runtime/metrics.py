@@ -1,10 +1,12 @@
 """Live figures of the runtime, per deployment and version: answers by status class, a
-latency histogram, requests in flight, the last request, batch sizes, model processes (how
-many, how often started, their memory) and each version's share of the traffic.
+latency histogram, requests in flight, the last request, rows predicted, batch sizes, model
+processes (how many, how often started, their memory) and each version's share of the traffic.
 
 The prediction path only touches a version's `Stats`, held by its pool: `record` is a few
 integer increments and one bucket found by bisect, with no lock (one event loop) and no
-label lookup. Everything else reads those counters when asked: `GET /metrics` (Prometheus
+label lookup; an answered (2xx) request adds its rows to `rows`, one integer add (the rows
+were counted by len() where the body was parsed anyway, asgi.check_body; V2's by its batch
+dimension). Everything else reads those counters when asked: `GET /metrics` (Prometheus
 text, through a custom collector) and `GET /_figures[/<id>]` (the deployment page's figures
 over the last minute and the last hour, from copies of the counters the sweep keeps). Both
 need the runtime token: they name every deployment on the host.
@@ -69,6 +71,7 @@ class Stats:
         "seconds",
         "in_flight",
         "last",
+        "rows",
         "starts",
         "batches",
         "batched_requests",
@@ -83,10 +86,11 @@ class Stats:
         self.seconds = 0.0
         self.in_flight = 0
         self.last = 0.0  # perf_counter() of the last answer; 0: none yet
+        self.rows = 0  # rows predicted: those of answered (2xx) requests, added by the prediction paths
         self.starts = 0  # model processes started (cold starts: the first, after scale to zero, after a crash)
         self.batches = [0] * (len(BATCH_BOUNDS) + 1)  # frames sent to model processes, by requests in them
         self.batched_requests = 0  # requests in those frames (a retried request counts again)
-        self.history = deque([(time.perf_counter(), tuple(self.statuses), tuple(self.buckets))], maxlen=HISTORY)
+        self.history = deque([(time.perf_counter(), tuple(self.statuses), tuple(self.buckets), 0)], maxlen=HISTORY)
 
     def record(self, status: int, started: float) -> None:
         now = time.perf_counter()
@@ -107,11 +111,11 @@ class Stats:
 
     def sample(self, now: float) -> None:
         if now - self.history[-1][0] >= SAMPLE_SECONDS:
-            self.history.append((now, tuple(self.statuses), tuple(self.buckets)))
+            self.history.append((now, tuple(self.statuses), tuple(self.buckets), self.rows))
 
-    def window(self, now: float) -> tuple[list[int], list[int]]:
-        """Answers by status // 100 and by latency bucket since about WINDOW seconds ago (since
-        these counters started, when that is more recent)."""
+    def window(self, now: float) -> tuple[list[int], list[int], int]:
+        """Answers by status // 100, by latency bucket, and rows predicted since about WINDOW
+        seconds ago (since these counters started, when that is more recent)."""
         base = self.history[0]
         for sample in reversed(self.history):
             if now - sample[0] >= WINDOW:
@@ -120,6 +124,7 @@ class Stats:
         return (
             [now_ - then for now_, then in zip(self.statuses, base[1], strict=True)],
             [now_ - then for now_, then in zip(self.buckets, base[2], strict=True)],
+            self.rows - base[3],
         )
 
 
@@ -146,8 +151,8 @@ def last_hour(versions: list[Stats], now: float, minutes: int = 60) -> list[dict
     statuses = [[0] * 6 for _ in range(minutes)]
     buckets = [[0] * (len(BOUNDS) + 1) for _ in range(minutes)]
     for stats in versions:
-        points = [*stats.history, (now, tuple(stats.statuses), tuple(stats.buckets))]
-        for (_, statuses0, buckets0), (then, statuses1, buckets1) in zip(points, points[1:], strict=False):
+        points = [*stats.history, (now, tuple(stats.statuses), tuple(stats.buckets), stats.rows)]
+        for (_, statuses0, buckets0, _), (then, statuses1, buckets1, _) in zip(points, points[1:], strict=False):
             age = int((now - then) // WINDOW)  # each step counts in the minute it ended in
             if age >= minutes:
                 continue
@@ -166,11 +171,12 @@ def last_hour(versions: list[Stats], now: float, minutes: int = 60) -> list[dict
     ]
 
 
-def summary(statuses: list[int], buckets: list[int]) -> dict:
+def summary(statuses: list[int], buckets: list[int], rows: int) -> dict:
     requests = sum(buckets)
     errors = statuses[4] + statuses[5]
     return {
         "requests_per_minute": requests,
+        "rows_per_minute": rows,
         "errors_4xx": statuses[4],
         "errors_5xx": statuses[5],
         "error_rate": errors / requests if requests else None,
@@ -266,25 +272,28 @@ class Metrics:
         for version_id, stats in list(self.stats.items()):
             if deployment_id is not None and stats.deployment != deployment_id:
                 continue
-            statuses, buckets = stats.window(now)
-            figures = summary(statuses, buckets) | {
+            statuses, buckets, rows = stats.window(now)
+            figures = summary(statuses, buckets, rows) | {
                 "requests": stats.requests,
+                "rows": stats.rows,
                 "in_flight": stats.in_flight,
                 "processes": self.processes(version_id),
                 "last_request": wall - (now - stats.last) if stats.last else None,
                 "serving": self.serving(stats.deployment) == version_id,
                 "traffic_percent": self.share(stats.deployment, version_id),
             }
-            entry = found.setdefault(stats.deployment, {"versions": {}, "window": ([0] * 6, [0] * len(buckets))})
+            entry = found.setdefault(stats.deployment, {"versions": {}, "window": ([0] * 6, [0] * len(buckets), [0])})
             entry["versions"][str(stats.version)] = figures
-            for total, part in zip(entry["window"], (statuses, buckets), strict=True):
+            for total, part in zip(entry["window"], (statuses, buckets, [rows]), strict=True):
                 total[:] = [a + b for a, b in zip(total, part, strict=True)]
         for deployment, entry in found.items():
             entry["last_hour"] = last_hour([s for s in list(self.stats.values()) if s.deployment == deployment], now)
             versions = entry["versions"].values()
             last = [v["last_request"] for v in versions if v["last_request"]]
-            entry["total"] = summary(*entry.pop("window")) | {
+            statuses, buckets, [rows] = entry.pop("window")
+            entry["total"] = summary(statuses, buckets, rows) | {
                 "requests": sum(v["requests"] for v in versions),
+                "rows": sum(v["rows"] for v in versions),
                 "in_flight": sum(v["in_flight"] for v in versions),
                 "processes": sum(v["processes"] for v in versions),
                 "last_request": max(last) if last else None,
@@ -336,6 +345,9 @@ class Collector:
         latency = HistogramMetricFamily(
             "serveml_request_duration_seconds", "Time from request to answer", labels=labels
         )
+        rows = CounterMetricFamily(
+            "serveml_rows", "Rows predicted: those of the prediction requests answered (2xx)", labels=labels
+        )
         batch = HistogramMetricFamily(
             "serveml_batch_size", "Requests in each frame sent to a model process", labels=labels
         )
@@ -369,6 +381,7 @@ class Collector:
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, stats.seconds)
+            rows.add_metric(values, stats.rows)
             sizes, cumulative = [], 0
             for bound, count in zip((*map(str, BATCH_BOUNDS), "+Inf"), stats.batches, strict=True):
                 cumulative += count
@@ -382,4 +395,4 @@ class Collector:
             share.add_metric(values, self.metrics.share(stats.deployment, version_id))
             if stats.last:
                 last.add_metric(values, wall - (now - stats.last))
-        yield from (requests, latency, batch, in_flight, processes, starts, memory, serving, share, last)
+        yield from (requests, latency, rows, batch, in_flight, processes, starts, memory, serving, share, last)

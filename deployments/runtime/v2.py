@@ -63,6 +63,7 @@ async def infer(pool, deployment_id: str, model: dict, headers: dict, body: byte
         decoded.append(orjson.loads(answer))
     response, chunks = serveml_v2.response(deployment_id, request, outputs, decoded)
     headers_out, out = serveml_v2.encode(response, chunks, orjson.dumps)
+    pool.stats.rows += len(rows)  # the batch dimension, once however many outputs were asked for
     return 200, out, headers_out
 
 
