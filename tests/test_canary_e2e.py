@@ -12,9 +12,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from deployments.allowlist import corpus
-from tests.conftest import SKLEARN_PIN, dump, wait_for
+from tests.conftest import wait_for
 from tests.test_end_to_end import ROWS, deploy, token, wait_ready  # noqa: F401  (token: a fixture)
-from tests.test_versions_e2e import PredictionStream, wait_gone
+from tests.test_versions_e2e import PredictionStream, version_for_review, wait_gone
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -35,22 +35,7 @@ def test_a_canary_answers_its_share_under_load_then_none_when_cancelled_then_all
     auth = {"Authorization": f"Token {token}"}
     root = wait_ready(stack, token, deploy(live_server, token, v1, name="canaried"))
     api = f"{live_server.url}/api/deployments/{root['id']}"
-    uploaded = httpx.post(
-        f"{api}/versions",
-        headers=auth,
-        data={"promote": "review"},
-        files={"model_file": ("model.pkl", dump(v2)), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
-        timeout=30,
-    )
-    assert uploaded.status_code == 202, uploaded.text
-    version = uploaded.json()
-
-    def ready():
-        state = httpx.get(version["status_url"], headers=auth).json()
-        assert state["status"] != "failed", state["error"]
-        return state["status"] == "ready"
-
-    wait_for(ready, 300, "version 2 ready for review", stack.worker.log)
+    version = version_for_review(stack, api, auth, v2)
     canary = f"{api}/versions/2/canary"
 
     with PredictionStream(root["endpoint_url"], {"instances": ROWS.tolist()}) as stream:

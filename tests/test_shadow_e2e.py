@@ -13,8 +13,9 @@ from sklearn.tree import DecisionTreeClassifier
 
 from deployments.allowlist import corpus
 from deployments.runtime import shadow
-from tests.conftest import SKLEARN_PIN, dump, wait_for
+from tests.conftest import wait_for
 from tests.test_end_to_end import deploy, token, wait_ready  # noqa: F401  (token: a fixture)
+from tests.test_versions_e2e import version_for_review
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -26,22 +27,7 @@ def test_a_shadowed_candidate_is_compared_on_a_sample_without_touching_the_live_
     auth = {"Authorization": f"Token {token}"}
     root = wait_ready(stack, token, deploy(live_server, token, v1, name="shadowed"))
     api = f"{live_server.url}/api/deployments/{root['id']}"
-    uploaded = httpx.post(
-        f"{api}/versions",
-        headers=auth,
-        data={"promote": "review"},
-        files={"model_file": ("model.pkl", dump(v2)), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
-        timeout=30,
-    )
-    assert uploaded.status_code == 202, uploaded.text
-    version = uploaded.json()
-
-    def ready():
-        state = httpx.get(version["status_url"], headers=auth).json()
-        assert state["status"] != "failed", state["error"]
-        return state["status"] == "ready"
-
-    wait_for(ready, 300, "version 2 ready for review", stack.worker.log)
+    version_for_review(stack, api, auth, v2)
     started = httpx.post(f"{api}/versions/2/shadow", headers=auth, timeout=120)
     assert started.status_code == 200 and started.json()["shadowed"], started.text
 

@@ -24,6 +24,43 @@ def wait_gone(deployment_id: str, timeout: float = 30) -> None:
     wait_for(lambda: not model_pids(deployment_id), timeout, f"the model processes of {deployment_id} stopped")
 
 
+def upload_version(api: str, auth: dict, model, **form) -> dict:
+    """Upload `model` as the next version of the deployment at `api` (its REST URL): the version's JSON."""
+    uploaded = httpx.post(
+        f"{api}/versions",
+        headers=auth,
+        data=form,
+        files={"model_file": ("model.pkl", dump(model)), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
+        timeout=30,
+    )
+    assert uploaded.status_code == 202, uploaded.text
+    return uploaded.json()
+
+
+def version_for_review(stack, api: str, auth: dict, model) -> dict:
+    """Upload `model` as a version that does not serve (for review, a canary or a shadow); wait until it is ready."""
+    version = upload_version(api, auth, model, promote="review")
+
+    def ready():
+        state = httpx.get(version["status_url"], headers=auth).json()
+        assert state["status"] != "failed", state["error"]
+        return state["status"] == "ready"
+
+    wait_for(ready, 300, f"version {version['version']} ready for review", stack.worker.log)
+    return version
+
+
+def wait_promoted(stack, api: str, auth: dict) -> None:
+    """Wait until the newest version of the deployment at `api` is ready and serves (it failing fails the test)."""
+
+    def promoted():
+        listed = httpx.get(f"{api}/versions", headers=auth).json()
+        assert listed[0]["status"] != "failed", httpx.get(listed[0]["status_url"], headers=auth).json()["error"]
+        return listed[0]["serving"]
+
+    wait_for(promoted, 300, "the newest version ready and promoted", stack.worker.log)
+
+
 def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, token):
     X, y = corpus.iris()
     v1 = corpus.random_forest()
@@ -37,22 +74,9 @@ def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, tok
 
     with PredictionStream(stable, {"instances": ROWS.tolist()}, threads=3, pause=0.01) as stream:
         stream.wait_until(v1_says)
-        uploaded = httpx.post(
-            f"{api}/versions",
-            headers=auth,
-            files={"model_file": ("model.pkl", dump(v2)), "requirements_file": ("requirements.txt", SKLEARN_PIN)},
-            timeout=30,
-        )
-        assert uploaded.status_code == 202, uploaded.text
-        version = uploaded.json()
+        version = upload_version(api, auth, v2)
         assert version["version"] == 2 and version["serving"] is False
-
-        def promoted():
-            listed = httpx.get(f"{api}/versions", headers=auth).json()
-            assert listed[0]["status"] != "failed", httpx.get(listed[0]["status_url"], headers=auth).json()["error"]
-            return listed[0]["serving"]
-
-        wait_for(promoted, 300, "version 2 ready and promoted", stack.worker.log)
+        wait_promoted(stack, api, auth)
         switched = stream.wait_until(v2_says)
         wait_gone(root["id"])  # version 1's processes, drained
 
