@@ -258,6 +258,7 @@ def figures_row(key: str, label: str, figures: dict | None, serving: bool = Fals
     milliseconds = {name: figures[f"{name}_seconds"] for name in ("p50", "p99")}
     return row | {
         "requests": figures["requests"],
+        "rows": figures.get("rows"),
         "rpm": figures["requests_per_minute"],
         "error_rate": None if figures["error_rate"] is None else figures["error_rate"] * 100,
         "errors_4xx": figures["errors_4xx"],

@@ -458,6 +458,7 @@ def test_a_deployments_requests_are_in_metrics_by_version_and_on_its_page(stack,
     assert figures["versions"]["2"]["requests"] >= 4 and figures["versions"]["2"]["serving"]
     assert figures["total"]["requests"] == sum(v["requests"] for v in figures["versions"].values())
     assert f'data-requests="{figures["total"]["requests"]}"' in html
+    assert f'data-rows="{figures["total"]["rows"]}"' in html and figures["total"]["rows"] >= 10
     assert len(figures["last_hour"]) == 60 and figures["last_hour"][-1]["requests_per_second"] > 0
     assert 'id="chart-requests_per_second"' in html
 
