@@ -12,15 +12,10 @@ CONTAINERS = frozenset({list, dict})
 JSON = [(b"content-type", b"application/json")]
 
 
-def body_problem(body: bytes) -> str | None:
-    """Why a prediction body must not reach the model, or None. Parsed here once, so a
-    body no handler could take costs the model process nothing (it still gets the raw bytes)."""
-    return check_body(body)[0]
-
-
 def check_body(body: bytes) -> tuple[str | None, int]:
-    """body_problem's answer, and the rows the body carries (row_count) when it has none: the
-    one parse of the prediction path gives both."""
+    """Why a prediction body must not reach the model (or None), and the rows it carries
+    (row_count) when it may. Parsed here once, so a body no handler could take costs the model
+    process nothing (it still gets the raw bytes), and the same parse counts the rows."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
