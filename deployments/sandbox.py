@@ -35,6 +35,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from deployments import buildkit
+
 # Passed through because some CPUs need them for OpenBLAS to compute correctly.
 PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LANG", "TZ")
 TOOLS = ("bwrap", "prlimit", "setpriv", "unshare")
@@ -205,7 +207,7 @@ def _prlimit(limits: Limits) -> list[str]:
     return argv + ["--"]
 
 
-def _argv(*, uid, environment, work, binds, data, writable_environment, limits, command) -> list[str]:
+def _argv(*, uid, environment, work, binds, data, writable_environment, limits, command, template=False) -> list[str]:
     argv = [
         "bwrap",
         "--unshare-pid",
@@ -232,8 +234,9 @@ def _argv(*, uid, environment, work, binds, data, writable_environment, limits, 
         "--ro-bind-try",
         "/etc/ld.so.cache",
         "/etc/ld.so.cache",
-        "--proc",
-        "/proc",
+        # A template's launcher mounts a plain /proc itself: bubblewrap's has read-only covers,
+        # and the kernel lets a namespaced process mount a fresh /proc only where one is fully visible.
+        *(("--dir", "/proc") if template else ("--proc", "/proc")),
         "--dev",
         "/dev",
         "--perms",
@@ -255,6 +258,8 @@ def _argv(*, uid, environment, work, binds, data, writable_environment, limits, 
         argv += ["--perms", "0444", "--ro-bind-data", str(fd), str(INSIDE_WORK / name)]
     argv += ["--chdir", str(INSIDE_WORK), "--"]
     argv += _prlimit(limits)
+    if template:
+        return argv + command  # serveml_userns.py drops root itself (see launch_template)
     argv += [
         "setpriv",
         f"--reuid={uid}",
@@ -271,7 +276,7 @@ def _argv(*, uid, environment, work, binds, data, writable_environment, limits, 
     return argv + command
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"sandbox file names are plain names, not {name!r}")
 
@@ -295,7 +300,7 @@ def launch(
     Raises SandboxUnavailable when the sandbox cannot be built."""
     files, binds = files or {}, binds or {}
     for name in [*files, *binds]:
-        _check_name(name)
+        check_name(name)
     for path in binds.values():
         if not os.stat(path).st_mode & 0o004:
             raise ValueError(f"{path} is bound into a sandbox without a copy, so it must be world-readable")
@@ -315,6 +320,62 @@ def launch(
         command=command,
     )
     return Launch(argv=argv, env=_scrubbed_env(extra_env), cwd="/", pass_fds=tuple(fds.values()))
+
+
+def launch_template(*, environment: Path, limits: Limits, files: dict[str, Path], control_fd: int) -> Launch:
+    """A warm template for `environment` (deployments/runtime/templates.py), in a sandbox like
+    launch's but with a user namespace whose uid 0 is SERVEML_SANDBOX_UID_BASE on the host and
+    whose uid N is deployment N's: the template can give each process it forks its deployment's
+    uid and no other. The host's own Python (-I -S: none of the environment's code) sets that
+    namespace up as root inside bubblewrap (buildkit/serveml_userns.py); the environment's
+    interpreter only ever runs inside it. `control_fd` stays open in the template."""
+    if is_disabled():
+        raise SandboxUnavailable("templates need the sandbox: with SERVEML_SANDBOX=off model processes start alone")
+    for name in files:
+        check_name(name)
+    check()
+    fds = {name: _descriptor(name, source) for name, source in files.items()}
+    fds["serveml_userns.py"] = _descriptor("serveml_userns.py", buildkit.USERNS)
+    base = settings.SERVEML_SANDBOX_UID_BASE
+    command = [
+        str(_host_python(environment)),
+        "-I",
+        "-S",
+        str(INSIDE_WORK / "serveml_userns.py"),
+        str(base),
+        str(settings.SERVEML_SANDBOX_UID_COUNT),
+        "--",
+        str(INSIDE_ENV / "bin" / "python"),
+        "-I",
+        "-B",
+        str(INSIDE_WORK / "serveml_template.py"),
+        str(control_fd),
+    ]
+    argv = _argv(
+        uid=base,
+        environment=environment,
+        work=INSIDE_WORK,
+        binds={},
+        data=fds,
+        writable_environment=False,
+        limits=limits,
+        command=command,
+        template=True,
+    )
+    return Launch(argv=argv, env=_scrubbed_env(), cwd="/", pass_fds=(*fds.values(), control_fd))
+
+
+def _host_python(environment: Path) -> Path:
+    """The interpreter the environment was made from (the host's, not the environment's
+    copy): with -I -S it runs nothing that the environment installed."""
+    config = environment / "pyvenv.cfg"
+    for line in config.read_text().splitlines() if config.exists() else ():
+        key, _, value = line.partition("=")
+        if key.strip() == "home":
+            for name in ("python3", "python"):
+                if (Path(value.strip()) / name).exists():
+                    return Path(value.strip()) / name
+    raise SandboxUnavailable(f"{environment} has no pyvenv.cfg naming its interpreter: rebuild the environment")
 
 
 def _descriptor(name: str, source: Path | bytes) -> int:

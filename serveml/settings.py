@@ -251,6 +251,17 @@ SERVEML_SANDBOX = env_choice("SERVEML_SANDBOX", "on", ("on", "off"))
 SERVEML_SANDBOX_UID_BASE = env_number("SERVEML_SANDBOX_UID_BASE", 2_000_000)
 # A model process is recycled after this much CPU time (its requests go to a fresh one).
 SERVEML_MODEL_CPU_SECONDS = env_number("SERVEML_MODEL_CPU_SECONDS", 3600)
+# How many uids from the base a template's user namespace maps (deployment pks must stay below).
+SERVEML_SANDBOX_UID_COUNT = env_number("SERVEML_SANDBOX_UID_COUNT", 10_000_000)
+# Model processes are forked from a warm template per environment and owner
+# (deployments/runtime/templates.py); off: each starts its own interpreter, as before.
+SERVEML_TEMPLATES = env_bool("SERVEML_TEMPLATES", True)
+# A template with no model process left is stopped after this long.
+SERVEML_TEMPLATE_IDLE_SECONDS = env_number("SERVEML_TEMPLATE_IDLE_SECONDS", 900.0, float)
+# The runtime stops the least recently used deployments' model processes while their memory
+# (proportional set size, templates included) is above this; 0: no budget. They load again on
+# their next request.
+SERVEML_RUNTIME_MEMORY_BYTES = env_number("SERVEML_RUNTIME_MEMORY_BYTES", 0)
 # The validate stage's probe.
 SERVEML_SANDBOX_CPU_SECONDS = env_number("SERVEML_SANDBOX_CPU_SECONDS", 60)
 SERVEML_SANDBOX_WALL_SECONDS = env_number("SERVEML_SANDBOX_WALL_SECONDS", 120)

@@ -14,6 +14,7 @@ from rest_framework.authtoken.models import Token
 
 from deployments.allowlist import corpus
 from tests.conftest import PANDAS_PIN, SKLEARN_PIN, dump, wait_for
+from tests.support.models import model_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -47,12 +48,6 @@ def wait_ready(stack, token, body, timeout=300):
 @pytest.fixture
 def token(user):
     return Token.objects.create(user=user).key
-
-
-def model_pids(deployment_id: str) -> list[int]:
-    """The deployment's model processes (the interpreters inside the sandboxes, not bubblewrap)."""
-    pattern = f"^/env/bin/python -I -B model_server.py . {deployment_id}"
-    return [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
 
 
 def model_pid(deployment_id: str) -> int:

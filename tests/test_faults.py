@@ -32,6 +32,7 @@ from deployments.models import Deployment
 from deployments.pipeline import runner
 from deployments.pipeline.errors import TransientStageError
 from tests.conftest import OUTPUT, SKLEARN_PIN, Redis, Stack, dump, use_broker, wait_for
+from tests.support.models import model_pids
 
 LOCAL_STAGES = [stage.value for stage, _ in runner.PIPELINES["local"]]
 
@@ -330,11 +331,6 @@ def test_an_upload_while_the_broker_is_down_is_stored_and_says_it_will_start(use
 LEASE_S = 3
 FIGURES: dict[str, float] = {}
 MODEL = dump(corpus.logistic_regression())
-
-
-def model_pids(public_id) -> list[int]:
-    pattern = f"^/env/bin/python -I -B model_server.py [^ ]+ {public_id}"
-    return [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
 
 
 def alive(pid: int) -> bool:

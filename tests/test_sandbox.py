@@ -406,15 +406,15 @@ def test_two_tenants_model_processes_cannot_reach_each_other(environment, tmp_pa
         try:
             _, answer = await victim.predict(b'{"do": "pid"}')
             inner_pid = json.loads(answer)["pid"]
-            victim_host_pid = next(
-                pid
-                for pid, info in host_processes().items()
-                if info["uid"] == sandbox.uid_for(1)
-                and victim.spec.deployment_id in info["cmdline"]
-                and info["cmdline"].startswith("/env/bin/python")
-            )
+            victim_host_pid = victim.processes[0].pid
             request = {"do": "attack", "victim_pid": victim_host_pid, "victim_folder": str(tmp_path / "tenant-1")}
             _, report = await attacker.predict(json.dumps(request).encode())
+            # Both forked from one warm template (the default), each as its own deployment's uid.
+            forks = [victim.processes[0], attacker.processes[0]]
+            assert forks[0].template is not None and forks[0].template is forks[1].template
+            seen = host_processes()
+            assert [seen[fork.pid]["uid"] for fork in forks] == [sandbox.uid_for(1), sandbox.uid_for(2)]
+            assert all("serveml_template.py" in seen[fork.pid]["cmdline"] for fork in forks)
             return inner_pid, victim_host_pid, json.loads(report)
         finally:
             victim.close()

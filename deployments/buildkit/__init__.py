@@ -14,6 +14,8 @@ MODEL_SERVER = HERE / "model_server.py"
 LOADER = HERE / "serveml_loader.py"
 HANDLER = HERE / "serveml_handler.py"
 V2 = HERE / "serveml_v2.py"
+TEMPLATE = HERE / "serveml_template.py"
+USERNS = HERE / "serveml_userns.py"
 TEMPLATES = HERE / "templates"
 CONFIG_FILE = "serveml.json"
 # What a build context holds besides the model, serveml.json and the Dockerfile.

@@ -25,7 +25,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from deployments.runtime import v2
+from deployments.runtime import templates, v2
 from deployments.runtime.asgi import MAX_BODY, canonical_uuid, check_body, error, read_body, respond
 from deployments.runtime.metrics import Metrics
 from deployments.runtime.pool import ModelPool
@@ -336,6 +336,7 @@ class Runtime:
         while True:
             await asyncio.sleep(self.sweep_seconds)
             self.scale_to_zero()
+            templates.shared.sweep()
             self.metrics.sample()
             if self.pools:
                 try:
@@ -477,5 +478,6 @@ class Runtime:
                     sweeper.cancel()
                 for deployment_id in list(self.pools):
                     self.unload(deployment_id)
+                templates.shared.stop_all()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

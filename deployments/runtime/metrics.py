@@ -227,7 +227,7 @@ class Metrics:
         """Resident memory of each version's model processes (the sandbox and all it started), in
         bytes: one pass over /proc, when scraped."""
         sandboxes = {
-            version_id: [p.transport.get_pid() for p in pool.processes if p.alive]
+            version_id: [p.pid for p in pool.processes if p.alive]
             for version_id, pool in list(self.runtime.pools.items())
         }
         if not any(sandboxes.values()):

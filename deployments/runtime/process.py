@@ -1,13 +1,17 @@
 """One long-lived model process and the pipe the runtime talks to it through.
 
 A model process is model_server.py, run by the deployment's environment
-interpreter inside the sandbox. It is started once and then fed batches of
-request bodies, exactly as clients sent them; its answers come back in order
-(deployments/runtime/protocol.py has the frame format).
+interpreter inside the sandbox: forked from the environment's warm template
+(runtime/templates.py), or, with SERVEML_TEMPLATES off, started on its own. It
+is started once and then fed batches of request bodies, exactly as clients sent
+them; its answers come back in order (deployments/runtime/protocol.py has the
+frame format).
 """
 
 import asyncio
 import logging
+import os
+import socket
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 
 from deployments import buildkit, sandbox
-from deployments.runtime import protocol
+from deployments.runtime import protocol, templates
 from deployments.runtime.registry import Spec
 from deployments.sandbox import kill_group
 
@@ -54,8 +58,8 @@ def fail_requests(requests: list[Request], error: ModelUnavailable) -> None:
             request.future.set_exception(error)
 
 
-class _Channel(asyncio.SubprocessProtocol):
-    """Splits a model process's stdout into answer frames as the bytes arrive.
+class _Channel:
+    """Splits a model process's answers into frames as the bytes arrive.
 
     A protocol rather than a StreamReader: each answer resolves its request's future
     right here, with no task, timeout wrapper or read coroutine per request."""
@@ -64,8 +68,8 @@ class _Channel(asyncio.SubprocessProtocol):
         self.process = process
         self.buffer = bytearray()
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd != 1 or self.process.channel is not self:
+    def received(self, data: bytes) -> None:
+        if self.process.channel is not self:
             return
         buffer = self.buffer
         buffer += data
@@ -81,9 +85,34 @@ class _Channel(asyncio.SubprocessProtocol):
             return
         del buffer[:offset]
 
-    def process_exited(self) -> None:
+    def ended(self) -> None:
         if self.process.channel is self:  # not a process that was already replaced
             self.process.exited()
+
+
+class _PipeChannel(_Channel, asyncio.SubprocessProtocol):
+    """A process started on its own: answers on its stdout pipe."""
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.received(data)
+
+    def process_exited(self) -> None:
+        self.ended()
+
+
+class _SocketChannel(_Channel, asyncio.Protocol):
+    """A process forked from a template: requests and answers on one socket, whose end
+    means the process is gone (or closed it, and is killed)."""
+
+    def data_received(self, data: bytes) -> None:
+        self.received(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.ended()
 
 
 class ModelProcess:
@@ -98,7 +127,10 @@ class ModelProcess:
         self.spec = spec
         self.on_free = on_free
         self.on_lost = on_lost or (lambda requests, error: fail_requests(requests, error))
-        self.transport: asyncio.SubprocessTransport | None = None
+        self.transport: asyncio.SubprocessTransport | None = None  # started on its own
+        self.forked: templates.Forked | None = None  # or forked from a template
+        self.template: templates.Template | None = None
+        self.writer: asyncio.WriteTransport | None = None  # its requests' way in
         self.channel: _Channel | None = None
         self.stopped = False
         self.loaded: asyncio.Future | None = None
@@ -109,17 +141,33 @@ class ModelProcess:
 
     @property
     def alive(self) -> bool:
-        return self.transport is not None and not self.stopped and self.transport.get_returncode() is None
+        if self.stopped:
+            return False
+        if self.forked is not None:
+            return self.writer is not None and not self.writer.is_closing()
+        return self.transport is not None and self.transport.get_returncode() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Its pid on the host (the sandbox's outermost process when it started on its own)."""
+        if self.forked is not None:
+            return self.forked.pid
+        return self.transport.get_pid() if self.transport else None
 
     @property
     def returncode(self) -> int | None:
+        """Its exit code; None while it runs, and for a forked process, whose parent is the template."""
         return self.transport.get_returncode() if self.transport else None
 
     async def start(self) -> None:
-        self.stopped, self.transport = False, None
+        self.stopped, self.transport, self.forked, self.writer = False, None, None, None
         loop = asyncio.get_running_loop()
         try:
-            self.transport = await self._spawn(loop)
+            if templates.enabled():
+                await self._fork(loop)
+            else:
+                self.transport = await self._spawn(loop)
+                self.writer = self.transport.get_pipe_transport(0)
         except ModelUnavailable:
             self.stop()
             raise
@@ -131,19 +179,70 @@ class ModelProcess:
         except ModelUnavailable:
             self.stop()
             raise
-        log.info(
-            "model process %s started for %s (%s)", self.transport.get_pid(), self.spec.deployment_id, self.isolation
-        )
+        log.info("model process %s started for %s (%s)", self.pid, self.spec.deployment_id, self.isolation)
 
-    async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
-        """Start model_server.py in the deployment's sandbox: the one place that knows how."""
-        limits = sandbox.Limits(
+    @staticmethod
+    def limits() -> sandbox.Limits:
+        return sandbox.Limits(
             memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES,
             # Long-lived: each request has a wall-clock limit; this recycles a process that
             # has used an hour of CPU (its requests go once more to a fresh one).
             cpu_seconds=settings.SERVEML_MODEL_CPU_SECONDS,
         )
+
+    def _files(self) -> dict[str, Path]:
         build = self.spec.build_dir
+        return {**{name: build / name for name in BUILD_FILES}, self.spec.model_path.name: self.spec.model_path}
+
+    async def _fork(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fork model_server.py from the warm template of the deployment's environment
+        (runtime/templates.py), which isolates it before it reads the model."""
+        try:
+            template = await templates.shared.get(self.spec.environment, self.spec.owner)
+        except templates.TemplateUnavailable as exc:
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        limits = self.limits()
+        logs = settings.DATA_DIR / "logs"
+        logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        opened: dict[str, int] = {}
+        ours, theirs = socket.socketpair()
+        try:
+            for name, path in self._files().items():
+                sandbox.check_name(name)
+                opened[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                # It reads them again through /proc/self/fd as the deployment's uid, as a bind would.
+                if not os.fstat(opened[name]).st_mode & 0o004:
+                    raise ValueError(f"{path} is handed to a model process without a copy: it must be world-readable")
+            log_path = logs / f"model-{self.spec.deployment_id}.log"
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            opened["log"] = log_fd
+            self.forked = await template.fork(
+                uid=self.spec.uid,
+                label=self.spec.deployment_id,
+                limits=limits,
+                connection=theirs.fileno(),
+                log_fd=log_fd,
+                files={name: fd for name, fd in opened.items() if name != "log"},
+            )
+        except (OSError, ValueError, templates.TemplateUnavailable) as exc:
+            ours.close()
+            raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
+        finally:
+            theirs.close()
+            for fd in opened.values():
+                os.close(fd)
+        self.template = template
+        self.isolation = (
+            f"forked from the warm template of environment {self.spec.environment.name}: own uid, PID, mount, "
+            f"network and IPC namespaces, no capabilities; memory {limits.memory_bytes // 1024**2} MiB"
+        )
+        self.loaded = loop.create_future()
+        self.channel = channel = _SocketChannel(self)
+        self.writer, _ = await loop.connect_accepted_socket(lambda: channel, ours)
+
+    async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
+        """Start model_server.py in the deployment's sandbox: the one place that knows how."""
+        limits = self.limits()
         try:
             launched = sandbox.launch(
                 uid=self.spec.uid,
@@ -152,14 +251,14 @@ class ModelProcess:
                 # The id is only a label, so operators can tell model processes apart in `ps`.
                 args=["model_server.py", ".", self.spec.deployment_id],
                 files=MODEL_SERVER_FILES,
-                binds={**{name: build / name for name in BUILD_FILES}, self.spec.model_path.name: self.spec.model_path},
+                binds=self._files(),
             )
         except (sandbox.SandboxUnavailable, OSError, ValueError) as exc:  # e.g. its build was deleted
             raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.loaded = loop.create_future()
-        self.channel = channel = _Channel(self)
+        self.channel = channel = _PipeChannel(self)
         self.isolation = sandbox.describe(limits)
         try:
             with open(logs / f"model-{self.spec.deployment_id}.log", "ab") as stderr:
@@ -192,7 +291,7 @@ class ModelProcess:
 
     def send(self, batch: list[Request]) -> None:
         self.waiting.extend(batch)
-        self.transport.get_pipe_transport(0).write(protocol.encode_requests([request.body for request in batch]))
+        self.writer.write(protocol.encode_requests([request.body for request in batch]))
         timeout = settings.SERVEML_PREDICT_TIMEOUT_S
         self.timer = asyncio.get_running_loop().call_later(
             timeout,
@@ -233,17 +332,18 @@ class ModelProcess:
         )
 
     def exited(self) -> None:
-        code = self.returncode
+        code = "" if self.returncode is None else f" (exit code {self.returncode})"
+        if self.forked is not None:
+            self._end_fork()  # its socket closed: make sure it is gone
         if not self.loaded.done():
             self.loaded.set_exception(
-                ModelUnavailable(503, f"the model process exited before it loaded the model (exit code {code})")
+                ModelUnavailable(503, f"the model process exited before it loaded the model{code}")
             )
         elif self.waiting:
             self.fail(
                 ModelUnavailable(
                     502,
-                    f"the model process crashed while answering (exit code {code}); "
-                    "it is restarted on the next request",
+                    f"the model process crashed while answering{code}; it is restarted on the next request",
                 ),
                 lost=True,
             )
@@ -266,8 +366,18 @@ class ModelProcess:
             self.timer = None
         self.on_free(self)
 
+    def _end_fork(self) -> None:
+        if self.forked.pidfd >= 0:
+            self.forked.kill()
+            self.forked.close()
+            self.template.released()
+        if self.writer is not None:
+            self.writer.close()
+
     def stop(self) -> int | None:
         self.stopped = True
+        if self.forked is not None:
+            self._end_fork()
         if self.transport is not None:
             if self.transport.get_returncode() is None:  # not reaped yet, so its pid is still its own
                 kill_group(self.transport.get_pid())

@@ -31,6 +31,8 @@ class Spec:
     # What the validate stage learnt about the model, for the V2 protocol's model metadata.
     signature: dict = field(default_factory=dict, compare=False)
     example: object = field(default=None, compare=False)
+    # Whose it is: its model processes are forked from that owner's template (runtime/templates.py).
+    owner: object = field(default=None, compare=False)
 
 
 SERVABLE = (Deployment.Status.READY, Deployment.Status.DEPLOYING)
@@ -135,6 +137,7 @@ def _spec(deployment: Deployment, access: Access) -> tuple[Spec, Access] | None:
         sandbox.uid_for(deployment.pk),
         deployment.signature or {},
         (deployment.example_request or {}).get("data"),
+        deployment.owner_id,
     )
     return spec, access
 
