@@ -25,7 +25,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from deployments.runtime import templates, v2
+from deployments.runtime import memory, templates, v2
 from deployments.runtime.asgi import MAX_BODY, canonical_uuid, check_body, error, read_body, respond
 from deployments.runtime.metrics import Metrics
 from deployments.runtime.pool import ModelPool
@@ -45,6 +45,8 @@ from deployments.runtime.registry import (
 from deployments.runtime.shadow import Shadow
 
 log = logging.getLogger("serveml.runtime")
+# The memory budget is checked every this many sweeps (a /proc pass over every model process).
+BUDGET_EVERY = 5
 
 
 class KeyedLocks:
@@ -331,12 +333,34 @@ class Runtime:
             self.stop_pool(deployment_id)
         return idle
 
+    async def keep_to_budget(self) -> list[str]:
+        """Stop the least recently used deployments' model processes while all model memory
+        is over SERVEML_RUNTIME_MEMORY_BYTES; they load again on their next request."""
+        budget = settings.SERVEML_RUNTIME_MEMORY_BYTES
+        if not budget or not self.pools:
+            return []
+        # Reading every process's smaps_rollup takes a while with hundreds of them: not on the loop.
+        chosen = await asyncio.to_thread(memory.over_budget, dict(self.pools), templates.shared.pids(), budget)
+        for version_id in chosen:
+            pool = self.pools.get(version_id)
+            if pool is not None and not pool.busy:
+                log.info("stopping the model processes of %s: model memory is over its budget", version_id)
+                self.stop_pool(version_id)
+        return chosen
+
     async def sweep(self) -> None:
         """Catch changes the runtime was not told about (it was down, or a call failed)."""
+        rounds = 0
         while True:
             await asyncio.sleep(self.sweep_seconds)
+            rounds += 1
             self.scale_to_zero()
             templates.shared.sweep()
+            if rounds % BUDGET_EVERY == 0:
+                try:
+                    await self.keep_to_budget()
+                except Exception:
+                    log.exception("the memory budget could not be checked")
             self.metrics.sample()
             if self.pools:
                 try:

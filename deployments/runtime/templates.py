@@ -88,10 +88,11 @@ class Template:
         self.idle_since = time.monotonic()
         self.loop = asyncio.get_running_loop()
         self.imported: list[str] = []
+        self.stopped = False
 
     @property
     def alive(self) -> bool:
-        return self.transport is not None and self.transport.get_returncode() is None
+        return not self.stopped and self.transport is not None and self.transport.get_returncode() is None
 
     @property
     def pid(self) -> int | None:
@@ -216,6 +217,7 @@ class Template:
 
     def stop(self) -> None:
         """Stop it and, with it, every model process it forked."""
+        self.stopped = True
         if self.transport is not None:
             if self.transport.get_returncode() is None:
                 sandbox.kill_group(self.transport.get_pid())
