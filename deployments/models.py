@@ -94,6 +94,10 @@ class Deployment(models.Model):
     image_size_bytes = models.BigIntegerField(null=True, blank=True)
     function_arn = models.CharField(max_length=500, blank=True)
     api_id = models.CharField(max_length=100, blank=True)
+    # The published Lambda version holding this row's image (aws): the deployment's alias points
+    # at it to serve it. A version's own field; set by its provision stage, and again whenever
+    # it is published anew because the function's keys changed since (aws.current_lambda_version).
+    lambda_version = models.CharField(max_length=20, blank=True)
 
     # The pipeline's progress, so that a task that takes over resumes where a dead one stopped.
     completed_stages = models.JSONField(default=list, blank=True)

@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from deployments import targets
 from deployments.models import Deployment, DeploymentEvent, DeploymentKey
+from deployments.pipeline.errors import StageError
 from deployments.runtime import client
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,9 @@ def deployment_mark_ready(*, deployment: Deployment, token: str) -> None:
     ):
         raise ClaimLost(deployment.pk)
     deployment.refresh_from_db()
-    deployment_record_event(deployment=deployment, stage="", message=f"ready: {deployment.endpoint_url}")
+    # An aws version has no URL of its own: it answers its deployment's once promoted.
+    where = deployment.endpoint_url or "it answers its deployment's URL once promoted"
+    deployment_record_event(deployment=deployment, stage="", message=f"ready: {where}")
     if deployment.version_of_id:
         _version_ready(deployment)
 
@@ -566,8 +569,6 @@ def _version_problem(root: Deployment) -> str | None:
     """Why `root` takes no new version now, or None."""
     if root.version_of_id:
         return f"This is version {root.version} of a deployment: upload new versions to the deployment itself."
-    if root.target != Deployment.Target.LOCAL:
-        return "Versions are available for the local target only for now: deploy the new model as a new aws deployment."
     if root.status in (Status.STOPPING, Status.STOPPED):
         return "This deployment was stopped: its URL serves nothing. Deploy the model as a new deployment."
     if root.status == Status.FAILED:
@@ -648,7 +649,7 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
     if (previous or root.pk) == version.pk:
         return version
     try:
-        client.load(version.public_id)  # warm first: the switch must not wait for a model to load
+        _warm(version)  # first: the switch must not wait for a model to load
     except client.RuntimeUnavailable as exc:
         raise VersionRefused(
             f"Version {number} could not be loaded, so version {root.serving_version().version} keeps serving: {exc}"
@@ -674,8 +675,30 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
         )
         if version.pk != root.pk:
             deployment_record_event(deployment=version, stage="", message=f"now serving {root.endpoint_url}")
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+        _route(root, refused=f"version {was} keeps serving")
     return version
+
+
+def _warm(version: Deployment) -> None:
+    """Load a version's model processes before traffic moves to it (local). A Lambda version
+    needs nothing: Lambda starts its instances on the first requests."""
+    if version.target == Deployment.Target.LOCAL:
+        client.load(version.public_id)
+
+
+def _route(root: Deployment, *, refused: str) -> None:
+    """Send `root`'s traffic where its row now says (inside the transaction that changed it).
+
+    Local: the runtime re-routes after the commit. AWS: the alias moves now, and if AWS
+    refuses, the change is rolled back and VersionRefused says why (`refused`: what still holds)."""
+    if root.target == Deployment.Target.LOCAL:
+        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+        return
+    try:
+        summary = targets.get(root.target).load().route(root)
+    except StageError as exc:  # a TransientStageError too: the user retries, not a task
+        raise VersionRefused(f"AWS did not move the deployment's Lambda alias, so {refused}: {exc}") from None
+    deployment_record_event(deployment=root, stage="", message=summary)
 
 
 CANARY_PERCENTS = range(1, 51)  # a canary is the smaller share: past half, promote it
@@ -699,7 +722,7 @@ def _warm_candidate(
     if (root.serving_id or root.pk) == version.pk:
         raise VersionRefused(f"Version {number} {serves}.")
     try:
-        client.load(version.public_id)  # warm first: no request waits for its model to load
+        _warm(version)  # first: no request waits for its model to load
     except client.RuntimeUnavailable as exc:
         raise VersionRefused(f"Version {number} could not be loaded, so no {role} started: {exc}") from None
     return version
@@ -714,7 +737,7 @@ def _route_change(root: Deployment, *, expect: dict, change: dict, refused: str,
         for field, value in change.items():
             setattr(root, field, value)
         deployment_record_event(deployment=root, stage="", message=message)
-        transaction.on_commit(lambda: client.route_quietly(root.public_id))
+        _route(root, refused="its traffic did not change")
 
 
 CHANGED_BEFORE_START = "The deployment changed meanwhile (a promote, or a stop): look again and retry."
@@ -777,6 +800,12 @@ def deployment_shadow_start(*, root: Deployment, number: int) -> Deployment:
     version (runtime/shadow.py). One candidate at a time: another one replaces it. Raises VersionRefused."""
     if root.version_of_id:
         raise VersionRefused("Shadow versions through the deployment itself.")
+    if root.target != Deployment.Target.LOCAL:
+        raise VersionRefused(
+            "Shadow comparison needs the local runtime, which copies answered requests to the candidate; "
+            "on AWS, Lambda answers the requests itself. Compare versions on AWS with a canary (a share of "
+            "the requests goes to the new version, the page shows its figures), then promote it or roll back."
+        )
     version = _warm_candidate(
         root,
         number,

@@ -400,6 +400,11 @@ def endpoint_refusal(deployment: Deployment, key: str) -> str | None:
     """Why the page cannot call the deployment's endpoint with `key` (may be ""), or None."""
     if deployment.status != Deployment.Status.READY:
         return "This deployment is not ready."
+    if not deployment.endpoint_url:
+        return (
+            "On AWS a version has no URL of its own: promote it (or send it a share as a canary) and call its "
+            "deployment's URL."
+        )
     if key and not (key.isascii() and key.isprintable()):
         return "That is not an API key: keys start with sml_ and hold only letters, digits, - and _."
     if deployment.target != Deployment.Target.LOCAL and deployment.is_private and not key:

@@ -108,14 +108,19 @@ def test_provision_creates_the_function_and_the_http_api_in_front_of_it(cloud, p
     assert api["ProtocolType"] == "HTTP"
     [integration] = gateway.get_integrations(ApiId=pushed.api_id)["Items"]
     assert integration["IntegrationType"] == "AWS_PROXY" and integration["PayloadFormatVersion"] == "2.0"
-    assert integration["IntegrationUri"] == config["FunctionArn"]
+    # The API invokes the alias, which serves the function's first published version.
+    assert integration["IntegrationUri"] == config["FunctionArn"] + ":live"
+    alias = cloud["lambda"].get_alias(FunctionName=aws.resource_name(pushed), Name="live")
+    assert alias["FunctionVersion"] == "1" and Deployment.objects.get(pk=pushed.pk).lambda_version == "1"
     routes = gateway.get_routes(ApiId=pushed.api_id)["Items"]
     assert sorted(route["RouteKey"] for route in routes) == ["ANY /v2/{proxy+}", "GET /v2", "POST /"]  # JSON and V2
     assert {route["Target"] for route in routes} == {f"integrations/{integration['IntegrationId']}"}
     [stage] = gateway.get_stages(ApiId=pushed.api_id)["Items"]
     assert stage["StageName"] == "$default" and stage["AutoDeploy"] is True
-    [statement] = json.loads(cloud["lambda"].get_policy(FunctionName=aws.resource_name(pushed))["Policy"])["Statement"]
+    policy = cloud["lambda"].get_policy(FunctionName=aws.resource_name(pushed), Qualifier="live")["Policy"]
+    [statement] = json.loads(policy)["Statement"]
     assert statement["Principal"]["Service"] == "apigateway.amazonaws.com"
+    assert statement["Resource"] == config["FunctionArn"] + ":live"
     assert pushed.api_id in json.dumps(statement["Condition"])
     pushed.refresh_from_db()
     assert pushed.endpoint_url == api["ApiEndpoint"] + "/"

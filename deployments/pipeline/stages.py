@@ -308,14 +308,15 @@ def same_prediction(expected, actual) -> bool:
 def verify(deployment: Deployment) -> str:
     # The target says what the call may carry: the runtime's token stays on this host, and a
     # private Lambda answers only its keys (see aws.verify_headers).
-    with targets.get(deployment.target).verify_headers(deployment) as (headers, note):
-        summary = _verify_call(deployment, headers)
+    target = targets.get(deployment.target)
+    with target.verify_headers(deployment) as (headers, note):
+        summary = _verify_call(deployment, headers, target.verify_post(deployment) or httpx.post)
     return summary + note
 
 
-def _verify_call(deployment: Deployment, headers: dict) -> str:
+def _verify_call(deployment: Deployment, headers: dict, post) -> str:
     try:
-        response = httpx.post(
+        response = post(
             client.server_side_url(deployment),
             json=deployment.example_request,
             headers=headers,

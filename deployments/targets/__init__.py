@@ -4,8 +4,10 @@ A target module has a function per stage it adds after `package` (each takes the
 deployment and returns a one-line summary for the event log, or raises a StageError,
 like every stage), `teardown(deployment) -> str`, and may have
 `verify_headers(deployment)`: a context manager giving the headers the verify stage
-calls the endpoint with. Its entry in TARGETS says which stages those are, in order,
-and what it needs to be configured. Adding a target is a module here and an entry
+calls the endpoint with, and `verify_post(deployment)`: what calls it instead of
+httpx.post (or None), for one with no URL of its own (an aws version, until it serves).
+Its entry in TARGETS says which stages those are, in order, and what it needs to be
+configured. Adding a target is a module here and an entry
 below (its name and label go in Deployment.Target, with the other labels).
 
 This module stays light on purpose: the web process reads it (the status page's stages,
@@ -62,6 +64,10 @@ class Target:
 
     def verify_headers(self, deployment: Deployment):
         return getattr(self.load(), "verify_headers", _server_side_headers)(deployment)
+
+    def verify_post(self, deployment: Deployment):
+        hook = getattr(self.load(), "verify_post", None)
+        return hook(deployment) if hook else None
 
 
 @contextmanager

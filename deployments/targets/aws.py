@@ -2,6 +2,14 @@
 network), push to the deployment's ECR repository, and provision a Lambda function
 (PackageType Image) with an API Gateway HTTP API in front of it, with boto3.
 
+Versions: each version of a deployment (the first one too) is a published Lambda
+version of the deployment's one function, its image in the deployment's one
+repository. The HTTP API invokes the alias `live`, never the bare function: promote
+and rollback are one update_alias (atomic; the URL never changes), a canary is the
+alias's weighted routing. A published version's environment is frozen, and the
+function's environment holds its keys, so an alias is only ever pointed at a Lambda
+version that carries the deployment's keys as they are now (current_lambda_version).
+
 Every step looks for what an earlier, interrupted run may have created before
 creating it, so rerunning a half-finished provision completes it instead of
 failing on "already exists". botocore retries throttling and 5xx answers with
@@ -19,6 +27,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import boto3
+import httpx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from django.conf import settings
@@ -44,6 +53,7 @@ TRANSIENT_CODES = {
     "EC2ThrottledException",
 }
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
+ALIAS = "live"  # what the HTTP API invokes; it points at the Lambda version that serves
 # ServeML's JSON at the root; the Open Inference Protocol (V2) under /v2 ({proxy+} needs a segment).
 ROUTE_KEYS = ("POST /", "GET /v2", "ANY /v2/{proxy+}")
 MAX_KEYS = targets.get(Deployment.Target.AWS).max_keys  # what the function's 4 KB environment holds
@@ -105,11 +115,16 @@ def account_id() -> str:
 
 
 def resource_name(deployment: Deployment) -> str:
-    return f"serveml-{deployment.public_id}"
+    # A version lives in its deployment's function (as a Lambda version) and repository.
+    return f"serveml-{deployment.root.public_id}"
 
 
 def repository_name(deployment: Deployment) -> str:
-    return f"{settings.SERVEML_ECR_REPOSITORY_PREFIX}/{deployment.public_id}"
+    return f"{settings.SERVEML_ECR_REPOSITORY_PREFIX}/{deployment.root.public_id}"
+
+
+def alias_arn(root: Deployment) -> str:
+    return f"{root.function_arn}:{ALIAS}"
 
 
 # ------------------------------------------------------------------ ECR
@@ -151,9 +166,11 @@ def access_variables(deployment: Deployment) -> dict:
     """The function's share of the deployment's privacy and active keys, as the handler reads them.
 
     Read from the database, not from the object: the pipeline's copy of the row was
-    loaded before its owner may have switched privacy or created a key."""
-    private = Deployment.objects.values_list("is_private", flat=True).get(pk=deployment.pk)
-    digests = sorted(deployment.active_keys().values_list("key_sha256", flat=True))
+    loaded before its owner may have switched privacy or created a key. A version answers
+    with its deployment's privacy and keys."""
+    root = deployment.root
+    private = Deployment.objects.values_list("is_private", flat=True).get(pk=root.pk)
+    digests = sorted(root.active_keys().values_list("key_sha256", flat=True))
     variables = {"SERVEML_PRIVATE": "1" if private else "0"}
     if digests:  # omitted rather than empty: Lambda may refuse an empty value
         variables["SERVEML_KEY_SHA256"] = ",".join(digests)
@@ -163,7 +180,7 @@ def access_variables(deployment: Deployment) -> dict:
 def function_environment(deployment: Deployment, current: dict | None = None) -> dict:
     """The function's variables: any an operator added, then ServeML's own (stale ones dropped)."""
     kept = {name: value for name, value in (current or {}).items() if name not in ACCESS_VARIABLES}
-    return {**kept, "SERVEML_DEPLOYMENT": str(deployment.public_id), **access_variables(deployment)}
+    return {**kept, "SERVEML_DEPLOYMENT": str(deployment.root.public_id), **access_variables(deployment)}
 
 
 def ensure_function(lam, deployment: Deployment) -> tuple[str, dict]:
@@ -238,6 +255,12 @@ def update_access(deployment: Deployment, lam=None) -> str:
     if updated is None:  # another update (a deploy, a key) is still running
         raise TransientStageError(f"the Lambda function {name} is still applying an earlier update")
     _wait(lam, "function_updated_v2", name)
+    # What the alias serves is a published version, whose environment never changes: serve the
+    # same versions again, published with these variables, so a revoked key stops working now
+    # (and the verify stage's one-off key works while a private deployment's first version deploys).
+    root = Deployment.objects.get(pk=deployment.root.pk)
+    if get_alias(lam, root) is not None:
+        route(root, lam)
     if variables["SERVEML_PRIVATE"] != "1":
         return f"the Lambda function {name} now answers without a key (public)"
     count = len([digest for digest in variables.get("SERVEML_KEY_SHA256", "").split(",") if digest])
@@ -255,17 +278,62 @@ def verify_headers(deployment: Deployment):
     keeps only digests, so it holds no key of the owner's to call with. The alternative,
     verifying before privacy applies, would leave a private deployment's stable URL open
     to anyone while a new version is verified; a key the worker makes, applies, uses
-    once and revokes costs two configuration updates instead."""
-    if not Deployment.objects.values_list("is_private", flat=True).get(pk=deployment.pk):
+    once and revokes costs two configuration updates instead.
+
+    A version (verified before it serves) is published again with the key, called, and
+    published once more without it, so the Lambda version recorded for it never knew it."""
+    root = deployment.root
+    if not Deployment.objects.values_list("is_private", flat=True).get(pk=root.pk):
         yield {}, ""
         return
-    key, raw = DeploymentKey.issue(deployment=deployment, name="ServeML verify (revoked after the call)")
+    key, raw = DeploymentKey.issue(deployment=root, name="ServeML verify (revoked after the call)")
+    apply = (lambda: current_lambda_version(client("lambda"), deployment)) if deployment.version_of_id else None
     try:
-        update_access(deployment)
+        (apply or (lambda: update_access(deployment)))()
         yield {"Authorization": f"Bearer {raw}"}, " (private: with a one-off key, revoked after the call)"
     finally:
         key.revoke()
-        update_access(deployment)
+        (apply or (lambda: update_access(deployment)))()
+
+
+def verify_post(deployment: Deployment):
+    """How the verify stage calls `deployment`: None (httpx.post to its URL), except for a version,
+    which has no URL of its own until it is promoted (the alias serves only the promoted one):
+    its Lambda version is invoked directly, with the event the HTTP API would send it."""
+    if not deployment.version_of_id:
+        return None
+
+    def post(url: str, **request) -> httpx.Response:
+        return invoke(deployment, request["json"], request.get("headers") or {})
+
+    return post
+
+
+def invoke(deployment: Deployment, body: dict, headers: dict) -> httpx.Response:
+    """POST `body` to `deployment`'s Lambda version as API Gateway (payload 2.0) would; its answer."""
+    event = {
+        "version": "2.0",
+        "rawPath": "/",
+        "headers": {"content-type": "application/json", **{name.lower(): value for name, value in headers.items()}},
+        "requestContext": {"http": {"method": "POST", "path": "/"}},
+        "body": json.dumps(body),
+        "isBase64Encoded": False,
+    }
+    number = deployment.lambda_version
+    answer = call(
+        client("lambda").invoke,
+        f"invoke Lambda version {number}",
+        FunctionName=resource_name(deployment),
+        Qualifier=number,
+        Payload=json.dumps(event).encode(),
+    )
+    payload = answer["Payload"].read()
+    if answer.get("FunctionError"):
+        return httpx.Response(502, content=payload)
+    result = json.loads(payload)
+    content = result.get("body") or ""
+    content = base64.b64decode(content) if result.get("isBase64Encoded") else content.encode()
+    return httpx.Response(result.get("statusCode", 502), content=content)
 
 
 def _wait(lam, waiter: str, name: str) -> None:
@@ -288,19 +356,34 @@ def ensure_api(gateway, deployment: Deployment) -> dict:
     return call(gateway.create_api, "create the HTTP API", Name=name, ProtocolType="HTTP", Tags={"serveml": "true"})
 
 
-def ensure_integration(gateway, api_id: str, function_arn: str) -> str:
-    for item in items(gateway, "get_integrations", "list the HTTP API's integrations", ApiId=api_id):
-        if item.get("IntegrationUri") == function_arn:
-            return item["IntegrationId"]
-    return call(
+def ensure_integration(gateway, api_id: str, uri: str, *, replaces: str = "") -> tuple[str, bool]:
+    """The integration invoking `uri` (the alias), and whether it invoked `replaces` until now: one
+    invoking the bare function, as deployments made before versions reached aws do, is pointed at
+    `uri` instead, in place, and its routes follow it at once."""
+    found = items(gateway, "get_integrations", "list the HTTP API's integrations", ApiId=api_id)
+    for item in found:
+        if item.get("IntegrationUri") == uri:
+            return item["IntegrationId"], False
+    for item in found:
+        if replaces and item.get("IntegrationUri") == replaces:
+            call(
+                gateway.update_integration,
+                "point the HTTP API at the Lambda alias",
+                ApiId=api_id,
+                IntegrationId=item["IntegrationId"],
+                IntegrationUri=uri,
+            )
+            return item["IntegrationId"], True
+    created = call(
         gateway.create_integration,
         "connect the HTTP API to the function",
         ApiId=api_id,
         IntegrationType="AWS_PROXY",
-        IntegrationUri=function_arn,
+        IntegrationUri=uri,
         IntegrationMethod="POST",
         PayloadFormatVersion="2.0",
-    )["IntegrationId"]
+    )
+    return created["IntegrationId"], False
 
 
 def ensure_route(gateway, api_id: str, integration_id: str) -> None:
@@ -326,9 +409,14 @@ def ensure_stage(gateway, api_id: str) -> None:
 
 
 def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
+    """Let the HTTP API invoke the alias (an alias has its own policy: the function's does not cover it)."""
     name = resource_name(deployment)
     found = call(
-        lam.get_policy, "read the Lambda function's policy", ignore=("ResourceNotFoundException",), FunctionName=name
+        lam.get_policy,
+        "read the Lambda alias's policy",
+        ignore=("ResourceNotFoundException",),
+        FunctionName=name,
+        Qualifier=ALIAS,
     )  # not found: no policy yet
     if found and any(
         statement.get("Sid") == PERMISSION_STATEMENT for statement in json.loads(found["Policy"])["Statement"]
@@ -340,6 +428,7 @@ def ensure_permission(lam, deployment: Deployment, api_id: str) -> None:
         "let API Gateway invoke the function",
         ignore=("ResourceConflictException",),
         FunctionName=name,
+        Qualifier=ALIAS,
         StatementId=PERMISSION_STATEMENT,
         Action="lambda:InvokeFunction",
         Principal="apigateway.amazonaws.com",
@@ -376,16 +465,157 @@ def push(deployment: Deployment) -> str:
     return f"pushed {repository['repositoryUri']} ({size / 1024**2:.0f} MB, {digest or 'tag ' + tag[:12]})"
 
 
+# ------------------------------------------------------------------ Lambda versions and the alias
+
+
+def _update(lam, method, doing: str, name: str, **kwargs) -> None:
+    """Update the function and wait for it; another update still running is a retry, not a failure."""
+    if call(method, doing, ignore=("ResourceConflictException",), FunctionName=name, **kwargs) is None:
+        raise TransientStageError(f"the Lambda function {name} is still applying an earlier update")
+    _wait(lam, "function_updated_v2", name)
+
+
+def publish(lam, deployment: Deployment) -> str:
+    """Publish `deployment`'s image (a root's or a version's) as a Lambda version of its
+    deployment's function, with the deployment's keys as they are now; record its number.
+
+    Lambda publishes nothing new when neither code nor configuration changed since the
+    last version, and answers that one: a rerun after an interruption publishes nothing."""
+    name = resource_name(deployment)
+    found = call(lam.get_function, "read the Lambda function", FunctionName=name)
+    if found["Code"].get("ImageUri") != deployment.image_uri:
+        _update(
+            lam,
+            lam.update_function_code,
+            "update the Lambda function's image",
+            name,
+            ImageUri=deployment.image_uri,
+            Architectures=[settings.SERVEML_LAMBDA_ARCHITECTURE],
+        )
+    current = found["Configuration"].get("Environment", {}).get("Variables", {})
+    variables = function_environment(deployment, current)
+    if variables != current:
+        _update(
+            lam,
+            lam.update_function_configuration,
+            "set the Lambda function's keys",
+            name,
+            Environment={"Variables": variables},
+        )
+    label = f"ServeML version {deployment.version}"
+    number = call(lam.publish_version, "publish a Lambda version", FunctionName=name, Description=label)["Version"]
+    # Another version's pipeline (or a change of keys) may have changed the image in between.
+    published = call(lam.get_function, "read the published Lambda version", FunctionName=name, Qualifier=number)
+    if published["Code"].get("ImageUri") != deployment.image_uri:
+        raise TransientStageError(
+            f"another change of the Lambda function {name} (a version, or its keys) came while version "
+            f"{deployment.version} was published"
+        )
+    deployment.update(lambda_version=number)
+    return number
+
+
+def current_lambda_version(lam, deployment: Deployment) -> str:
+    """`deployment`'s Lambda version, published again when the keys and privacy it carries are not
+    the deployment's now: an alias must never serve a version that still takes a revoked key."""
+    number = deployment.lambda_version
+    if number:
+        found = call(
+            lam.get_function,
+            f"read Lambda version {number}",
+            ignore=("ResourceNotFoundException",),
+            FunctionName=resource_name(deployment),
+            Qualifier=number,
+        )
+        carried = (found or {}).get("Configuration", {}).get("Environment", {}).get("Variables", {})
+        if found and {name: carried[name] for name in ACCESS_VARIABLES if name in carried} == access_variables(
+            deployment
+        ):
+            return number
+    return publish(lam, deployment)
+
+
+def get_alias(lam, root: Deployment) -> dict | None:
+    return call(
+        lam.get_alias,
+        f"look up the Lambda alias {ALIAS}",
+        ignore=("ResourceNotFoundException",),
+        FunctionName=resource_name(root),
+        Name=ALIAS,
+    )
+
+
+def ensure_alias(lam, gateway, root: Deployment, number: str) -> bool:
+    """The alias (created at Lambda version `number` if missing), its invoke permission, and the
+    HTTP API invoking it; True when the alias was missing. A deployment made before versions reached
+    aws invokes the bare function: its integration is pointed at the alias, created at what it serves."""
+    created = get_alias(lam, root) is None
+    if created:
+        call(  # a conflict: an interrupted run created it meanwhile
+            lam.create_alias,
+            f"create the Lambda alias {ALIAS}",
+            ignore=("ResourceConflictException",),
+            FunctionName=resource_name(root),
+            Name=ALIAS,
+            FunctionVersion=number,
+            Description="what the HTTP API invokes: ServeML moves it on promote and rollback",
+        )
+    ensure_permission(lam, root, root.api_id)  # before the API invokes the alias
+    _, moved = ensure_integration(gateway, root.api_id, alias_arn(root), replaces=root.function_arn)
+    if moved:
+        root.record_event(
+            stage="",
+            message=f"its HTTP API now invokes the Lambda alias {ALIAS}, which serves what the function served: "
+            "promote and rollback move the alias, and its URL stays the same",
+        )
+    return created
+
+
+def route(root: Deployment, lam=None) -> str:
+    """Point the alias at the version `root` serves, with the canary's share if one runs: one
+    update_alias, atomic, and the URL never changes. Each one published again first if its keys
+    are stale. Raises StageError / TransientStageError; says what it now serves."""
+    lam = lam or client("lambda")
+    serving = current_lambda_version(lam, root.serving_version())
+    weights = {}
+    if root.canary_id and root.canary_percent:
+        canary = current_lambda_version(lam, root.canary)
+        if canary != serving:  # the same image and keys: one Lambda version, nothing to split
+            weights[canary] = round(root.canary_percent / 100, 2)
+    ensure_alias(lam, client("apigatewayv2"), root, serving)  # gone or never made: make it
+    call(
+        lam.update_alias,
+        f"move the Lambda alias {ALIAS}",
+        FunctionName=resource_name(root),
+        Name=ALIAS,
+        FunctionVersion=serving,
+        RoutingConfig={"AdditionalVersionWeights": weights},
+    )
+    split = f", Lambda version {canary} {root.canary_percent}%" if weights else ""
+    return f"the Lambda alias {ALIAS} serves Lambda version {serving}{split}"
+
+
 def provision(deployment: Deployment) -> str:
+    if deployment.version_of_id:
+        return provision_version(deployment)
     lam, gateway = client("lambda"), client("apigatewayv2")
     function_arn, applied = ensure_function(lam, deployment)
     deployment.update(function_arn=function_arn)
+    number = publish(lam, deployment)
     api = ensure_api(gateway, deployment)
     deployment.update(api_id=api["ApiId"])
-    integration_id = ensure_integration(gateway, api["ApiId"], function_arn)
+    if not ensure_alias(lam, gateway, deployment, number):  # a rerun, or a redeploy: serve this image
+        call(
+            lam.update_alias,
+            f"move the Lambda alias {ALIAS}",
+            FunctionName=resource_name(deployment),
+            Name=ALIAS,
+            FunctionVersion=number,
+            RoutingConfig={"AdditionalVersionWeights": {}},
+        )
+    integration_id, _ = ensure_integration(gateway, api["ApiId"], alias_arn(deployment))
     ensure_route(gateway, api["ApiId"], integration_id)
     ensure_stage(gateway, api["ApiId"])
-    ensure_permission(lam, deployment, api["ApiId"])
     # Keys or privacy changed while the function was being created: the access task may have
     # found no function_arn yet and left it to this stage, so apply what the owner set since.
     if access_variables(deployment) != applied:
@@ -393,13 +623,33 @@ def provision(deployment: Deployment) -> str:
     deployment.update(endpoint_url=f"{api['ApiEndpoint'].rstrip('/')}/")
     return (
         f"Lambda function {resource_name(deployment)} ({settings.SERVEML_LAMBDA_MEMORY_MB} MB, "
-        f"{settings.SERVEML_LAMBDA_TIMEOUT_S} s, {settings.SERVEML_LAMBDA_ARCHITECTURE}) behind HTTP API "
-        f"{api['ApiId']}"
+        f"{settings.SERVEML_LAMBDA_TIMEOUT_S} s, {settings.SERVEML_LAMBDA_ARCHITECTURE}), version {number} "
+        f"behind its alias {ALIAS}, invoked by HTTP API {api['ApiId']}"
+    )
+
+
+def provision_version(version: Deployment) -> str:
+    """Publish a version's image as a Lambda version of its deployment's function. Nothing routes
+    to it until it is promoted (or a canary): the alias keeps serving what it served."""
+    root = Deployment.objects.get(pk=version.version_of_id)
+    lam = client("lambda")
+    # Before the function's code changes: a deployment still invoking the bare function moves
+    # onto the alias first, or this version's image would answer its URL unpromoted.
+    ensure_alias(lam, client("apigatewayv2"), root, current_lambda_version(lam, root.serving_version()))
+    number = publish(lam, version)
+    version.update(function_arn=f"{root.function_arn}:{number}")
+    return (
+        f"Lambda version {number} of {resource_name(root)}; the alias {ALIAS} serves version "
+        f"{root.serving_version().version} until this one is promoted"
     )
 
 
 def teardown(deployment: Deployment) -> str:
-    """Delete the API, the function and the repository; say what was deleted."""
+    """Delete the API, the alias, the function (its published versions with it) and the
+    repository; say what was deleted. A version owns nothing apart: it goes with its deployment's."""
+    if deployment.version_of_id:
+        number = deployment.lambda_version
+        return f"Lambda version {number} was deleted with the function" if number else "nothing of its own on AWS"
     deleted = []
 
     def delete(what: str, method, missing: str, **kwargs) -> None:
@@ -417,7 +667,11 @@ def teardown(deployment: Deployment) -> str:
     for api_id in sorted(api_ids):
         delete(f"HTTP API {api_id}", gateway.delete_api, "NotFoundException", ApiId=api_id)
     function = resource_name(deployment)
+    delete(f"Lambda alias {ALIAS}", lam.delete_alias, "ResourceNotFoundException", FunctionName=function, Name=ALIAS)
+    published = published_versions(lam, function)
     delete(f"Lambda function {function}", lam.delete_function, "ResourceNotFoundException", FunctionName=function)
+    if published and deleted and deleted[-1].startswith("Lambda function"):
+        deleted[-1] += f" with its {len(published)} published version(s)"
     repository = repository_name(deployment)
     delete(
         f"ECR repository {repository}",
@@ -427,3 +681,14 @@ def teardown(deployment: Deployment) -> str:
         force=True,
     )
     return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"
+
+
+def published_versions(lam, function: str) -> list[str]:
+    """The function's published version numbers ($LATEST is not one); none when it is gone."""
+    pages = lam.get_paginator("list_versions_by_function").paginate(FunctionName=function)
+    listed = call(
+        lambda: [v["Version"] for page in pages for v in page["Versions"]],
+        "list the Lambda function's versions",
+        ignore=("ResourceNotFoundException",),
+    )
+    return [number for number in listed or [] if number != "$LATEST"]

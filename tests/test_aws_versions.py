@@ -1,0 +1,478 @@
+"""Versions on the aws target, against moto: a version is a Lambda version of its deployment's
+function, and promote, rollback and canary move the alias the HTTP API invokes."""
+
+import hashlib
+import io
+import json
+
+import pytest
+from botocore.exceptions import ClientError
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from deployments import services, tasks
+from deployments.models import Deployment
+from deployments.pipeline import stages
+from deployments.targets import aws
+from tests.conftest import SKLEARN_PIN, upload
+from tests.test_aws import cloud, no_enqueue, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.django_db
+Status = Deployment.Status
+ALIAS = "live"
+
+
+@pytest.fixture
+def root(cloud, pushed):  # noqa: F811
+    """An aws deployment ready on moto: its function, alias and HTTP API as provision left them."""
+    return ready_on_aws(pushed)
+
+
+def new_version(root, iris_rf_bytes, **kwargs) -> Deployment:
+    return services.deployment_version_create(
+        root=root,
+        model_format="pickle",
+        model_upload=upload(iris_rf_bytes),
+        requirements_upload=upload(SKLEARN_PIN.encode(), "requirements.txt"),
+        **kwargs,
+    )
+
+
+def provisioned(cloud, version: Deployment, tag: str) -> Deployment:  # noqa: F811
+    """`version` after its push stage (its image, tagged `tag`, in the deployment's repository) and
+    its real provision stage."""
+    put_image(cloud["ecr"], version, tag)
+    repository = cloud["ecr"].describe_repositories(repositoryNames=[aws.repository_name(version)])["repositories"][0]
+    version.update(image_uri=f"{repository['repositoryUri']}:{tag}")
+    aws.provision(version)
+    return Deployment.objects.get(pk=version.pk)
+
+
+def mark_ready(version: Deployment, django_capture_on_commit_callbacks) -> Deployment:
+    """The pipeline's last write: ready, then (after the commit) promoted if it was asked to be."""
+    token = "t" * 32
+    claimed = services.deployment_claim(deployment_id=version.pk, token=token)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_mark_ready(deployment=claimed, token=token)
+    return Deployment.objects.get(pk=version.pk)
+
+
+def alias(cloud, root) -> dict:  # noqa: F811
+    return cloud["lambda"].get_alias(FunctionName=aws.resource_name(root), Name=ALIAS)
+
+
+def published(cloud, root) -> list[str]:  # noqa: F811
+    found = cloud["lambda"].list_versions_by_function(FunctionName=aws.resource_name(root))["Versions"]
+    return [v["Version"] for v in found if v["Version"] != "$LATEST"]
+
+
+def variables_of(cloud, root, number: str) -> dict:  # noqa: F811
+    found = cloud["lambda"].get_function(FunctionName=aws.resource_name(root), Qualifier=number)
+    return found["Configuration"].get("Environment", {}).get("Variables", {})
+
+
+def integration_uri(cloud, root) -> str:  # noqa: F811
+    [integration] = cloud["apigatewayv2"].get_integrations(ApiId=root.api_id)["Items"]
+    return integration["IntegrationUri"]
+
+
+def fresh(row: Deployment) -> Deployment:
+    return Deployment.objects.get(pk=row.pk)
+
+
+# ------------------------------------------------------------------ a version is a Lambda version
+
+
+def test_a_version_for_review_is_a_new_lambda_version_and_the_alias_stays_until_promote(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    assert integration_uri(cloud, root) == f"{root.function_arn}:{ALIAS}"  # never the bare function
+    assert alias(cloud, root)["FunctionVersion"] == root.lambda_version == "1"
+
+    v2 = provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2")
+    assert v2.lambda_version == "2" and published(cloud, root) == ["1", "2"]
+    assert v2.function_arn == f"{root.function_arn}:2" and v2.endpoint_url == ""
+    # The function's own code moved to v2's image, but the URL invokes the alias, still on v1.
+    latest = cloud["lambda"].get_function(FunctionName=aws.resource_name(root))
+    assert latest["Code"]["ImageUri"] == v2.image_uri
+    assert alias(cloud, root)["FunctionVersion"] == "1"
+    assert not cloud["ecr"].describe_repositories()["repositories"][1:]  # one repository for every version
+
+    v2 = mark_ready(v2, django_capture_on_commit_callbacks)
+    assert v2.status == Status.READY and alias(cloud, root)["FunctionVersion"] == "1"
+    assert fresh(root).serving_version() == fresh(root)
+
+    services.deployment_version_promote(root=fresh(root), number=2)
+    assert alias(cloud, root)["FunctionVersion"] == "2" and fresh(root).serving == v2
+    assert "the Lambda alias live serves Lambda version 2" in fresh(root).events.last().message
+
+    services.deployment_version_promote(root=fresh(root), number=1)  # rollback
+    assert alias(cloud, root)["FunctionVersion"] == "1" and fresh(root).serving == fresh(root)
+    assert integration_uri(cloud, root) == f"{root.function_arn}:{ALIAS}"  # the URL never moved
+    assert published(cloud, root) == ["1", "2"]  # nothing published again: the keys did not change
+
+
+def test_an_auto_promoted_version_moves_the_alias_once_ready(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = provisioned(cloud, new_version(root, iris_rf_bytes), "v2")
+    assert alias(cloud, root)["FunctionVersion"] == "1"  # provisioned, not yet ready: not served
+    mark_ready(v2, django_capture_on_commit_callbacks)
+    assert alias(cloud, root)["FunctionVersion"] == "2" and fresh(root).serving_id == v2.pk
+
+
+def test_a_deployment_made_before_versions_moves_onto_the_alias_before_its_first_version_changes_the_function(
+    cloud,
+    root,
+    iris_rf_bytes,  # noqa: F811
+):
+    # As provision left deployments before versions reached aws: the API invoked the bare function.
+    lam, gateway = cloud["lambda"], cloud["apigatewayv2"]
+    lam.delete_alias(FunctionName=aws.resource_name(root), Name=ALIAS)
+    [integration] = gateway.get_integrations(ApiId=root.api_id)["Items"]
+    gateway.update_integration(
+        ApiId=root.api_id, IntegrationId=integration["IntegrationId"], IntegrationUri=root.function_arn
+    )
+    root.update(lambda_version="")
+
+    v2 = provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2")
+    assert integration_uri(cloud, root) == f"{root.function_arn}:{ALIAS}"
+    serving = fresh(root).lambda_version
+    assert serving and alias(cloud, root)["FunctionVersion"] == serving != v2.lambda_version
+    assert len(gateway.get_integrations(ApiId=root.api_id)["Items"]) == 1  # the same one, pointed anew
+    assert any("now invokes the Lambda alias live" in e.message for e in fresh(root).events.all())
+
+
+def test_a_canary_on_aws_is_the_aliass_weighted_routing(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    services.deployment_canary_start(root=fresh(root), number=2, percent=10)
+    now = alias(cloud, root)
+    assert now["FunctionVersion"] == "1" and now["RoutingConfig"]["AdditionalVersionWeights"] == {"2": 0.1}
+    services.deployment_canary_start(root=fresh(root), number=2, percent=25)
+    assert alias(cloud, root)["RoutingConfig"]["AdditionalVersionWeights"] == {"2": 0.25}
+    services.deployment_canary_end(root=fresh(root))
+    assert not alias(cloud, root).get("RoutingConfig", {}).get("AdditionalVersionWeights")
+    services.deployment_canary_start(root=fresh(root), number=2, percent=10)
+    services.deployment_version_promote(root=fresh(root), number=2)  # a promote ends the canary
+    now = alias(cloud, root)
+    assert now["FunctionVersion"] == "2" and not now.get("RoutingConfig", {}).get("AdditionalVersionWeights")
+
+
+def test_shadow_on_aws_is_refused_with_what_works_instead(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    with pytest.raises(services.VersionRefused, match="needs the local runtime.*canary.*promote it or roll back"):
+        services.deployment_shadow_start(root=fresh(root), number=2)
+    assert fresh(root).shadow_id is None
+
+
+def test_when_aws_refuses_to_move_the_alias_nothing_changes_and_the_message_says_what_still_serves(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,
+    monkeypatch,  # noqa: F811
+):
+    mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    real = aws.client
+
+    class Refusing:
+        def __init__(self, lam):
+            self.lam = lam
+
+        def update_alias(self, **kwargs):
+            error = {"Error": {"Code": "AccessDeniedException", "Message": "no lambda:UpdateAlias"}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "UpdateAlias")
+
+        def __getattr__(self, name):
+            return getattr(self.lam, name)
+
+    monkeypatch.setattr(
+        aws, "client", lambda service: Refusing(real(service)) if service == "lambda" else real(service)
+    )
+    with pytest.raises(services.VersionRefused, match="version 1 keeps serving.*lambda:UpdateAlias.*IAM"):
+        services.deployment_version_promote(root=fresh(root), number=2)
+    assert fresh(root).serving_id is None and alias(cloud, root)["FunctionVersion"] == "1"
+    with pytest.raises(services.VersionRefused, match="its traffic did not change"):
+        services.deployment_canary_start(root=fresh(root), number=2, percent=10)
+    assert fresh(root).canary_id is None
+
+
+# ------------------------------------------------------------------ keys: an alias never serves a stale environment
+
+
+def test_a_promote_after_a_key_change_serves_the_version_published_again_with_the_keys_of_now(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    assert variables_of(cloud, root, v2.lambda_version)["SERVEML_PRIVATE"] == "0"
+    key, _ = services.deployment_key_create(deployment=fresh(root), name="ci")  # now private
+    aws.update_access(fresh(root))  # what the access task does
+    serving = alias(cloud, root)["FunctionVersion"]
+    assert serving not in ("1", "2")  # version 1 published again, with the key: the alias serves that
+    assert variables_of(cloud, root, serving)["SERVEML_KEY_SHA256"] == key.key_sha256
+
+    services.deployment_version_promote(root=fresh(root), number=2)
+    now = alias(cloud, root)["FunctionVersion"]
+    assert now == fresh(v2).lambda_version and now not in ("1", "2", serving)
+    assert variables_of(cloud, root, now)["SERVEML_PRIVATE"] == "1"
+    assert variables_of(cloud, root, now)["SERVEML_KEY_SHA256"] == key.key_sha256
+
+    services.deployment_key_revoke(key=key)
+    aws.update_access(fresh(root))
+    assert "SERVEML_KEY_SHA256" not in variables_of(cloud, root, alias(cloud, root)["FunctionVersion"])
+
+
+def test_verify_of_a_private_deployments_first_version_calls_an_alias_that_knows_the_one_off_key(
+    cloud,
+    pushed,
+    monkeypatch,  # noqa: F811
+):
+    owners, _ = services.deployment_key_create(deployment=pushed, name="owner's")
+    aws.provision(pushed)  # the pipeline's provision: the deployment is still deploying
+    deployment = Deployment.objects.get(pk=pushed.pk)
+    deployment.update(
+        example_request={"data": [0.0, 0.0, 0.0, 0.0]},
+        example_response={"prediction": 0, "model_type": "RandomForestClassifier"},
+    )
+    seen = []
+
+    def post(url, **request):  # the URL invokes the alias: what its Lambda version holds at the call
+        seen.append((request["headers"], variables_of(cloud, deployment, alias(cloud, deployment)["FunctionVersion"])))
+        return stages.httpx.Response(200, json=deployment.example_response)
+
+    monkeypatch.setattr(stages.httpx, "post", post)
+    stages.verify(deployment)
+    [(headers, variables)] = seen
+    presented = headers["Authorization"].removeprefix("Bearer ")
+    assert hashlib.sha256(presented.encode()).hexdigest() in variables["SERVEML_KEY_SHA256"].split(",")
+    after = variables_of(cloud, deployment, alias(cloud, deployment)["FunctionVersion"])
+    assert after["SERVEML_KEY_SHA256"] == owners.key_sha256  # the one-off key is gone from what serves
+
+
+# ------------------------------------------------------------------ verify: the version's own Lambda version
+
+
+class Invoked:
+    """The moto Lambda client, except that invoke answers as the ServeML handler would (moto runs
+    image functions in Docker) and records what it was sent, with the environment it would run in."""
+
+    def __init__(self, lam, cloud, root):  # noqa: F811
+        self.lam, self.cloud, self.root, self.calls = lam, cloud, root, []
+
+    def invoke(self, **kwargs):
+        event = json.loads(kwargs["Payload"])
+        self.calls.append((kwargs["Qualifier"], event, variables_of(self.cloud, self.root, kwargs["Qualifier"])))
+        answer = {"statusCode": 200, "body": json.dumps({"prediction": 0, "model_type": "RandomForestClassifier"})}
+        return {"StatusCode": 200, "Payload": io.BytesIO(json.dumps(answer).encode())}
+
+    def __getattr__(self, name):
+        return getattr(self.lam, name)
+
+
+@pytest.fixture
+def invoked(cloud, root, monkeypatch):  # noqa: F811
+    real = aws.client
+    lam = Invoked(real("lambda"), cloud, root)
+    monkeypatch.setattr(aws, "client", lambda service: lam if service == "lambda" else real(service))
+    return lam
+
+
+def with_example(version: Deployment) -> Deployment:
+    version.update(
+        example_request={"data": [0.0, 0.0, 0.0, 0.0]},
+        example_response={"prediction": 0, "model_type": "RandomForestClassifier"},
+    )
+    return version
+
+
+def test_verify_invokes_the_versions_own_lambda_version_not_the_url_that_serves_another(
+    cloud,
+    root,
+    iris_rf_bytes,
+    invoked,  # noqa: F811
+):
+    v2 = with_example(provisioned(cloud, new_version(root, iris_rf_bytes), "v2"))
+    summary = stages.verify(v2)
+    [(qualifier, event, _)] = invoked.calls
+    assert qualifier == v2.lambda_version == "2"
+    assert event["requestContext"]["http"]["method"] == "POST" and event["rawPath"] == "/"
+    assert json.loads(event["body"]) == v2.example_request
+    assert "validated prediction 0" in summary
+
+
+def test_verify_of_a_private_version_uses_a_one_off_key_its_recorded_lambda_version_never_knew(
+    cloud,
+    root,
+    iris_rf_bytes,
+    invoked,  # noqa: F811
+):
+    owners, _ = services.deployment_key_create(deployment=fresh(root), name="owner's")
+    aws.update_access(fresh(root))
+    v2 = with_example(provisioned(cloud, new_version(root, iris_rf_bytes), "v2"))
+    recorded = v2.lambda_version
+    summary = stages.verify(v2)
+    [(qualifier, event, seen)] = invoked.calls
+    presented = event["headers"]["authorization"].removeprefix("Bearer ")
+    assert hashlib.sha256(presented.encode()).hexdigest() in seen["SERVEML_KEY_SHA256"].split(",")
+    assert qualifier != fresh(v2).lambda_version  # the key's version was only for the call
+    after = variables_of(cloud, root, fresh(v2).lambda_version)
+    assert after["SERVEML_KEY_SHA256"] == owners.key_sha256 and after["SERVEML_PRIVATE"] == "1"
+    assert recorded and list(fresh(root).active_keys()) == [owners]
+    assert "one-off key, revoked after the call" in summary
+
+
+# ------------------------------------------------------------------ stop
+
+
+def test_stopping_an_aws_deployment_with_versions_removes_its_alias_and_every_lambda_version(
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(provisioned(cloud, new_version(root, iris_rf_bytes), "v2"), django_capture_on_commit_callbacks)
+    assert alias(cloud, root)["FunctionVersion"] == "2"
+    services.deployment_request_stop(deployment=fresh(root))
+    tasks.stop.apply(args=[root.pk]).get()
+    assert fresh(root).status == Status.STOPPED and fresh(v2).status == Status.STOPPED
+    said = fresh(root).events.filter(message__startswith="stopped:").get().message
+    assert "Lambda alias live" in said and "with its 2 published version(s)" in said
+    for lookup in (
+        lambda: alias(cloud, root),
+        lambda: cloud["lambda"].get_function(FunctionName=aws.resource_name(root), Qualifier="2"),
+        lambda: cloud["lambda"].get_function(FunctionName=aws.resource_name(root)),
+    ):
+        with pytest.raises(ClientError, match="ResourceNotFoundException"):
+            lookup()
+    assert cloud["ecr"].describe_repositories()["repositories"] == []
+    assert "deleted with the function" in fresh(v2).events.filter(message__startswith="stopped:").get().message
+
+
+# ------------------------------------------------------------------ the API and the page
+
+
+@pytest.fixture
+def api(user):
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def test_the_api_uploads_promotes_and_rolls_back_an_aws_version_and_refuses_shadow_with_why(
+    api,
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    from tests.test_versions import files
+
+    created = api.post(
+        f"/api/deployments/{root.public_id}/versions", files(iris_rf_bytes, promote="review"), format="multipart"
+    )
+    assert created.status_code == 202, created.content
+    v2 = mark_ready(
+        provisioned(cloud, Deployment.objects.get(public_id=created.json()["id"]), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    base = f"/api/deployments/{root.public_id}/versions"
+    promoted = api.post(f"{base}/2/promote")
+    assert promoted.status_code == 200 and promoted.json()["serving"] is True
+    assert alias(cloud, root)["FunctionVersion"] == v2.lambda_version
+    assert api.post(f"{base}/1/promote").status_code == 200
+    assert alias(cloud, root)["FunctionVersion"] == "1"
+    canary = api.post(f"{base}/2/canary", {"percent": 20}, format="json")
+    assert canary.status_code == 200 and canary.json()["canary_percent"] == 20
+    assert alias(cloud, root)["RoutingConfig"]["AdditionalVersionWeights"] == {v2.lambda_version: 0.2}
+    shadow = api.post(f"{base}/2/shadow")
+    assert shadow.status_code == 409 and "needs the local runtime" in shadow.json()["error"]
+    assert "canary" in shadow.json()["error"]
+
+
+def test_another_users_aws_versions_are_404_and_stay_as_they_were(
+    api,
+    cloud,
+    other_user,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,
+    make_deployment,  # noqa: F811
+):
+    from tests.test_versions import files
+
+    theirs = make_deployment(other_user)
+    theirs.target = Deployment.Target.AWS
+    repository = aws.ensure_repository(cloud["ecr"], aws.repository_name(theirs))
+    theirs.image_uri = f"{repository['repositoryUri']}:v1"
+    theirs.save()
+    theirs = ready_on_aws(theirs)
+    mark_ready(
+        provisioned(cloud, new_version(theirs, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    base = f"/api/deployments/{theirs.public_id}/versions"
+    for response in (
+        api.get(base),
+        api.post(base, files(iris_rf_bytes), format="multipart"),
+        api.post(f"{base}/2/promote"),
+        api.post(f"{base}/2/canary", {"percent": 10}, format="json"),
+        api.post(f"{base}/2/shadow"),
+    ):
+        assert response.status_code == 404
+    assert alias(cloud, theirs)["FunctionVersion"] == "1"
+    assert not alias(cloud, theirs).get("RoutingConfig", {}).get("AdditionalVersionWeights")
+    assert fresh(theirs).versions.count() == 1
+
+
+def test_the_page_offers_versions_on_aws_and_an_aws_versions_page_says_it_has_no_url_of_its_own(
+    client,
+    user,
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    client.force_login(user)
+    page = client.get(root.get_absolute_url()).content.decode()
+    assert 'id="version-form"' in page and "Promote v2" in page and "Lambda version 2" in page
+    assert "Shadow comparison needs the local runtime" in page and "Shadow v2" not in page
+    version_page = client.get(v2.get_absolute_url()).content.decode()
+    assert 'id="lambda-version"' in version_page and root.endpoint_url in version_page
+    tried = client.post(reverse("deployment-try", args=[v2.public_id]), {"body": "{}"}).content.decode()
+    assert "no URL of its own" in tried
+    client.post(reverse("deployment-version-promote", args=[root.public_id, 2]))
+    assert alias(cloud, root)["FunctionVersion"] == "2"
