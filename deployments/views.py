@@ -196,7 +196,7 @@ def figures_context(deployment: Deployment, fetch: bool = True) -> dict:
         "figures_trigger": poll,
     }
     if root.target != Deployment.Target.LOCAL:
-        return context | {"figures_state": "aws"}
+        return context | cloud_figures(root, fetch)
     if root.status in (Deployment.Status.STOPPING, Deployment.Status.STOPPED, Deployment.Status.FAILED):
         return context | {"figures_state": "over"}  # no poll: nothing calls it any more
     context["figures_poll"] = True
@@ -223,6 +223,21 @@ def figures_context(deployment: Deployment, fetch: bool = True) -> dict:
         if str(v.version) in versions or v.status == Deployment.Status.READY
     ]
     return context | {"figures_state": "live", "figures_rows": rows, "figures_charts": charts(found.get("last_hour"))}
+
+
+def cloud_figures(root: Deployment, fetch: bool) -> dict:
+    """An aws deployment's figures, read from CloudWatch once when its page has loaded (never
+    polled: each read is a billed AWS call, and Lambda's metrics lag a minute anyway). When
+    CloudWatch does not answer, the card says where the figures are."""
+    if root.status != Deployment.Status.READY or not root.function_arn:
+        return {"figures_state": "aws"}
+    if not fetch:
+        return {"figures_state": "loading", "figures_poll": True, "figures_trigger": "load"}
+    try:
+        found = targets.get(root.target).load().figures(root)
+    except StageError as exc:  # TransientStageError too: the page says where to look instead
+        return {"figures_state": "aws", "figures_problem": str(exc)}
+    return {"figures_state": "cloudwatch", "cloud": found}
 
 
 def charts(last_hour: list[dict] | None, width: int = 240, height: int = 40) -> list[dict]:

@@ -4,6 +4,7 @@ function, and promote, rollback and canary move the alias the HTTP API invokes."
 import hashlib
 import io
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from botocore.exceptions import ClientError
@@ -13,6 +14,7 @@ from rest_framework.test import APIClient
 from deployments import services, tasks
 from deployments.models import Deployment
 from deployments.pipeline import stages
+from deployments.pipeline.errors import TransientStageError
 from deployments.targets import aws
 from tests.conftest import SKLEARN_PIN, upload
 from tests.test_aws import cloud, no_enqueue, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
@@ -476,3 +478,54 @@ def test_the_page_offers_versions_on_aws_and_an_aws_versions_page_says_it_has_no
     assert "no URL of its own" in tried
     client.post(reverse("deployment-version-promote", args=[root.public_id, 2]))
     assert alias(cloud, root)["FunctionVersion"] == "2"
+
+
+# ------------------------------------------------------------------ figures from CloudWatch
+
+
+def test_the_page_shows_the_functions_cloudwatch_figures_read_once_it_has_loaded(client, user, cloud, root):  # noqa: F811
+    import boto3
+
+    watch = boto3.client("cloudwatch", region_name="us-east-1")
+    dimensions = [{"Name": "FunctionName", "Value": aws.resource_name(root)}]
+    now = datetime.now(UTC) - timedelta(minutes=2)  # Lambda's metrics arrive a minute or two late
+    data = [("Invocations", 40, "Count"), ("Errors", 2, "Count"), ("Duration", 12.0, "Milliseconds")]
+    data += [("Duration", 30.0, "Milliseconds")]
+    watch.put_metric_data(
+        Namespace="AWS/Lambda",
+        MetricData=[
+            {"MetricName": name, "Dimensions": dimensions, "Value": value, "Unit": unit, "Timestamp": now}
+            for name, value, unit in data
+        ],
+    )
+    # Another function's figures are not this deployment's.
+    watch.put_metric_data(
+        Namespace="AWS/Lambda",
+        MetricData=[
+            {"MetricName": "Invocations", "Dimensions": [{"Name": "FunctionName", "Value": "other"}], "Value": 7}
+        ],
+    )
+    client.force_login(user)
+    page = client.get(root.get_absolute_url()).content.decode()
+    assert 'data-state="loading"' in page and 'hx-trigger="load"' in page  # read after the page, never polled
+    card = client.get(reverse("deployment-figures", args=[root.public_id])).content.decode()
+    assert 'data-state="cloudwatch"' in card and "hx-trigger" not in card
+    assert 'data-invocations="40"' in card and 'data-errors="2"' in card
+    assert "5.0 %" in card and "21.0 ms" in card and "30.0 ms" in card
+
+
+def test_when_cloudwatch_does_not_answer_the_page_says_where_the_figures_are(
+    client,
+    user,
+    cloud,
+    root,
+    monkeypatch,  # noqa: F811
+):
+    def unreachable(deployment, **kwargs):
+        raise TransientStageError("AWS did not answer while trying to read the function's metrics: timed out")
+
+    monkeypatch.setattr(aws, "figures", unreachable)
+    client.force_login(user)
+    card = client.get(reverse("deployment-figures", args=[root.public_id])).content.decode()
+    assert 'data-state="aws"' in card and "CloudWatch did not answer" in card and "timed out" in card
+    assert "Monitoring tab" in card and root.function_arn in card

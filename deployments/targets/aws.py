@@ -24,6 +24,7 @@ a teardown that AWS keeps throttling ends `failed` with why, never stuck in
 import base64
 import json
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import boto3
@@ -692,3 +693,57 @@ def published_versions(lam, function: str) -> list[str]:
         ignore=("ResourceNotFoundException",),
     )
     return [number for number in listed or [] if number != "$LATEST"]
+
+
+# ------------------------------------------------------------------ figures from CloudWatch
+
+# Lambda's own metrics (namespace AWS/Lambda), summed over every version of the function:
+# what the deployment's URL answered. Percentiles are left out: CloudWatch keeps them, but
+# the average and maximum say enough beside the link to the function's Monitoring tab.
+METRICS = (
+    ("invocations", "Invocations", "Sum"),
+    ("errors", "Errors", "Sum"),
+    ("duration_avg_ms", "Duration", "Average"),
+    ("duration_max_ms", "Duration", "Maximum"),
+)
+FIGURES_CONFIG = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=3)
+
+
+def figures(root: Deployment, *, hours: int = 1) -> dict:
+    """The function's invocations, errors and duration over the last `hours`, from CloudWatch.
+
+    For a page view: one call, no retry, a few seconds at most. Raises StageError with
+    what went wrong (the page then says where the figures are)."""
+    cloudwatch = boto3.client("cloudwatch", region_name=settings.SERVEML_AWS_REGION, config=FIGURES_CONFIG)
+    end = datetime.now(UTC)
+    dimensions = [{"Name": "FunctionName", "Value": resource_name(root)}]
+    queries = [
+        {
+            "Id": key,
+            "MetricStat": {
+                "Metric": {"Namespace": "AWS/Lambda", "MetricName": metric, "Dimensions": dimensions},
+                "Period": hours * 3600,
+                "Stat": stat,
+            },
+        }
+        for key, metric, stat in METRICS
+    ]
+    answer = call(
+        cloudwatch.get_metric_data,
+        "read the function's metrics from CloudWatch",
+        MetricDataQueries=queries,
+        StartTime=end - timedelta(hours=hours),
+        EndTime=end,
+    )
+    found = {result["Id"]: result["Values"] for result in answer["MetricDataResults"]}
+    sums = {key: sum(found.get(key) or [0]) for key in ("invocations", "errors")}
+    averages, peaks = found.get("duration_avg_ms") or [], found.get("duration_max_ms") or []
+    return {
+        "hours": hours,
+        "invocations": int(sums["invocations"]),
+        "errors": int(sums["errors"]),
+        "error_rate": sums["errors"] / sums["invocations"] * 100 if sums["invocations"] else None,
+        # The window may straddle two periods: their mean, and the larger peak.
+        "duration_avg_ms": sum(averages) / len(averages) if averages else None,
+        "duration_max_ms": max(peaks) if peaks else None,
+    }
