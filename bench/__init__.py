@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"
 LOGS = OUT / "logs"
+LOCKS = BENCH / "locks"  # each peer's pinned packages, compiled from its .in file
 APPS = BENCH / "apps"  # the small servers the peers run: FastAPI, BentoML, the transport floor
 PYTHON = ROOT / ".venv" / "bin" / "python"
 UV = ROOT / ".venv" / "bin" / "uv"

@@ -31,12 +31,32 @@ class Results:
     transport_ms: dict = field(default_factory=dict)  # rows per request -> p50 of a constant answer
     deploy: dict = field(default_factory=dict)
     memory_mb: dict = field(default_factory=dict)  # "at rest" / "after the load tests" -> process -> RSS, private
-    peers: dict = field(default_factory=dict)  # server -> "ok" or why it did not run
+    peers: dict = field(default_factory=dict)  # server (a peer's configuration) -> "ok: ..." or why it did not run
+    metrics_cost: dict = field(default_factory=dict)  # the runtime at HEAD against the one before metrics
+    aws_image: dict = field(default_factory=dict)  # the Lambda image's sizes and build times, or why skipped
+
+
+@dataclass
+class Setup:
+    """What every section of the benchmark gets: the pickled models, their requirements.txt and
+    how many requests each case sends."""
+
+    models: dict  # "rf" / "lr" -> pickle path
+    requirements: str
+    counts: dict
+    smoke: bool
 
 
 def contract_bodies() -> dict:
     """ServeML's JSON contract: case name -> (concurrency, body, rows per request)."""
     single = json.dumps({"data": ROW}).encode()
+    batch = json.dumps({"instances": [ROW] * 100}).encode()
+    return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
+
+
+def instances_bodies() -> dict:
+    """Every request as a list of rows, one row included: what a batchable BentoML API takes."""
+    single = json.dumps({"instances": [ROW]}).encode()
     batch = json.dumps({"instances": [ROW] * 100}).encode()
     return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
 

@@ -9,23 +9,34 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import APPS, LOGS, OUT, ROOT, ROW, UV
-from bench.load import Results, contract_bodies, load, measure, v2_bodies
+from bench import APPS, LOCKS, LOGS, OUT, ROOT, ROW, UV
+from bench.load import Results, Setup, contract_bodies, instances_bodies, load, measure, v2_bodies
 from tests.support.processes import NotReady, Service, free_port
 
 
-def venv(results: Results, name: str, packages: list[str]) -> Path | None:
-    """A virtual environment of the peer's own; None, and why in results.peers and in the log, if it
-    cannot be installed."""
+def venv(results: Results, name: str) -> Path | None:
+    """The peer's own virtual environment, installed from its lock file `bench/locks/<name>.txt`;
+    None, and why in results.peers and in the log, if it cannot be installed."""
+    import sklearn
+
+    lock = LOCKS / f"{name}.txt"
+    wanted = lock.read_text()
+    # The peers unpickle the models this interpreter pickled: the same scikit-learn, or they would
+    # warn about (or fail on) another release's pickles.
+    if f"scikit-learn=={sklearn.__version__}" not in wanted.splitlines():
+        results.peers[name] = (
+            f"not run: {lock.relative_to(ROOT)} pins another scikit-learn than {sklearn.__version__}; "
+            "recompile it (see bench/README.md)"
+        )
+        return None
     path = OUT / "venvs" / name
     marker = path / ".installed"
-    wanted = "\n".join(packages)
     if marker.exists() and marker.read_text() == wanted:
         return path
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(path)], check=True)
     done = subprocess.run(
-        [UV, "pip", "install", "--quiet", "--python", str(path / "bin" / "python"), *packages],
+        [UV, "pip", "install", "--quiet", "--python", str(path / "bin" / "python"), "-r", str(lock)],
         capture_output=True,
         text=True,
     )
@@ -38,7 +49,7 @@ def venv(results: Results, name: str, packages: list[str]) -> Path | None:
     return path
 
 
-def run_http_floor(results: Results, counts: dict):
+def run_http_floor(results: Results, setup: Setup):
     """p50 of a bare uvicorn app that answers a constant: what HTTP alone costs here, at concurrency 1."""
     port = free_port()
     server = Service(
@@ -60,8 +71,8 @@ def run_http_floor(results: Results, counts: dict):
         server.wait_answers(url, 30, method="POST", json={"data": ROW})
         for concurrency, body, rows in contract_bodies().values():
             if concurrency == 1:
-                load(url, body, 1, counts["warmup"])
-                results.transport_ms[rows] = load(url, body, 1, counts["c1"])["p50_ms"]
+                load(url, body, 1, setup.counts["warmup"])
+                results.transport_ms[rows] = load(url, body, 1, setup.counts["c1"])["p50_ms"]
                 print(f"  constant answer, {rows} row(s) sent: p50 {results.transport_ms[rows]:.3f} ms", flush=True)
     finally:
         server.stop()
@@ -92,23 +103,29 @@ def measure_peer(
         server.stop()
 
 
-def measure_contract_peer(
-    results: Results, peer: str, counts: dict, server: Callable[[str, int], Service], ready_seconds: int, ok: str
+def measure_json_peer(
+    results: Results,
+    peer: str,
+    counts: dict,
+    server: Callable[[str, int], Service],
+    ready_seconds: int,
+    ok: str,
+    bodies: dict | None = None,
 ):
-    """A peer that takes ServeML's JSON contract at /predict: each model on a server of its own,
-    `server(model, port)`; `ok` in results.peers once both were measured."""
+    """A peer that takes JSON at /predict (ServeML's contract unless `bodies` says otherwise): each
+    model on a server of its own, `server(model, port)`; `ok` in results.peers once both were measured."""
+    bodies = bodies or contract_bodies()
     for name in ("rf", "lr"):
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"
-        if not measure_peer(
-            results, peer, name, server(name, port), url, contract_bodies(), counts, ready_seconds, json={"data": ROW}
-        ):
+        ready = {"content": bodies["c1"][1], "headers": {"Content-Type": "application/json"}}
+        if not measure_peer(results, peer, name, server(name, port), url, bodies, counts, ready_seconds, **ready):
             return
     results.peers[peer] = ok
 
 
-def run_fastapi(results: Results, models: dict, requirements: str, counts: dict):
-    env = venv(results, "fastapi", ["fastapi", "uvicorn[standard]", requirements.strip()])
+def run_fastapi(results: Results, setup: Setup):
+    env = venv(results, "fastapi")
     if env is None:
         return
 
@@ -126,34 +143,44 @@ def run_fastapi(results: Results, models: dict, requirements: str, counts: dict)
                 "warning",
                 "--no-access-log",
             ],
-            env={"MODEL_PATH": str(models[name])},
+            env={"MODEL_PATH": str(setup.models[name])},
             cwd=APPS,
             log_dir=LOGS,
         )
 
-    measure_contract_peer(results, "fastapi", counts, server, 60, "ok: uvicorn --workers 2")
+    measure_json_peer(results, "fastapi", setup.counts, server, 60, "ok: uvicorn --workers 2")
 
 
-def run_mlserver(results: Results, models: dict, requirements: str, counts: dict):
-    # MLServer 1.7's workers call asyncio.get_event_loop(), which uvloop 0.21+ refuses outside a loop.
-    env = venv(results, "mlserver", ["mlserver", "mlserver-sklearn", "uvloop<0.21", requirements.strip()])
+# Each peer runs in every configuration listed here, and the summary counts the best of them.
+# Adaptive batching's values are chosen for this load: at most one request in flight per
+# connection, so a batch of the highest concurrency (32); a window of a few predictions' time.
+MLSERVER_CONFIGS = {
+    "mlserver": ({}, "parallel_workers 2"),
+    "mlserver-batching": (
+        {"max_batch_size": 32, "max_batch_time": 0.005},
+        "parallel_workers 2, adaptive batching (model-settings.json: max_batch_size 32, max_batch_time 0.005 s)",
+    ),
+}
+
+
+def run_mlserver(results: Results, setup: Setup):
+    env = venv(results, "mlserver")
     if env is None:
         return
+    for peer, (batching, described) in MLSERVER_CONFIGS.items():
+        if mlserver_config(results, setup, env, peer, batching):
+            results.peers[peer] = f"ok: {described} (uvloop<0.21, which MLServer 1.7 needs)"
+
+
+def mlserver_config(results: Results, setup: Setup, env: Path, peer: str, batching: dict) -> bool:
     for name in ("rf", "lr"):
-        folder = OUT / "mlserver" / name
+        folder = OUT / peer / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        shutil.copy(models[name], folder / "model.joblib")
+        shutil.copy(setup.models[name], folder / "model.joblib")
         port, grpc, metrics = free_port(), free_port(), free_port()
         (folder / "settings.json").write_text(
-            json.dumps(
-                {
-                    "http_port": port,
-                    "grpc_port": grpc,
-                    "metrics_port": metrics,
-                    "parallel_workers": 2,
-                }
-            )
+            json.dumps({"http_port": port, "grpc_port": grpc, "metrics_port": metrics, "parallel_workers": 2})
         )
         (folder / "model-settings.json").write_text(
             json.dumps(
@@ -161,41 +188,55 @@ def run_mlserver(results: Results, models: dict, requirements: str, counts: dict
                     "name": name,
                     "implementation": "mlserver_sklearn.SKLearnModel",
                     "parameters": {"uri": "./model.joblib", "version": "v1"},
+                    **batching,
                 }
             )
         )
-        server = Service(f"mlserver-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder, log_dir=LOGS)
+        server = Service(f"{peer}-{name}", [env / "bin" / "mlserver", "start", "."], cwd=folder, log_dir=LOGS)
         url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
         bodies = v2_bodies()
         # Ready only once an inference answers: MLServer's workers load the model after /ready.
         if not measure_peer(
             results,
-            "mlserver",
+            peer,
             name,
             server,
             url,
             bodies,
-            counts,
+            setup.counts,
             180,
             content=bodies["c1"][1],
             headers={"Content-Type": "application/json"},
         ):
-            return
-    results.peers["mlserver"] = "ok: parallel_workers 2 (uvloop<0.21, which MLServer 1.7 needs)"
+            return False
+    return True
 
 
-def run_bentoml(results: Results, models: dict, requirements: str, counts: dict):
-    env = venv(results, "bentoml", ["bentoml", requirements.strip()])
+# service class in apps/bentoml_service.py, the bodies it takes, what results.md says of it
+BENTOML_CONFIGS = {
+    "bentoml": ("Classifier", contract_bodies, "workers=2"),
+    "bentoml-batchable": (
+        "BatchedClassifier",
+        instances_bodies,
+        "workers=2, adaptive batching: @bentoml.api(batchable=True, batch_dim=0, max_batch_size=100, "
+        "max_latency_ms=1000), every request a list of rows",
+    ),
+}
+
+
+def run_bentoml(results: Results, setup: Setup):
+    env = venv(results, "bentoml")
     if env is None:
         return
+    for peer, (service, bodies, described) in BENTOML_CONFIGS.items():
 
-    def server(name: str, port: int) -> Service:
-        return Service(
-            f"bentoml-{name}",
-            [env / "bin" / "bentoml", "serve", "bentoml_service:Classifier", "--port", port],
-            env={"MODEL_PATH": str(models[name]), "BENTOML_DO_NOT_TRACK": "true"},
-            cwd=APPS,
-            log_dir=LOGS,
-        )
+        def server(name: str, port: int, service=service, peer=peer) -> Service:
+            return Service(
+                f"{peer}-{name}",
+                [env / "bin" / "bentoml", "serve", f"bentoml_service:{service}", "--port", port],
+                env={"MODEL_PATH": str(setup.models[name]), "BENTOML_DO_NOT_TRACK": "true"},
+                cwd=APPS,
+                log_dir=LOGS,
+            )
 
-    measure_contract_peer(results, "bentoml", counts, server, 120, "ok: workers=2")
+        measure_json_peer(results, peer, setup.counts, server, 120, f"ok: {described}", bodies())

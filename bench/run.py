@@ -21,10 +21,24 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import OUT  # noqa: E402
-from bench.load import Results  # noqa: E402
+from bench.aws_image import run_aws_image  # noqa: E402
+from bench.load import Results, Setup  # noqa: E402
+from bench.metrics_cost import run_metrics_cost  # noqa: E402
 from bench.peers import run_bentoml, run_fastapi, run_http_floor, run_mlserver  # noqa: E402
 from bench.report import summary_line, write_report  # noqa: E402
 from bench.serveml import run_serveml  # noqa: E402
+
+# The sections, in the order they run: (name, what it prints, function(results, setup), in --smoke).
+# Each measures alone and adds its figures to `results`; a new section is one more line here.
+SECTIONS = [
+    ("serveml", "ServeML (local target)", run_serveml, True),
+    ("transport", "Transport floor (uvicorn answering a constant)", run_http_floor, True),
+    ("fastapi", "FastAPI + uvicorn", run_fastapi, True),
+    ("mlserver", "MLServer + mlserver-sklearn, as is and with adaptive batching", run_mlserver, False),
+    ("bentoml", "BentoML, as is and with a batchable API", run_bentoml, False),
+    ("metrics-cost", "Metrics cost: the runtime at HEAD against the one before metrics", run_metrics_cost, True),
+    ("aws-image", "aws target: the Lambda image's sizes and build times", run_aws_image, True),
+]
 
 
 def models() -> dict:
@@ -47,31 +61,31 @@ def models() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="few requests, ServeML and FastAPI only")
+    parser.add_argument("--smoke", action="store_true", help="few requests; no MLServer or BentoML")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[name for name, *_ in SECTIONS],
+        help="run only these sections (figures of the others are missing from the report)",
+    )
     args = parser.parse_args(argv)
     counts = (
-        {"warmup": 20, "c1": 50, "c8": 100, "c32": 100, "batch": 20, "floor": 50}
+        {"warmup": 20, "c1": 50, "c8": 100, "c32": 100, "batch": 20, "floor": 50, "deploy_runs": 2}
+        | {"ab_rounds": 1, "ab_requests": 200}
         if args.smoke
-        else {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000}
+        else {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000, "deploy_runs": 5}
+        | {"ab_rounds": 4, "ab_requests": 30000}
     )
     OUT.mkdir(parents=True, exist_ok=True)
     import sklearn
 
-    requirements = f"scikit-learn=={sklearn.__version__}\n"
-    files = models()
-
+    setup = Setup(models(), f"scikit-learn=={sklearn.__version__}\n", counts, args.smoke)
     results = Results()
-    print("ServeML (local target)", flush=True)
-    run_serveml(results, files, requirements, counts, deploy_runs=2 if args.smoke else 5)
-    print("Transport floor (uvicorn answering a constant)", flush=True)
-    run_http_floor(results, counts)
-    print("FastAPI + uvicorn", flush=True)
-    run_fastapi(results, files, requirements, counts)
-    if not args.smoke:
-        print("MLServer + mlserver-sklearn", flush=True)
-        run_mlserver(results, files, requirements, counts)
-        print("BentoML", flush=True)
-        run_bentoml(results, files, requirements, counts)
+    for name, title, section, in_smoke in SECTIONS:
+        if (args.only and name not in args.only) or (args.smoke and not in_smoke and not args.only):
+            continue
+        print(title, flush=True)
+        section(results, setup)
     line = summary_line(results)
     write_report(results, line, args.smoke)
     for name, state in results.peers.items():

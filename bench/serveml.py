@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from bench import LOGS, OUT, PYTHON, ROOT, ROW
-from bench.load import Results, contract_bodies, measure
+from bench.load import Results, Setup, contract_bodies, measure
 from bench.memory import descendants, environment_of, model_processes, private, rss
 from tests.support.processes import Redis, Service, Stack, free_port
 
@@ -189,7 +189,9 @@ print(json.dumps({{"row": median(row, {repeats}), "batch100_per_row": median(bat
     return json.loads(out)
 
 
-def run_serveml(results: Results, models: dict, requirements: str, counts: dict, deploy_runs: int):
+def run_serveml(results: Results, setup: Setup):
+    models, requirements, counts = setup.models, setup.requirements, setup.counts
+    deploy_runs = counts["deploy_runs"]
     data_dir = Path(tempfile.mkdtemp(prefix="serveml-bench-", dir=OUT))
     try:
         with serveml_stack(data_dir) as stack:
