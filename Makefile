@@ -50,7 +50,8 @@ test: lint
 	bin/test-prerequisites
 	bin/run-tests
 
-## ServeML against FastAPI, MLServer and BentoML on this machine: bench/results.md and bench/results.png.
+## ServeML against FastAPI, MLServer and BentoML (each at its best) on this machine, what metrics cost the
+## runtime, and the Lambda image (in the tests' dockerd, started and stopped): bench/results.md, bench/results.png.
 bench: install-dev
 	bin/test-prerequisites
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt
