@@ -117,6 +117,29 @@ def test_a_version_for_review_is_a_new_lambda_version_and_the_alias_stays_until_
     assert published(cloud, root) == ["1", "2"]  # nothing published again: the keys did not change
 
 
+def test_a_versions_image_is_pushed_to_its_deployments_repository_under_its_own_tag(
+    cloud,
+    root,
+    iris_rf_bytes,
+    monkeypatch,  # noqa: F811
+):
+    from deployments.targets import aws_image
+
+    v2 = new_version(root, iris_rf_bytes)
+    stages.package(v2)
+    pushed_to = []
+    monkeypatch.setattr(aws_image, "docker_client", lambda: None)  # no Docker: push_image is the stand-in
+    monkeypatch.setattr(
+        aws_image,
+        "push_image",
+        lambda client, source, repository, tag, auth: pushed_to.append((repository, tag)) or "sha256:" + "2" * 64,
+    )
+    aws.push(v2)
+    [repository] = cloud["ecr"].describe_repositories()["repositories"]  # no repository of its own
+    assert pushed_to == [(repository["repositoryUri"], aws_image.image_tag(v2))]
+    assert v2.image_uri == f"{repository['repositoryUri']}@sha256:{'2' * 64}" != root.image_uri
+
+
 def test_an_auto_promoted_version_moves_the_alias_once_ready(
     cloud,
     root,
