@@ -288,13 +288,19 @@ def verify_headers(deployment: Deployment):
         yield {}, ""
         return
     key, raw = DeploymentKey.issue(deployment=root, name="ServeML verify (revoked after the call)")
-    apply = (lambda: current_lambda_version(client("lambda"), deployment)) if deployment.version_of_id else None
+
+    def apply_keys() -> None:
+        if deployment.version_of_id:
+            current_lambda_version(client("lambda"), deployment)  # publishes it again: the keys changed
+        else:
+            update_access(deployment)
+
     try:
-        (apply or (lambda: update_access(deployment)))()
+        apply_keys()
         yield {"Authorization": f"Bearer {raw}"}, " (private: with a one-off key, revoked after the call)"
     finally:
         key.revoke()
-        (apply or (lambda: update_access(deployment)))()
+        apply_keys()
 
 
 def verify_post(deployment: Deployment):
@@ -529,9 +535,8 @@ def current_lambda_version(lam, deployment: Deployment) -> str:
             Qualifier=number,
         )
         carried = (found or {}).get("Configuration", {}).get("Environment", {}).get("Variables", {})
-        if found and {name: carried[name] for name in ACCESS_VARIABLES if name in carried} == access_variables(
-            deployment
-        ):
+        held = {name: carried[name] for name in ACCESS_VARIABLES if name in carried}
+        if found and held == access_variables(deployment):
             return number
     return publish(lam, deployment)
 
