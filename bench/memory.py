@@ -76,21 +76,21 @@ def command_line(pid: int) -> list[bytes]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
 
-def model_processes(runtime_pid: int, deployment_id: str) -> list[int]:
-    """The deployment's model processes: the interpreters inside its sandboxes (not bubblewrap),
-    whose command line carries its id as a label."""
-    found = []
-    for pid in descendants(runtime_pid):
-        argv = command_line(pid)
-        if argv[0] == b"/env/bin/python" and deployment_id.encode() in argv:
-            found.append(pid)
-    return found
+def uid_of(pid: int) -> int | None:
+    """The process's real uid as the host sees it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
-def environment_of(runtime_pid: int, deployment_id: str) -> Path:
-    """The deployment's own environment, as its sandbox binds it at /env."""
-    for pid in descendants(runtime_pid):
-        argv = command_line(pid)
-        if argv[0].endswith(b"bwrap") and deployment_id.encode() in argv:
-            return Path(argv[argv.index(b"/env") - 1].decode())
-    raise RuntimeError(f"no sandbox of {deployment_id} is running")
+def model_processes(runtime_pid: int, uid: int) -> list[int]:
+    """A deployment's model processes: the interpreters under the runtime running as the
+    deployment's own uid (not bubblewrap, nor a sandbox's init). Whether started on their own or
+    forked from a warm template (whose command line they keep), they run as that uid."""
+    return [
+        pid for pid in descendants(runtime_pid) if uid_of(pid) == uid and command_line(pid)[0] == b"/env/bin/python"
+    ]

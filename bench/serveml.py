@@ -17,7 +17,7 @@ import httpx
 
 from bench import LOGS, OUT, PYTHON, ROOT, ROW
 from bench.load import Results, Setup, contract_bodies, measure
-from bench.memory import descendants, environment_of, model_processes, private, rss
+from bench.memory import descendants, model_processes, private, rss
 from tests.support.processes import Redis, Service, Stack, free_port
 
 
@@ -146,7 +146,30 @@ def sandboxed(environment: Path, code: str, model_file: Path):
         launched.close()
 
 
-def model_memory(environment: Path, model_file: Path, runtime_pid: int, deployment_id: str) -> dict:
+def placement(stack, deployment_id: str) -> tuple[Path, int]:
+    """Where a deployment runs: its environment's folder and the uid of its processes (from the
+    database: a process forked from a warm template names neither in its command line)."""
+    out = subprocess.run(
+        [
+            PYTHON,
+            "manage.py",
+            "shell",
+            "-c",
+            "from deployments import sandbox; from deployments.environments import environment_path; "
+            "from deployments.models import Deployment; "
+            f"d = Deployment.objects.get(public_id='{deployment_id}'); "
+            "print(environment_path(d.environment_key), sandbox.uid_for(d.pk))",
+        ],
+        env={**os.environ, **stack["env"]},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return Path(out[-2]), int(out[-1])
+
+
+def model_memory(environment: Path, model_file: Path, runtime_pid: int, uid: int) -> dict:
     """A deployment's model processes against a bare interpreter holding the same model, in the
     same sandbox, in MB."""
     # Loaded and used once, as a model process is after its first request.
@@ -158,7 +181,7 @@ def model_memory(environment: Path, model_file: Path, runtime_pid: int, deployme
         baseline.stdout.readline()
         pid = interpreter()
         bare = {"RSS": rss(pid) / 1024**2, "private": private(pid) / 1024**2}
-    models = model_processes(runtime_pid, deployment_id)
+    models = model_processes(runtime_pid, uid)
 
     def median(measure):
         return statistics.median(measure(pid) / 1024**2 for pid in models) if models else float("nan")
@@ -220,8 +243,8 @@ def run_serveml(results: Results, setup: Setup):
             }
             # At rest: the lr process has just started and answered the cold-start request.
             pid = stack["runtime"].proc.pid
-            environment = environment_of(pid, deployed["lr"]["id"])
-            results.memory_mb["at rest"] = model_memory(environment, models["lr"], pid, deployed["lr"]["id"])
+            environment, uid = placement(stack, deployed["lr"]["id"])
+            results.memory_mb["at rest"] = model_memory(environment, models["lr"], pid, uid)
             for name in ("rf", "lr"):
                 results.floor_us[name] = floor(environment, models[name], counts["floor"])
             for name in ("rf", "lr"):
@@ -229,9 +252,7 @@ def run_serveml(results: Results, setup: Setup):
                 httpx.post(url, json={"data": ROW}).raise_for_status()
                 measure(results, "serveml", name, url, pid, contract_bodies(), counts)
             # And once it has served the load tests: what its working memory grew to.
-            results.memory_mb["after the load tests"] = model_memory(
-                environment, models["lr"], pid, deployed["lr"]["id"]
-            )
+            results.memory_mb["after the load tests"] = model_memory(environment, models["lr"], pid, uid)
         results.peers["serveml"] = "ok"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
