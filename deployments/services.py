@@ -803,8 +803,8 @@ def deployment_shadow_start(*, root: Deployment, number: int) -> Deployment:
     if root.target != Deployment.Target.LOCAL:
         raise VersionRefused(
             "Shadow comparison needs the local runtime, which copies answered requests to the candidate; "
-            "on AWS, Lambda answers the requests itself. Compare versions on AWS with a canary (a share of "
-            "the requests goes to the new version, the page shows its figures), then promote it or roll back."
+            "on AWS, Lambda answers the requests itself. On AWS, try the new version as a canary (it answers "
+            "a share of the requests), then promote it or roll back."
         )
     version = _warm_candidate(
         root,
