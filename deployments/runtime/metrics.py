@@ -14,8 +14,8 @@ A version's counters outlive its model processes (scale to zero, drain); they ar
 when its deployment is stopped.
 """
 
+import asyncio
 import hmac
-import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from deployments.runtime import memory as process_memory
 from deployments.runtime.asgi import error, respond
 from deployments.runtime.registry import Spec, version_labels
 
@@ -57,7 +58,6 @@ CLASSES = ((2, "2xx"), (4, "4xx"), (5, "5xx"))  # status // 100: what is counted
 SAMPLE_SECONDS = 10.0  # how often the sweep keeps a copy of the counters (the page's "last minute")
 HISTORY = 361  # an hour of copies: the page's last-hour chart
 WINDOW = 60.0
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Stats:
@@ -224,33 +224,13 @@ class Metrics:
         return len(pool.processes) if pool is not None else 0
 
     def memory(self) -> dict[str, int]:
-        """Resident memory of each version's model processes (the sandbox and all it started), in
-        bytes: one pass over /proc, when scraped."""
-        sandboxes = {
-            version_id: [p.pid for p in pool.processes if p.alive]
-            for version_id, pool in list(self.runtime.pools.items())
-        }
-        if not any(sandboxes.values()):
+        """Each version's model processes and all they started, in bytes of PSS: a process forked
+        from a template shares most of its pages with it, which resident sizes would count again
+        for every process (runtime/memory.py). Read from /proc when scraped, off the event loop."""
+        pools = dict(self.runtime.pools)
+        if not any(pool.processes for pool in pools.values()):
             return {}
-        children, resident = {}, {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                        fields = stat.read().rsplit(b")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue  # gone meanwhile
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-                resident[int(entry.name)] = int(fields[21]) * PAGE  # rss, in pages
-        found = {}
-        for version_id, pids in sandboxes.items():
-            total, todo = 0, list(pids)
-            while todo:
-                pid = todo.pop()
-                total += resident.get(pid, 0)
-                todo.extend(children.get(pid, ()))
-            found[version_id] = total
-        return found
+        return process_memory.usage(pools, [])[1]
 
     def serving(self, deployment_id: str) -> str:
         return self.runtime.routes.get(deployment_id, deployment_id)
@@ -309,7 +289,8 @@ class Metrics:
             return await respond(send, 405, error("use GET"))
         parts = scope["path"].strip("/").split("/")
         if parts == ["metrics"]:
-            return await respond(send, 200, generate_latest(self.registry), {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+            text = await asyncio.to_thread(generate_latest, self.registry)  # reads every model process's smaps
+            return await respond(send, 200, text, {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
         if parts[0] == "_figures" and len(parts) <= 2:
             figures = self.figures(parts[1].lower() if len(parts) == 2 else None)
             return await respond(send, 200, orjson.dumps(figures))
@@ -357,7 +338,7 @@ class Collector:
             "serveml_model_process_starts", "Model processes started (cold starts, restarts)", labels=labels
         )
         memory = GaugeMetricFamily(
-            "serveml_model_memory_bytes", "Resident memory of the model processes running", labels=labels
+            "serveml_model_memory_bytes", "Memory of the model processes running (PSS)", labels=labels
         )
         serving = GaugeMetricFamily(
             "serveml_version_serving", "1 for the version the stable URL answers with", labels=labels
