@@ -233,11 +233,25 @@ def cloud_figures(root: Deployment, fetch: bool) -> dict:
         return {"figures_state": "aws"}
     if not fetch:
         return {"figures_state": "loading", "figures_poll": True, "figures_trigger": "load"}
+    versions = [v for v in root.all_versions() if v.status == Deployment.Status.READY]
     try:
-        found = targets.get(root.target).load().figures(root)
+        found = targets.get(root.target).load().figures(root, versions)
     except StageError as exc:  # TransientStageError too: the page says where to look instead
         return {"figures_state": "aws", "figures_problem": str(exc)}
-    return {"figures_state": "cloudwatch", "cloud": found}
+    serving = root.serving_id or root.pk
+    rows = [{"key": "total", "label": "Its URL (all versions)", **found["total"]}]
+    rows += [
+        {
+            "key": f"v{v.version}",
+            "label": f"v{v.version} (Lambda version {v.lambda_version})",
+            "serving": v.pk == serving,
+            "canary": root.canary_percent if v.pk == root.canary_id else None,
+            **found["versions"][v.version],
+        }
+        for v in versions
+        if v.version in found["versions"]
+    ]
+    return {"figures_state": "cloudwatch", "cloud_rows": rows}
 
 
 def charts(last_hour: list[dict] | None, width: int = 240, height: int = 40) -> list[dict]:

@@ -506,35 +506,55 @@ def test_the_page_offers_versions_on_aws_and_an_aws_versions_page_says_it_has_no
 # ------------------------------------------------------------------ figures from CloudWatch
 
 
-def test_the_page_shows_the_functions_cloudwatch_figures_read_once_it_has_loaded(client, user, cloud, root):  # noqa: F811
+def put_lambda_metrics(name: str, data: list[tuple], **dimensions) -> None:
+    """Lambda's metrics as CloudWatch holds them, two minutes old (they arrive a minute or two late)."""
     import boto3
 
-    watch = boto3.client("cloudwatch", region_name="us-east-1")
-    dimensions = [{"Name": "FunctionName", "Value": aws.resource_name(root)}]
-    now = datetime.now(UTC) - timedelta(minutes=2)  # Lambda's metrics arrive a minute or two late
-    data = [("Invocations", 40, "Count"), ("Errors", 2, "Count"), ("Duration", 12.0, "Milliseconds")]
-    data += [("Duration", 30.0, "Milliseconds")]
-    watch.put_metric_data(
+    when = datetime.now(UTC) - timedelta(minutes=2)
+    boto3.client("cloudwatch", region_name="us-east-1").put_metric_data(
         Namespace="AWS/Lambda",
         MetricData=[
-            {"MetricName": name, "Dimensions": dimensions, "Value": value, "Unit": unit, "Timestamp": now}
-            for name, value, unit in data
+            {
+                "MetricName": metric,
+                "Dimensions": [{"Name": "FunctionName", "Value": name}]
+                + [{"Name": key, "Value": value} for key, value in dimensions.items()],
+                "Value": value,
+                "Timestamp": when,
+            }
+            for metric, value in data
         ],
     )
-    # Another function's figures are not this deployment's.
-    watch.put_metric_data(
-        Namespace="AWS/Lambda",
-        MetricData=[
-            {"MetricName": "Invocations", "Dimensions": [{"Name": "FunctionName", "Value": "other"}], "Value": 7}
-        ],
+
+
+def test_the_page_shows_cloudwatch_figures_for_the_url_and_each_version_read_once_it_has_loaded(
+    client,
+    user,
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
     )
+    services.deployment_canary_start(root=fresh(root), number=2, percent=10)
+    name = aws.resource_name(root)
+    put_lambda_metrics(name, [("Invocations", 40), ("Errors", 2), ("Duration", 12.0), ("Duration", 30.0)])
+    # What the alias sent each Lambda version (Lambda's ExecutedVersion dimension).
+    put_lambda_metrics(name, [("Invocations", 36), ("Errors", 0)], Resource=f"{name}:live", ExecutedVersion="1")
+    put_lambda_metrics(name, [("Invocations", 4), ("Errors", 2)], Resource=f"{name}:live", ExecutedVersion="2")
+    put_lambda_metrics("other", [("Invocations", 7)])  # another function's are not this deployment's
     client.force_login(user)
     page = client.get(root.get_absolute_url()).content.decode()
     assert 'data-state="loading"' in page and 'hx-trigger="load"' in page  # read after the page, never polled
     card = client.get(reverse("deployment-figures", args=[root.public_id])).content.decode()
     assert 'data-state="cloudwatch"' in card and "hx-trigger" not in card
-    assert 'data-invocations="40"' in card and 'data-errors="2"' in card
+    assert 'id="figures-total" data-invocations="40" data-errors="2"' in card
     assert "5.0 %" in card and "21.0 ms" in card and "30.0 ms" in card
+    assert 'id="figures-v1" data-invocations="36" data-errors="0"' in card
+    assert 'id="figures-v2" data-invocations="4" data-errors="2"' in card and "50.0 %" in card
+    assert f'v2 (Lambda version {v2.lambda_version}) <span class="badge canary">canary 10%</span>' in card
 
 
 def test_when_cloudwatch_does_not_answer_the_page_says_where_the_figures_are(
@@ -544,7 +564,7 @@ def test_when_cloudwatch_does_not_answer_the_page_says_where_the_figures_are(
     root,
     monkeypatch,  # noqa: F811
 ):
-    def unreachable(deployment, **kwargs):
+    def unreachable(root, versions, **kwargs):
         raise TransientStageError("AWS did not answer while trying to read the function's metrics: timed out")
 
     monkeypatch.setattr(aws, "figures", unreachable)

@@ -702,9 +702,8 @@ def published_versions(lam, function: str) -> list[str]:
 
 # ------------------------------------------------------------------ figures from CloudWatch
 
-# Lambda's own metrics (namespace AWS/Lambda), summed over every version of the function:
-# what the deployment's URL answered. Percentiles are left out: CloudWatch keeps them, but
-# the average and maximum say enough beside the link to the function's Monitoring tab.
+# Lambda's own metrics (namespace AWS/Lambda). Percentiles are left out: CloudWatch keeps them,
+# but the average and maximum say enough beside the link to the function's Monitoring tab.
 METRICS = (
     ("invocations", "Invocations", "Sum"),
     ("errors", "Errors", "Sum"),
@@ -714,25 +713,37 @@ METRICS = (
 FIGURES_CONFIG = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=3)
 
 
-def figures(root: Deployment, *, hours: int = 1) -> dict:
-    """The function's invocations, errors and duration over the last `hours`, from CloudWatch.
+def figures(root: Deployment, versions: list[Deployment], *, hours: int = 1) -> dict:
+    """Invocations, errors and duration over the last `hours`, from CloudWatch: `total` for the
+    function (every request its URL answered), and `versions`, keyed by ServeML version number,
+    for each of `versions` that has a Lambda version: what the alias sent it (Lambda's
+    ExecutedVersion dimension; a version published again for new keys counts from then).
 
     For a page view: one call, no retry, a few seconds at most. Raises StageError with
     what went wrong (the page then says where the figures are)."""
-    cloudwatch = boto3.client("cloudwatch", region_name=settings.SERVEML_AWS_REGION, config=FIGURES_CONFIG)
-    end = datetime.now(UTC)
-    dimensions = [{"Name": "FunctionName", "Value": resource_name(root)}]
+    name = resource_name(root)
+    scopes = {"total": [{"Name": "FunctionName", "Value": name}]}
+    for version in versions:
+        if version.lambda_version:
+            scopes[f"v{version.version}"] = [
+                {"Name": "FunctionName", "Value": name},
+                {"Name": "Resource", "Value": f"{name}:{ALIAS}"},
+                {"Name": "ExecutedVersion", "Value": version.lambda_version},
+            ]
     queries = [
         {
-            "Id": key,
+            "Id": f"{scope}_{key}",
             "MetricStat": {
                 "Metric": {"Namespace": "AWS/Lambda", "MetricName": metric, "Dimensions": dimensions},
                 "Period": hours * 3600,
                 "Stat": stat,
             },
         }
+        for scope, dimensions in scopes.items()
         for key, metric, stat in METRICS
     ]
+    cloudwatch = boto3.client("cloudwatch", region_name=settings.SERVEML_AWS_REGION, config=FIGURES_CONFIG)
+    end = datetime.now(UTC)
     answer = call(
         cloudwatch.get_metric_data,
         "read the function's metrics from CloudWatch",
@@ -741,14 +752,20 @@ def figures(root: Deployment, *, hours: int = 1) -> dict:
         EndTime=end,
     )
     found = {result["Id"]: result["Values"] for result in answer["MetricDataResults"]}
-    sums = {key: sum(found.get(key) or [0]) for key in ("invocations", "errors")}
-    averages, peaks = found.get("duration_avg_ms") or [], found.get("duration_max_ms") or []
+    summed = {scope: _summary({key: found.get(f"{scope}_{key}") or [] for key, *_ in METRICS}) for scope in scopes}
+    total = summed.pop("total")
+    return {"hours": hours, "total": total, "versions": {int(scope[1:]): row for scope, row in summed.items()}}
+
+
+def _summary(values: dict[str, list[float]]) -> dict:
+    """One scope's figures from its values (the window may straddle two periods: summed, the
+    mean of the averages, the larger peak)."""
+    invocations, errors = sum(values["invocations"]), sum(values["errors"])
+    averages, peaks = values["duration_avg_ms"], values["duration_max_ms"]
     return {
-        "hours": hours,
-        "invocations": int(sums["invocations"]),
-        "errors": int(sums["errors"]),
-        "error_rate": sums["errors"] / sums["invocations"] * 100 if sums["invocations"] else None,
-        # The window may straddle two periods: their mean, and the larger peak.
+        "invocations": int(invocations),
+        "errors": int(errors),
+        "error_rate": errors / invocations * 100 if invocations else None,
         "duration_avg_ms": sum(averages) / len(averages) if averages else None,
         "duration_max_ms": max(peaks) if peaks else None,
     }
