@@ -26,7 +26,8 @@ from tests.support.processes import Service, free_port
 # 231e870 added per-request counting (runtime/metrics.py); this is its parent. The runtime has
 # read the same database columns, environments and build folders since (later migrations only add
 # columns), so it serves today's deployments as they are. Between the two also landed canary and
-# shadow routing: their per-request checks are part of what is measured here, beside the counting.
+# shadow routing (per-request checks) and model processes forked from warm templates: they are
+# part of what is measured here, beside the counting; the runtime runs with its default settings.
 BASELINE = "bb0f109"
 CONCURRENCIES = (1, 8, 32)
 
