@@ -34,6 +34,7 @@ class Results:
     peers: dict = field(default_factory=dict)  # server (a peer's configuration) -> "ok: ..." or why it did not run
     metrics_cost: dict = field(default_factory=dict)  # the runtime at HEAD against the one before metrics
     aws_image: dict = field(default_factory=dict)  # the Lambda image's sizes and build times, or why skipped
+    density: dict = field(default_factory=dict)  # many deployments: memory, cold starts, Zipf traffic (density.py)
 
 
 @dataclass

@@ -3,10 +3,12 @@ figures in bench/out/results.json, and the chart bench/results.png."""
 
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict
 
 from bench import BENCH, OUT
+from bench.density import density_lines
 from bench.load import Case, Results
 
 
@@ -46,6 +48,12 @@ def summary_line(results: Results) -> str:
     c1 = case(results, "serveml", "lr", 1)
     batch = case(results, "serveml", "lr", 1, 100)
     floor_lr = results.floor_us.get("lr", {})
+    density = results.density
+    bound_ms = (
+        results.transport_ms[100] + floor_lr["batch100_per_row"] * 100 / 1000
+        if 100 in results.transport_ms and floor_lr
+        else None
+    )
     fields = {
         "c1_p50_over_floor_ms": c1.p50_ms - floor_lr.get("row", 0) / 1000 if c1 else float("nan"),
         "c8_ratio_vs_best_peer": ratio(8),
@@ -59,6 +67,13 @@ def summary_line(results: Results) -> str:
         # HEAD's requests/s over the runtime's before metrics (issue 12: at least 0.95).
         "metrics_cost_c8": results.metrics_cost.get("c8", float("nan")),
         "metrics_cost_c32": results.metrics_cost.get("c32", float("nan")),
+        # Many deployments (bench/density.py): MB per additional loaded model, p50 of first requests
+        # to stopped deployments, p99 of Zipf traffic over all of them at concurrency 32.
+        "density_mb_per_model": density.get("mb_per_additional_model", float("nan")),
+        "cold_start_ms": statistics.median(density["cold_start_ms"]) if density else float("nan"),
+        "c32_zipf100_p99_ms": density["zipf"]["p99_ms"] if density else float("nan"),
+        # A 100-row request's p50 over what the same HTTP stack costs plus predict itself.
+        "batch100_vs_bound": batch.p50_ms / bound_ms if batch and bound_ms else float("nan"),
     }
     return "summary: " + " ".join(f"{key}={value:.3f}" for key, value in fields.items())
 
@@ -174,6 +189,10 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         "| peer | model | c8 best req/s (configuration) | ServeML × | c32 best req/s (configuration) | ServeML × |",
         "|---|---|---|---|---|---|",
         *best_peer_rows(results),
+        "",
+        "## Many deployments",
+        "",
+        *density_lines(results),
         "",
         "## Metrics cost",
         "",

@@ -22,6 +22,7 @@ if __package__ in (None, ""):
 
 from bench import OUT  # noqa: E402
 from bench.aws_image import run_aws_image  # noqa: E402
+from bench.density import run_density  # noqa: E402
 from bench.load import Results, Setup  # noqa: E402
 from bench.metrics_cost import run_metrics_cost  # noqa: E402
 from bench.peers import run_bentoml, run_fastapi, run_http_floor, run_mlserver  # noqa: E402
@@ -32,6 +33,7 @@ from bench.serveml import run_serveml  # noqa: E402
 # Each measures alone and adds its figures to `results`; a new section is one more line here.
 SECTIONS = [
     ("serveml", "ServeML (local target)", run_serveml, True),
+    ("density", "Many deployments: memory at 1, 10 and 100 loaded, cold starts, Zipf traffic", run_density, True),
     ("transport", "Transport floor (uvicorn answering a constant)", run_http_floor, True),
     ("fastapi", "FastAPI + uvicorn", run_fastapi, True),
     ("mlserver", "MLServer + mlserver-sklearn, as is and with adaptive batching", run_mlserver, False),

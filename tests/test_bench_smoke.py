@@ -14,7 +14,8 @@ pytestmark = pytest.mark.e2e
 SUMMARY = re.compile(
     r"^summary: c1_p50_over_floor_ms=\S+ c8_ratio_vs_best_peer=\S+ c32_ratio_vs_best_peer=\S+ "
     r"batch100_per_row_vs_floor=\S+ warm_deploy_s=\S+ cold_deploy_s=\S+ cold_start_s=\S+ "
-    r"metrics_cost_c8=\S+ metrics_cost_c32=\S+$"
+    r"metrics_cost_c8=\S+ metrics_cost_c32=\S+ density_mb_per_model=\S+ cold_start_ms=\S+ "
+    r"c32_zipf100_p99_ms=\S+ batch100_vs_bound=\S+$"
 )
 
 
@@ -48,6 +49,15 @@ def test_the_benchmark_runs_end_to_end_in_smoke_mode():
     assert [run["runtime"] for run in cost["runs"]] == ["head", "baseline"], cost
     assert all(cost[f"c{c}"] > 0 for c in (1, 8, 32))
     assert "HEAD / baseline, median requests/s" in report.split("## Metrics cost")[1]
+
+    # Many deployments: every one loaded and measured, forked processes a few MB each, no errors.
+    density = results["density"]
+    assert list(density["memory"]) == ["1", "10", "12"], density["memory"]
+    assert [figures["deployments"] for figures in density["memory"].values()] == [1, 10, 12]
+    assert 0 < density["memory"]["10"]["private_mb_per_deployment"] < 30, density["memory"]
+    assert density["zipf"]["errors"] == 0 and density["zipf"]["requests"] >= 500
+    assert len(density["cold_start_ms"]) == 5 and all(ms > 0 for ms in density["cold_start_ms"])
+    assert "Each additional loaded deployment" in report.split("## Many deployments")[1]
 
     # The Lambda image: built cold then warm (its dependency layer from the cache), or skipped with the reason.
     image = results["aws_image"]
