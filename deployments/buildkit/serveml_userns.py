@@ -17,20 +17,64 @@ writes below are all it takes as root.
 
 The child then becomes uid 0 of its namespace and executes the template with
 no-new-privileges. This process waits for it and exits with its status.
+
+Two things a user namespace shares with whoever created it are cut off first:
+
+  - the session keyring: fork() and bubblewrap keep the runtime's (under Docker,
+    one for the whole container), so the child joins a new one before anything
+    of the environment runs;
+  - kernel quotas: a namespace's processes count against its creator's quotas
+    too, and the creator here is the host's root. The child sets the namespace's
+    own limits for what no template or model process needs (user namespaces,
+    inotify, fanotify) to 0, and gives up CAP_SYS_RESOURCE, the capability that
+    could raise them again. Otherwise a model could hold all of the host root's
+    inotify instances (128 by default), or make user namespaces until no sandbox
+    on the host can start.
 Stdlib only.
 """
 
 import ctypes
+import errno
 import os
 import sys
 
 CLONE_NEWUSER = 0x10000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+CAP_SYS_RESOURCE = 24
+# keyctl(2) has no libc wrapper: its number, by architecture (x86_64's, the generic table's, ...).
+KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 271, "ppc64": 271, "s390x": 280}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+# The namespace's own limits (per uid inside it), set to 0: none of these is needed inside.
+UNNEEDED = ("max_user_namespaces", "max_inotify_instances", "max_inotify_watches")
+UNNEEDED_IF_PRESENT = ("max_fanotify_groups", "max_fanotify_marks")
+
+
+def new_session_keyring(libc) -> None:
+    """Leave the session keyring this process was given for a new, empty one of its own."""
+    number = KEYCTL_SYSCALL.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"no keyctl system call number known for {os.uname().machine}")
+    if libc.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        error = ctypes.get_errno()
+        if error != errno.ENOSYS:  # a kernel without keyrings shares none
+            raise OSError(error, f"cannot join a new session keyring: {os.strerror(error)}")
+
+
+def limit_namespace(libc) -> None:
+    """In the new user namespace, as its root: nothing inside may use the host root's quotas."""
+    for name in (*UNNEEDED, *UNNEEDED_IF_PRESENT):
+        path = f"/proc/sys/user/{name}"
+        if name in UNNEEDED or os.path.exists(path):
+            with open(path, "w") as limit:
+                limit.write("0")
+    if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop CAP_SYS_RESOURCE")
 
 
 def main(base: int, count: int, command: list[str]) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
     if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
         sys.exit(f"serveml_userns: cannot mount /proc: {os.strerror(ctypes.get_errno())}")
     to_child, from_parent = os.pipe()
@@ -39,6 +83,11 @@ def main(base: int, count: int, command: list[str]) -> int:
     if child == 0:
         os.close(from_parent)
         os.close(to_parent)
+        try:
+            new_session_keyring(libc)  # as the host's root: its quota, not the namespace's
+        except OSError as exc:
+            os.write(2, f"serveml_userns: {exc}\n".encode())
+            os._exit(72)
         if libc.unshare(CLONE_NEWUSER) != 0:
             os.write(2, f"serveml_userns: unshare: {os.strerror(ctypes.get_errno())}\n".encode())
             os._exit(70)
@@ -48,6 +97,11 @@ def main(base: int, count: int, command: list[str]) -> int:
         os.setresgid(0, 0, 0)
         os.setgroups([])
         os.setresuid(0, 0, 0)
+        try:
+            limit_namespace(libc)
+        except OSError as exc:
+            os.write(2, f"serveml_userns: cannot limit the namespace: {exc}\n".encode())
+            os._exit(73)
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         os.execv(command[0], command)
     os.close(to_child)
