@@ -664,6 +664,12 @@ while len(held) < 200:
     held.append(fd)
 report["inotify held"] = len(held)
 sys.SERVEML_HELD = held
+import signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+queued = 0
+while queued < 200000 and libc.sigqueue(os.getpid(), signal.SIGRTMIN, None) == 0:
+    queued += 1
+report["signals queued"] = queued
 sys.stderr.write("SERVEML-HOSTILE " + json.dumps(report) + "\n")
 sys.stderr.flush()
 """
@@ -705,8 +711,11 @@ def test_a_hostile_package_in_the_template_reaches_neither_the_host_nor_another_
             on_host = libc.inotify_init1(os.O_CLOEXEC)
             if on_host >= 0:
                 os.close(on_host)
+            queues = await asyncio.to_thread(
+                subprocess.run, ["python3", "-c", HOST_QUEUES_ONE], capture_output=True, text=True
+            )
             status, _ = await other.predict(b'{"do": "report"}')
-            return other_server, template.pid, on_host, status, alive(other_server)
+            return other_server, template.pid, (on_host, queues.stdout.strip()), status, alive(other_server)
         finally:
             other.close()
 
@@ -733,7 +742,10 @@ def test_a_hostile_package_in_the_template_reaches_neither_the_host_nor_another_
     assert report["remount /env writable"] != "DONE"
     assert report["session keyring"] != joined and report["find the host's key"] != "DONE"
     assert status == 200 and other_alive
-    assert on_host >= 0, f"the template holds {report['inotify held']} of the host root's inotify instances"
+    inotify, queued = on_host
+    assert report["inotify held"] == 0 and report["signals queued"] <= 64, report
+    assert inotify >= 0, f"the template holds {report['inotify held']} of the host root's inotify instances"
+    assert queued == "queued", f"the template holds {report['signals queued']} of the host root's pending signals"
     assert template_pid
 
 
@@ -749,3 +761,198 @@ def test_templates_are_never_shared_between_owners_or_environments(environment, 
     assert one is again
     assert len({id(one), id(other_owner), id(other_environment)}) == 3
     assert len({one.pid, other_owner.pid, other_environment.pid}) == 3
+
+
+# ------------------------------------------------------------------ a template that lies to the runtime
+
+# Takes the template over before serveml_template.py runs, and answers each fork with something that
+# is not a pidfd: a descriptor of /dev/null, or a message that is not JSON with one attached.
+LIAR = r"""
+import json, os, socket, sys
+if len(sys.argv) > 1 and sys.argv[0].endswith("serveml_template.py"):
+    control = socket.socket(fileno=int(sys.argv[1]))
+    control.send(json.dumps({"ready": []}).encode())
+    answers = 0
+    while True:
+        data, fds, _, _ = socket.recv_fds(control, 65536, 16)
+        if not data:
+            os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        message = json.dumps({"pid": 1}).encode() if answers % 2 == 0 else b"\xff not json"
+        socket.send_fds(control, [message], [os.open("/dev/null", os.O_RDONLY)])
+        answers += 1
+"""
+
+
+def test_a_template_that_answers_forks_with_lies_leaks_no_descriptor_into_the_runtime(environment, tmp_path):
+    liar = hostile_environment(tmp_path, environment, code=LIAR)
+
+    async def scenario():
+        refusals = []
+        each = pool(liar, tmp_path, 18)
+        try:
+            for _ in range(2):  # the template starts; one answer of each kind
+                try:
+                    await each.predict(b"{}")
+                except (ModelUnavailable, ValueError) as exc:
+                    refusals.append(type(exc).__name__)
+            before = len(os.listdir("/proc/self/fd"))
+            for _ in range(10):
+                try:
+                    await each.predict(b"{}")
+                except (ModelUnavailable, ValueError) as exc:
+                    refusals.append(type(exc).__name__)
+            after = len(os.listdir("/proc/self/fd"))
+            return refusals, before, after
+        finally:
+            each.close()
+
+    refusals, before, after = run(scenario)
+    assert refusals == ["ModelUnavailable"] * 12, refusals
+    assert after == before, f"{after - before} descriptors the template sent were left open in the runtime"
+
+
+# ------------------------------------------------------------------ its limits, not its siblings'
+
+FORK_BOMB = r"""
+import builtins, os, signal, time
+children = []
+while len(children) < 1000:
+    try:
+        child = os.fork()
+    except OSError as exc:
+        result["stopped by"] = type(exc).__name__
+        break
+    if child == 0:
+        signal.pause()
+        os._exit(0)
+    children.append(child)
+builtins.SERVEML_CHILDREN = children
+result["forked"] = len(children)
+"""
+
+ONE_FORK = r"""
+import os
+child = os.fork()
+if child == 0:
+    os._exit(7)
+result["child exit"] = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+"""
+
+
+def test_a_fork_bomb_stops_at_its_own_limit_and_its_siblings_and_template_still_fork(environment, tmp_path):
+    async def scenario():
+        bomb, sibling = attacker(environment, tmp_path, 19), attacker(environment, tmp_path, 20)
+        try:
+            await ask(sibling, "result['ok'] = 1")
+            bombed = await ask(bomb, FORK_BOMB)
+            forked = await ask(sibling, ONE_FORK)
+            later = attacker(environment, tmp_path, 21)  # a new fork of the same template, for another deployment
+            try:
+                started = await ask(later, ONE_FORK)
+            finally:
+                later.close()
+            return bombed, forked, started
+        finally:
+            bomb.close()
+            sibling.close()
+
+    bombed, forked, started = run(scenario)
+    limit = sandbox.Limits(memory_bytes=0, cpu_seconds=None).processes
+    assert bombed["stopped by"] == "BlockingIOError" and bombed["forked"] < limit, bombed
+    assert forked["child exit"] == 7 and started["child exit"] == 7
+
+
+PENDING_SIGNALS = r"""
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+queued = 0
+while queued < 200000:
+    if libc.sigqueue(os.getpid(), signal.SIGRTMIN, None) != 0:  # queued one entry each while blocked
+        result["stopped by"] = check(-1)
+        break
+    queued += 1
+result["queued"] = queued
+"""
+
+HOST_QUEUES_ONE = (
+    "import ctypes, os, signal; libc = ctypes.CDLL(None, use_errno=True); "
+    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN]); "
+    "print('queued' if libc.sigqueue(os.getpid(), signal.SIGRTMIN, None) == 0 else os.strerror(ctypes.get_errno()))"
+)
+
+
+def test_a_fork_cannot_use_up_the_host_roots_pending_signals(environment, tmp_path):
+    async def scenario():
+        each = attacker(environment, tmp_path, 22)
+        try:
+            queued = await ask(each, PENDING_SIGNALS)
+            host = await asyncio.to_thread(
+                subprocess.run, ["python3", "-c", HOST_QUEUES_ONE], capture_output=True, text=True
+            )
+            return queued, host
+        finally:
+            each.close()
+
+    queued, host = run(scenario)
+    assert host.stdout.strip() == "queued", (queued, host.stdout, host.stderr[-300:])
+
+
+MESSAGE_QUEUES = r"""
+import os
+libc.mq_open.restype = ctypes.c_int
+made = 0
+while made < 200:
+    if libc.mq_open(f"/serveml-{made}".encode(), os.O_CREAT | os.O_RDWR, 0o600, None) < 0:
+        result["stopped by"] = check(-1)
+        break
+    made += 1  # each one holds its 80 KB of the quota until its IPC namespace ends
+result["made"] = made
+"""
+
+HOST_MAKES_A_QUEUE = (
+    "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+    "fd = libc.mq_open(b'/serveml-attack-test', os.O_CREAT | os.O_RDWR, 0o600, None); "
+    "print('made' if fd >= 0 else os.strerror(ctypes.get_errno())); libc.mq_unlink(b'/serveml-attack-test')"
+)
+
+
+def test_a_fork_cannot_use_up_the_host_roots_message_queue_bytes(environment, tmp_path):
+    async def scenario():
+        each = attacker(environment, tmp_path, 23)
+        try:
+            made = await ask(each, MESSAGE_QUEUES)
+            host = await asyncio.to_thread(
+                subprocess.run, ["python3", "-c", HOST_MAKES_A_QUEUE], capture_output=True, text=True
+            )
+            return made, host
+        finally:
+            each.close()
+
+    made, host = run(scenario)
+    assert host.stdout.strip() == "made", (made, host.stdout, host.stderr[-300:])
+
+
+# ------------------------------------------------------------------ the same keyring attack without templates
+
+KEYRING_PROBE = (
+    "import ctypes; libc = ctypes.CDLL(None, use_errno=True); libc.syscall.restype = ctypes.c_long; "
+    "found = libc.syscall(250, 10, -3, b'user', b'serveml-host-secret', 0); "
+    "buffer = ctypes.create_string_buffer(100); "
+    "length = libc.syscall(250, 11, found, buffer, 100) if found >= 0 else -1; "
+    "print(buffer.raw[: max(length, 0)].decode() or 'not found')"
+)
+
+
+def test_a_sandboxed_process_started_alone_shares_no_keyring_with_the_runtime(environment):
+    """sandbox.launch (the validate probe; model processes when templates are off): bubblewrap, setpriv
+    and unshare all keep the runtime's session keyring."""
+    from tests.test_sandbox import run_code
+
+    assert libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) > 0
+    secret = b"the runtime's secret"
+    assert libc.syscall(SYS_ADD_KEY, b"user", b"serveml-host-secret", secret, len(secret), KEY_SPEC_SESSION_KEYRING) > 0
+    result = run_code(environment, KEYRING_PROBE, uid=sandbox.uid_for(724))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "not found"

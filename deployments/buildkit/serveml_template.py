@@ -15,7 +15,8 @@ A forked model process is isolated before it reads anything of its deployment:
                 when it ends, everything started inside ends with it
     mount       G: a fresh /proc (only itself), private /tmp and /dev/shm, and a
                 /work holding only its own deployment's files, then read-only
-    rlimits     G: memory, CPU, processes, file size, open files, no cores
+    rlimits     G: memory, CPU, processes, file size, open files, no cores, few
+                pending signals, no POSIX message queues
     uid         G: deployment N's own uid (host SERVEML_SANDBOX_UID_BASE + N, never
                 0), no groups, every capability dropped, no new privileges
     keyring     G: a new, empty session keyring (fork keeps the template's, which
@@ -94,6 +95,7 @@ PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL =
 # keyctl(2) has no libc wrapper: its number, by architecture (as in serveml_userns.py).
 KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 271, "ppc64": 271, "s390x": 280}
 KEYCTL_JOIN_SESSION_KEYRING = 1
+PENDING_SIGNALS = 64  # queued real-time signals, all of a deployment's processes together
 # Received descriptors are first moved up here, out of the way of 0-2 and the files' places.
 SCRATCH_FD = 100
 FIRST_FILE_FD = 3
@@ -255,6 +257,10 @@ def isolate(request: dict, fds: list[int]) -> None:
         (resource.RLIMIT_FSIZE, limits["file_bytes"]),
         (resource.RLIMIT_NOFILE, limits["open_files"]),
         (resource.RLIMIT_CORE, 0),
+        # Counted against the host root's quotas too (root made the template's user namespace):
+        # a model needs neither, and could otherwise hold all of root's (see serveml_userns.py).
+        (resource.RLIMIT_SIGPENDING, PENDING_SIGNALS),
+        (resource.RLIMIT_MSGQUEUE, 0),
     ):
         resource.setrlimit(limit, (value, value))
     if limits.get("cpu_seconds"):

@@ -26,16 +26,18 @@ Two things a user namespace shares with whoever created it are cut off first:
   - kernel quotas: a namespace's processes count against its creator's quotas
     too, and the creator here is the host's root. The child sets the namespace's
     own limits for what no template or model process needs (user namespaces,
-    inotify, fanotify) to 0, and gives up CAP_SYS_RESOURCE, the capability that
-    could raise them again. Otherwise a model could hold all of the host root's
-    inotify instances (128 by default), or make user namespaces until no sandbox
-    on the host can start.
+    inotify, fanotify) to 0, lowers its pending signals and POSIX message queue
+    rlimits, and gives up CAP_SYS_RESOURCE, the capability that could raise the
+    namespace's limits again. Otherwise a model could hold all of the host root's
+    inotify instances (128 by default) or queued signals, or make user
+    namespaces until no sandbox on the host can start.
 Stdlib only.
 """
 
 import ctypes
 import errno
 import os
+import resource
 import sys
 
 CLONE_NEWUSER = 0x10000000
@@ -48,6 +50,7 @@ KEYCTL_JOIN_SESSION_KEYRING = 1
 # The namespace's own limits (per uid inside it), set to 0: none of these is needed inside.
 UNNEEDED = ("max_user_namespaces", "max_inotify_instances", "max_inotify_watches")
 UNNEEDED_IF_PRESENT = ("max_fanotify_groups", "max_fanotify_marks")
+PENDING_SIGNALS = 64  # the template's queued real-time signals (each model process is limited again)
 
 
 def new_session_keyring(libc) -> None:
@@ -68,6 +71,8 @@ def limit_namespace(libc) -> None:
         if name in UNNEEDED or os.path.exists(path):
             with open(path, "w") as limit:
                 limit.write("0")
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (PENDING_SIGNALS, PENDING_SIGNALS))
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
     if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "cannot drop CAP_SYS_RESOURCE")
 

@@ -131,12 +131,14 @@ class Template:
             launched.close()
         try:
             async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
-                message, _ = await self._receive()
+                message, fds = await self._receive()
         except TimeoutError:
             self.stop()
             raise TemplateUnavailable(
                 f"the template did not import its modules in {settings.SERVEML_SANDBOX_WALL_SECONDS} s"
             ) from None
+        for fd in fds:
+            os.close(fd)
         if "ready" not in message:
             self.stop()
             raise TemplateUnavailable(message.get("error", "the template failed to start"))
@@ -185,7 +187,12 @@ class Template:
             for fd in fds:
                 os.close(fd)
             raise TemplateUnavailable(message.get("error", "the template did not fork"))
-        forked = Forked(host_pid(fds[0]), fds[0])
+        try:  # the template runs the environment's packages: what it sent may be anything
+            pid = host_pid(fds[0])
+        except (OSError, TemplateUnavailable):
+            os.close(fds[0])
+            raise TemplateUnavailable("the template answered a fork with something that is not a process") from None
+        forked = Forked(pid, fds[0])
         self.children += 1
         return forked
 
@@ -205,7 +212,16 @@ class Template:
             if not data:
                 self.stop()
                 raise TemplateUnavailable("the template exited (see logs/templates.log)")
-            return json.loads(data), fds
+            try:
+                message = json.loads(data)
+                if not isinstance(message, dict):
+                    raise ValueError(message)
+            except ValueError:  # it is not the template's code speaking: nothing it sent is kept
+                for fd in fds:
+                    os.close(fd)
+                self.stop()
+                raise TemplateUnavailable("the template answered with something that is not a message") from None
+            return message, fds
 
     async def _readable(self) -> None:
         ready = self.loop.create_future()
