@@ -379,6 +379,15 @@ for root, dirs, names in os.walk("/"):
         path = os.path.join(root, name)
         if not os.path.islink(path) and os.access(path, os.W_OK):
             files.append(path)
+proc = []
+for root, dirs, names in os.walk("/proc"):
+    dirs[:] = [d for d in dirs if not d.isdigit() and d not in ("self", "thread-self")]  # its own processes
+    proc += [os.path.join(root, name) for name in names if os.access(os.path.join(root, name), os.W_OK)]
+result["proc"] = sorted(proc)
+def set_last_pid():
+    with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+        last.write("1000")
+result["set ns_last_pid"] = attempt(set_last_pid)
 result["folders"] = sorted(folders)
 result["files"] = sorted(files)
 result["tmp size"] = os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize
@@ -402,6 +411,11 @@ def test_a_fork_can_write_only_its_own_tmp_and_shm(environment, tmp_path):
         assert report["folders"] == ["/dev/shm", "/tmp"], report["folders"]
         devices = {"/dev/full", "/dev/null", "/dev/ptmx", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"}
         assert set(report["files"]) - devices - {"/dev/pts/ptmx"} == set(), report["files"]
+        # Its fresh /proc has no read-only covers: what is open to all is PSI (any process may watch
+        # pressure) and ns_last_pid, whose writes need CAP_SYS_ADMIN.
+        pressure = {"/proc/pressure/cpu", "/proc/pressure/io", "/proc/pressure/memory", "/proc/pressure/irq"}
+        assert set(report["proc"]) <= pressure | {"/proc/sys/kernel/ns_last_pid"}, report["proc"]
+        assert report["set ns_last_pid"] == "PermissionError"
         assert report["shm"] == [f"planted-{uid}"]  # not the sibling's: a /dev/shm of its own
         assert report["tmp size"] <= sandbox.Limits(memory_bytes=0, cpu_seconds=None).tmp_bytes
         assert report["shm size"] <= 1024**2
