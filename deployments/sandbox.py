@@ -11,6 +11,8 @@ through `launch`. The command it builds, from the outside in:
     prlimit    address space, CPU time, processes, file size, open files, no cores
     setpriv    the deployment's own unprivileged uid on the host (never 0), no
                groups, no capabilities, no new privileges
+    keyring    a new, empty session keyring (the host's Python -I -S runs
+               buildkit/serveml_keyring.py): not the runtime's, shared by all
     unshare    a user namespace of its own, created by that uid
     python -I  the environment's interpreter, with a scrubbed environment
 
@@ -42,6 +44,7 @@ PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LANG", "TZ")
 TOOLS = ("bwrap", "prlimit", "setpriv", "unshare")
 INSIDE_ENV = Path("/env")
 INSIDE_WORK = Path("/work")
+KEYRING_FILE = "serveml_keyring.py"
 
 
 class SandboxUnavailable(RuntimeError):
@@ -207,7 +210,9 @@ def _prlimit(limits: Limits) -> list[str]:
     return argv + ["--"]
 
 
-def _argv(*, uid, environment, work, binds, data, writable_environment, limits, command, template=False) -> list[str]:
+def _argv(
+    *, uid, environment, work, binds, data, writable_environment, limits, command, template=False, host_python=None
+) -> list[str]:
     argv = [
         "bwrap",
         "--unshare-pid",
@@ -269,10 +274,10 @@ def _argv(*, uid, environment, work, binds, data, writable_environment, limits, 
         "--bounding-set=-all",
         "--no-new-privs",
         "--",
-        "unshare",
-        "--user",
-        "--",
     ]
+    if host_python is not None:  # a session keyring of its own, not the runtime's (buildkit/serveml_keyring.py)
+        argv += [str(host_python), "-I", "-S", str(INSIDE_WORK / KEYRING_FILE)]
+    argv += ["unshare", "--user", "--"]
     return argv + command
 
 
@@ -301,13 +306,17 @@ def launch(
     files, binds = files or {}, binds or {}
     for name in [*files, *binds]:
         check_name(name)
+        if name == KEYRING_FILE:
+            raise ValueError(f"{name} is the sandbox's own file")
     for path in binds.values():
         if not os.stat(path).st_mode & 0o004:
             raise ValueError(f"{path} is bound into a sandbox without a copy, so it must be world-readable")
     if is_disabled():
         return _launch_unsandboxed(environment, args, limits, {**files, **binds}, extra_env)
     check()
+    host_python = _host_python(environment)
     fds = {name: _descriptor(name, source) for name, source in files.items()}
+    fds[KEYRING_FILE] = _descriptor(KEYRING_FILE, buildkit.KEYRING)
     command = [str(INSIDE_ENV / "bin" / "python"), "-I", "-B", *args]
     argv = _argv(
         uid=uid,
@@ -318,6 +327,7 @@ def launch(
         writable_environment=writable_environment,
         limits=limits,
         command=command,
+        host_python=host_python,
     )
     return Launch(argv=argv, env=_scrubbed_env(extra_env), cwd="/", pass_fds=tuple(fds.values()))
 

@@ -342,3 +342,32 @@ def test_a_forked_processs_memory_is_counted_once_in_the_total(environment, tmp_
     total, shares, template = run(scenario)
     assert 0 < shares["x"] < total  # the template's share is in the total, not in the deployment's
     assert total < 400 * 1024**2
+
+
+LIMITS_SPY = """
+import json
+
+def model():
+    pass
+
+def handle_many(bodies):
+    kinds = ("net", "mnt", "pid", "ipc", "uts", "user")
+    limits = {kind: int(open(f"/proc/sys/user/max_{kind}_namespaces").read()) for kind in kinds}
+    return [(200, json.dumps(limits).encode()) for _ in bodies]
+"""
+
+
+def test_a_template_holds_a_bounded_number_of_namespaces_of_each_kind(environment, tmp_path):
+    """Its user namespace was made by the host's root, so every namespace made in it counts against root's
+    quotas too: code in a template must not be able to make namespaces until no sandbox on the host starts."""
+
+    async def scenario():
+        each = pool(environment, tmp_path, 40, handler=LIMITS_SPY)
+        try:
+            return json.loads((await each.predict(ROW))[1])
+        finally:
+            each.close()
+
+    limits = run(scenario)
+    assert limits.pop("user") == 0  # nothing inside needs a user namespace
+    assert limits == {kind: 4096 for kind in ("net", "mnt", "pid", "ipc", "uts")}

@@ -16,6 +16,7 @@ HANDLER = HERE / "serveml_handler.py"
 V2 = HERE / "serveml_v2.py"
 TEMPLATE = HERE / "serveml_template.py"
 USERNS = HERE / "serveml_userns.py"
+KEYRING = HERE / "serveml_keyring.py"
 TEMPLATES = HERE / "templates"
 CONFIG_FILE = "serveml.json"
 # What a build context holds besides the model, serveml.json and the Dockerfile.

@@ -42,7 +42,6 @@ Stdlib only: it runs in the model's environment.
 """
 
 import ctypes
-import errno
 import gc
 import importlib
 import json
@@ -92,9 +91,6 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
-# keyctl(2) has no libc wrapper: its number, by architecture (as in serveml_userns.py).
-KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 271, "ppc64": 271, "s390x": 280}
-KEYCTL_JOIN_SESSION_KEYRING = 1
 PENDING_SIGNALS = 64  # queued real-time signals, all of a deployment's processes together
 # Received descriptors are first moved up here, out of the way of 0-2 and the files' places.
 SCRATCH_FD = 100
@@ -276,19 +272,14 @@ def isolate(request: dict, fds: list[int]) -> None:
             break  # past the last capability this kernel knows
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
-    new_session_keyring()  # as the deployment's uid: its key quota pays for it
+    try:
+        serveml_keyring.new_session_keyring()  # as the deployment's uid: its key quota pays for it
+    except OSError as exc:
+        raise Refused(str(exc)) from None
     call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no new privileges")
     if os.getresuid() != (uid, uid, uid) or _effective_capabilities() != 0:
         raise Refused("the process kept privileges it must not have")
     sys.argv = ["model_server.py", ".", request.get("label", "")]
-
-
-def new_session_keyring() -> None:
-    number = KEYCTL_SYSCALL.get(os.uname().machine)
-    if number is None:
-        raise Refused(f"no keyctl system call number known for {os.uname().machine}")
-    if libc.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) < 0 and ctypes.get_errno() != errno.ENOSYS:
-        raise Refused(f"a session keyring of its own: {os.strerror(ctypes.get_errno())}")
 
 
 def _effective_capabilities() -> int:
@@ -315,5 +306,7 @@ def main(control_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves it out
+    import serveml_keyring
+
     main(int(sys.argv[1]))

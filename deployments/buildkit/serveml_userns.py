@@ -35,7 +35,6 @@ Stdlib only.
 """
 
 import ctypes
-import errno
 import os
 import resource
 import sys
@@ -44,24 +43,15 @@ CLONE_NEWUSER = 0x10000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
 CAP_SYS_RESOURCE = 24
-# keyctl(2) has no libc wrapper: its number, by architecture (x86_64's, the generic table's, ...).
-KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 271, "ppc64": 271, "s390x": 280}
-KEYCTL_JOIN_SESSION_KEYRING = 1
 # The namespace's own limits (per uid inside it), set to 0: none of these is needed inside.
 UNNEEDED = ("max_user_namespaces", "max_inotify_instances", "max_inotify_watches")
 UNNEEDED_IF_PRESENT = ("max_fanotify_groups", "max_fanotify_marks")
 PENDING_SIGNALS = 64  # the template's queued real-time signals (each model process is limited again)
-
-
-def new_session_keyring(libc) -> None:
-    """Leave the session keyring this process was given for a new, empty one of its own."""
-    number = KEYCTL_SYSCALL.get(os.uname().machine)
-    if number is None:
-        raise OSError(f"no keyctl system call number known for {os.uname().machine}")
-    if libc.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
-        error = ctypes.get_errno()
-        if error != errno.ENOSYS:  # a kernel without keyrings shares none
-            raise OSError(error, f"cannot join a new session keyring: {os.strerror(error)}")
+# Each fork takes a mount, PID, network, IPC and UTS namespace, all counted against the host root's
+# quotas too (root made this namespace): a template holds at most this many of each, so code in it
+# cannot create namespaces until no sandbox on the host can start.
+NAMESPACES_PER_TEMPLATE = 4096
+NAMESPACE_KINDS = ("net", "mnt", "pid", "ipc", "uts", "cgroup", "time")
 
 
 def limit_namespace(libc) -> None:
@@ -71,6 +61,11 @@ def limit_namespace(libc) -> None:
         if name in UNNEEDED or os.path.exists(path):
             with open(path, "w") as limit:
                 limit.write("0")
+    for kind in NAMESPACE_KINDS:
+        path = f"/proc/sys/user/max_{kind}_namespaces"
+        if os.path.exists(path):
+            with open(path, "w") as limit:
+                limit.write(str(NAMESPACES_PER_TEMPLATE))
     resource.setrlimit(resource.RLIMIT_SIGPENDING, (PENDING_SIGNALS, PENDING_SIGNALS))
     resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
     if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0:
@@ -89,7 +84,7 @@ def main(base: int, count: int, command: list[str]) -> int:
         os.close(from_parent)
         os.close(to_parent)
         try:
-            new_session_keyring(libc)  # as the host's root: its quota, not the namespace's
+            new_session_keyring()  # as the host's root: its quota, not the namespace's
         except OSError as exc:
             os.write(2, f"serveml_userns: {exc}\n".encode())
             os._exit(72)
@@ -121,5 +116,8 @@ def main(base: int, count: int, command: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves it out
+    from serveml_keyring import new_session_keyring
+
     separator = sys.argv.index("--")
     sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[separator + 1 :]))

@@ -38,6 +38,7 @@ TEMPLATE_FILES = {
     "serveml_template.py": buildkit.TEMPLATE,
     "model_server.py": buildkit.MODEL_SERVER,
     "protocol.py": Path(protocol.__file__),
+    "serveml_keyring.py": buildkit.KEYRING,  # imported by serveml_userns.py and the template
 }
 
 
