@@ -9,7 +9,9 @@ model. It loads the model once, then answers requests for as long as the
 runtime keeps it: no process is started per request.
 
 Requests that arrive together are answered together (serveml_handler.handle_many
-vectorises compatible ones).
+vectorises compatible ones). The "ready" frame says whether the handler takes array
+requests (protocol.py): a build context packaged before they existed holds a handler
+that does not, and the runtime then sends it JSON only.
 Only stdlib here: the environment holds nothing but the model's requirements.
 """
 
@@ -37,7 +39,8 @@ def main(build_dir: str) -> None:
         traceback.print_exc()
         channel.write(protocol.encode_answer(503, f"the model failed to load: {type(exc).__name__}: {exc}".encode()))
         return
-    channel.write(protocol.encode_answer(200, b"ready"))
+    arrays = getattr(handler, "ARRAY_REQUESTS", None) == 1
+    channel.write(protocol.encode_answer(200, protocol.READY_ARRAYS if arrays else protocol.READY))
     handle_many, read, encode_answers = handler.handle_many, requests.read, protocol.encode_answers
     while (bodies := protocol.read_requests(read)) is not None:
         channel.write(encode_answers(handle_many(bodies)))

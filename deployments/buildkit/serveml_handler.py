@@ -16,6 +16,10 @@ by serveml_v2.py beside it onto the same `predict` (the local runtime translates
 Bad input answers 400 with a message; this handler never answers 500 for input.
 It runs in the model's own environment: the stdlib, the model's requirements,
 and serveml_loader.py beside it.
+
+In the local runtime, a plain numeric request may arrive already decoded, as an array
+request (`handle_many` only, see ARRAY_REQUESTS below): the runtime parsed the JSON
+anyway, so the model process gets float64 values instead of parsing it again.
 """
 
 import base64
@@ -23,6 +27,7 @@ import hashlib
 import hmac
 import json
 import os
+import struct
 
 import serveml_loader
 
@@ -52,6 +57,19 @@ except ImportError:  # the model's environment decides; plain json works the sam
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_FILE = "serveml.json"
 METHODS = ("predict", "predict_proba", "decision_function")
+
+
+# Array requests: the local runtime's gateway decodes a plain numeric request (`{"data": [numbers]}`
+# or `{"instances": [[numbers], ...]}`, optional "method") and hands the rows over as float64, so
+# that this process parses no JSON. Layout (deployments/runtime/protocol.py writes it): ARRAY_MAGIC,
+# flags (ARRAY_SINGLE: it was {"data": row}), a zero byte, the method's length, rows, columns; the
+# method padded with NUL bytes to a multiple of 8; rows x columns little-endian float64 values.
+# model_server.py tells the runtime that this handler takes them when ARRAY_REQUESTS is 1; a
+# handler without it (an older build context) gets JSON only. Lambda never sees them.
+ARRAY_REQUESTS = 1
+ARRAY_MAGIC = b"\x00SVA"  # a NUL byte first: no JSON body starts with it
+ARRAY_HEADER = struct.Struct("<4sBxHII")
+ARRAY_SINGLE = 1
 
 
 class BadRequest(ValueError):
@@ -190,9 +208,7 @@ def _request(m, payload):
         payload = {"instances": payload}
     if not isinstance(payload, dict):
         raise BadRequest('request body must be a JSON object such as {"data": [5.1, 3.5, 1.4, 0.2]}')
-    method = payload.get("method", "predict")
-    if method not in m.methods:
-        raise BadRequest(f"method {method!r} is not available for {m.model_type}; use one of: {', '.join(m.methods)}")
+    method = _method(m, payload.get("method", "predict"))
     if "data" in payload:
         return method, [payload["data"]], True
     if "instances" in payload:
@@ -201,6 +217,67 @@ def _request(m, payload):
             raise BadRequest('"instances" must be a non-empty list of rows')
         return method, rows, False
     raise BadRequest('request must have "data" (one row) or "instances" (a list of rows)')
+
+
+def _method(m, method):
+    if method not in m.methods:
+        raise BadRequest(f"method {method!r} is not available for {m.model_type}; use one of: {', '.join(m.methods)}")
+    return method
+
+
+def _array_request(m, body):
+    """The method, rows and shape of an array request, as _request and _matrix read the JSON it came
+    from (the same checks in the same order, so the same errors). Nothing in its header is trusted:
+    a frame whose values do not fill its shape exactly is refused before anything is read."""
+    size = len(body)
+    if size < ARRAY_HEADER.size:
+        raise BadRequest(f"malformed array request: {size} bytes, shorter than its header")
+    magic, flags, method_size, rows, columns = ARRAY_HEADER.unpack_from(body)
+    start = ARRAY_HEADER.size + method_size + (-method_size % 8)
+    if magic != ARRAY_MAGIC or flags & ~ARRAY_SINGLE:
+        raise BadRequest("malformed array request: unknown magic or flags")
+    if not rows or not columns or (flags and rows != 1):
+        raise BadRequest(f"malformed array request: a shape of {rows} x {columns}")
+    if size - start != rows * columns * 8:  # Python integers: no product overflows
+        raise BadRequest(
+            f"malformed array request: {rows} x {columns} float64 values are {rows * columns * 8} bytes, "
+            f"it holds {max(size - start, 0)}"
+        )
+    try:
+        method = body[ARRAY_HEADER.size : ARRAY_HEADER.size + method_size].decode() if method_size else "predict"
+    except UnicodeDecodeError:
+        raise BadRequest("malformed array request: its method is not UTF-8") from None
+    _method(m, method)
+    if m.n_features is not None and columns != m.n_features:
+        raise BadRequest(f"expected {m.n_features} features per row, got {columns}")
+    import numpy
+
+    # A copy: writable and aligned, the very array the JSON path builds (a model may write to its input).
+    X = numpy.frombuffer(body, dtype="<f8", count=rows * columns, offset=start).reshape(rows, columns).copy()
+    return method, X, bool(flags)
+
+
+def _predict_array(m, body):
+    method, X, single = _array_request(m, body)
+    if m.feature_names is not None:  # the runtime sends these models JSON; as their float rows would be
+        X = _frame(m, X.tolist())
+    try:
+        result = _plain(getattr(m.estimator, method)(X))
+    except Exception as exc:  # the estimator rejects the input: say why, never 500
+        raise BadRequest(f"the model could not {method} this input: {exc}") from None
+    return _answer(m, result, single)
+
+
+def handle_array(body):
+    """An array request in, (HTTP status, JSON bytes) out: what handle() answers for the JSON it came from."""
+    try:
+        return 200, _dumps(_predict_array(model(), body))
+    except BadRequest as exc:
+        return 400, _dumps({"error": str(exc)})
+
+
+def _handle_one(body):
+    return handle_array(body) if body[:4] == ARRAY_MAGIC else handle(body)
 
 
 def _answer(m, result, single):
@@ -222,11 +299,11 @@ def predict(payload):
 
 
 def handle_many(bodies):
-    """Several requests at once. Plain numeric rows asking for the same method share one
-    vectorised call of the estimator; everything else, and any group whose call fails,
-    is answered request by request, so each error belongs to its own request."""
+    """Several requests at once, JSON or array requests. Plain numeric rows asking for the same
+    method share one vectorised call of the estimator; everything else, and any group whose call
+    fails, is answered request by request, so each error belongs to its own request."""
     if len(bodies) == 1:
-        return [handle(bodies[0])]
+        return [_handle_one(bodies[0])]
     import numpy
 
     m = model()
@@ -234,13 +311,17 @@ def handle_many(bodies):
     groups = {}
     for index, body in enumerate(bodies):
         try:
-            method, rows, single = _request(m, _loads(body))
-        except (ValueError, RecursionError):  # not JSON, or a BadRequest: handle() says which
+            if m.feature_names is not None:
+                X = None  # rows become a DataFrame, request by request
+            elif body[:4] == ARRAY_MAGIC:
+                method, X, single = _array_request(m, body)
+            else:
+                method, rows, single = _request(m, _loads(body))
+                X = _numeric(m, rows)
+        except (ValueError, RecursionError):  # not JSON, or a BadRequest: answered alone, which says which
             X = None
-        else:
-            X = _numeric(m, rows) if m.feature_names is None else None
         if X is None:
-            answers[index] = handle(body)
+            answers[index] = _handle_one(body)
         else:
             groups.setdefault(method, []).append((index, single, X))
     for method, members in groups.items():
@@ -248,7 +329,7 @@ def handle_many(bodies):
             result = _plain(getattr(m.estimator, method)(numpy.concatenate([X for _, _, X in members])))
         except Exception:
             for index, _, _ in members:
-                answers[index] = handle(bodies[index])
+                answers[index] = _handle_one(bodies[index])
             continue
         start = 0
         for index, single, X in members:

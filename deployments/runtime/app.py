@@ -3,7 +3,9 @@
 Each deployment gets a pool of long-lived model processes (pool.py, process.py)
 that are started once and then fed requests over pipes: no process is started
 per request, and the request body reaches the handler exactly as the client sent
-it, once the runtime has checked that it is JSON of sane depth. A process that
+it, once the runtime has checked that it is JSON of sane depth; plain numeric rows
+go as the float64 values this check decoded (an array request, protocol.py) to
+model processes whose handler takes them. A process that
 crashes is replaced on the next request; a deployment that stops being servable
 is unloaded by a periodic sweep, so a stopped URL answers 404 even when the
 worker could not reach the runtime; a deployment nobody calls scales to zero.
@@ -26,7 +28,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from deployments.runtime import memory, templates, v2
-from deployments.runtime.asgi import MAX_BODY, canonical_uuid, check_body, error, read_body, respond
+from deployments.runtime.asgi import MAX_BODY, canonical_uuid, check_prediction, error, read_body, respond
 from deployments.runtime.metrics import Metrics
 from deployments.runtime.pool import ModelPool
 from deployments.runtime.process import ModelUnavailable
@@ -413,11 +415,11 @@ class Runtime:
         stats = pool.stats  # counted inline, not through metrics.counted: this is the benchmarked path
         stats.in_flight += 1
         try:
-            problem, rows = check_body(body)
+            problem, rows, frame = check_prediction(body, pool.arrays)
             if problem:
                 status, answer = 400, error(problem)
             else:
-                status, answer = await pool.predict(body)
+                status, answer = await pool.predict(body, frame)
         except ModelUnavailable as exc:
             status, answer = exc.status, error(exc.message)
         finally:

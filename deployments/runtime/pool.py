@@ -17,6 +17,10 @@ class ModelPool:
     the model predicts many rows per call instead of one. The pool grows to
     max_size processes while requests wait. A process that crashed or timed out
     is restarted by the next batch it is given.
+
+    `arrays` says whether the gateway should decode plain numeric requests into array
+    requests for this pool: its processes announced that their handler takes them, and the
+    model has no feature names (those take rows as a DataFrame, from JSON).
     """
 
     MAX_BATCH = 64
@@ -31,6 +35,7 @@ class ModelPool:
         self.closed = False
         self.last_used = time.monotonic()
         self.stats = Stats(spec.deployment_id)  # the runtime's own, labelled, once it tracks this version
+        self.arrays = False
 
     @property
     def busy(self) -> bool:
@@ -57,21 +62,29 @@ class ModelPool:
                     # No process will ever take the requests that wait: tell them why.
                     self._fail_pending(exc)
             raise
-        self.stats.starts += 1
+        self._started(process)
         if self.closed:
             process.stop()
             raise stopped()
         self._free(process)
 
+    def _started(self, process: ModelProcess) -> None:
+        self.stats.starts += 1
+        # Every process runs the same handler; a signature without feature names' key is an old one: JSON.
+        signature = self.spec.signature or {}
+        self.arrays = process.arrays and "feature_names_in" in signature and signature["feature_names_in"] is None
+
     async def warm(self) -> None:
         if not self.processes:
             await self._start(self._new_process())
 
-    async def predict(self, body: bytes) -> tuple[int, bytes]:
+    async def predict(self, body: bytes, frame: bytes | None = None) -> tuple[int, bytes]:
+        """The answer to a JSON `body`; `frame` is the same request as an array request, which
+        processes that take them get instead (protocol.py)."""
         self.last_used = time.monotonic()
         if not self.processes:
             await self._start(self._new_process())
-        request = Request(body, asyncio.get_running_loop().create_future())
+        request = Request(body, asyncio.get_running_loop().create_future(), frame)
         self.pending.append(request)
         self._dispatch()
         return await request.future
@@ -114,7 +127,7 @@ class ModelPool:
         except ModelUnavailable as exc:
             failure = exc
         else:
-            self.stats.starts += 1
+            self._started(process)
             if not self.closed:
                 process.send(batch)
                 return

@@ -4,8 +4,9 @@ A model process is model_server.py, run by the deployment's environment
 interpreter inside the sandbox: forked from the environment's warm template
 (runtime/templates.py), or, with SERVEML_TEMPLATES off, started on its own. It
 is started once and then fed batches of request bodies, exactly as clients sent
-them; its answers come back in order (deployments/runtime/protocol.py has the
-frame format).
+them, or, when its handler announced that it takes them, plain numeric requests as
+array requests; its answers come back in order (deployments/runtime/protocol.py has
+the frame formats).
 """
 
 import asyncio
@@ -49,6 +50,7 @@ def stopped() -> ModelUnavailable:
 class Request:
     body: bytes
     future: asyncio.Future
+    frame: bytes | None = None  # the same request as an array request, for processes that take them
     retried: bool = False  # a process died holding it once already
 
 
@@ -138,6 +140,7 @@ class ModelProcess:
         self.timer: asyncio.TimerHandle | None = None
         self.launched: sandbox.Launch | None = None
         self.isolation = ""  # how the sandbox held it, for the log
+        self.arrays = False  # its handler takes array requests (it said so when it loaded)
 
     @property
     def alive(self) -> bool:
@@ -288,10 +291,15 @@ class ModelProcess:
             ) from None
         if status != 200:
             raise ModelUnavailable(503, body.decode(errors="replace"))
+        self.arrays = body == protocol.READY_ARRAYS
 
     def send(self, batch: list[Request]) -> None:
         self.waiting.extend(batch)
-        self.writer.write(protocol.encode_requests([request.body for request in batch]))
+        if self.arrays:
+            bodies = [request.body if request.frame is None else request.frame for request in batch]
+        else:
+            bodies = [request.body for request in batch]
+        self.writer.write(protocol.encode_requests(bodies))
         timeout = settings.SERVEML_PREDICT_TIMEOUT_S
         self.timer = asyncio.get_running_loop().call_later(
             timeout,

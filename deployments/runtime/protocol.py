@@ -10,7 +10,20 @@ count, then that many requests, each a 4-byte length and the body.
 
 Model process → runtime (stdout), one answer per request, in order: a 4-byte
 length, a 2-byte HTTP status, the body. The first answer is the load result
-(200 when the model is loaded).
+(200 when the model is loaded): its body is READY, or READY_ARRAYS when the
+deployment's handler takes array requests (below).
+
+A request body is the client's JSON as it came, or, for a plain numeric request
+sent to a process that announced READY_ARRAYS, an array request: the rows the
+runtime already decoded, as float64 (serveml_handler.py reads it; it keeps its
+own copy of this layout, since the Lambda image has no protocol.py):
+
+    ARRAY_HEADER (little-endian, 16 bytes): ARRAY_MAGIC (4 bytes: a NUL byte
+    first, which no JSON body starts with), flags (1 byte: ARRAY_SINGLE for
+    {"data": row}), a zero byte, the method's length in UTF-8 bytes (2 bytes,
+    0: none asked, "predict"), rows (4 bytes), columns (4 bytes); the method,
+    padded with NUL bytes to a multiple of 8 (so the values are aligned), then
+    rows × columns little-endian float64 values, row after row.
 """
 
 import struct
@@ -18,6 +31,13 @@ import struct
 COUNT = struct.Struct(">I")  # how many requests a batch holds
 LENGTH = struct.Struct(">I")  # one request body's length
 ANSWER_HEADER = struct.Struct(">IH")  # one answer's body length and HTTP status
+
+READY = b"ready"
+READY_ARRAYS = b"ready; arrays=1"  # the handler takes array requests (serveml_handler.ARRAY_REQUESTS == 1)
+ARRAY_MAGIC = b"\x00SVA"
+ARRAY_HEADER = struct.Struct("<4sBxHII")
+ARRAY_SINGLE = 1
+MAX_METHOD_BYTES = 255  # a longer one is no method any model has: it goes as JSON, to be refused there
 
 # An answer announcing more than this is refused before any of it is buffered: the
 # runtime must not hold whatever a broken or hostile model decides to write.
@@ -35,6 +55,23 @@ def encode_requests(bodies: list[bytes]) -> bytes:
     for body in bodies:
         parts += (LENGTH.pack(len(body)), body)
     return b"".join(parts)
+
+
+def encode_array(method: str | None, single: bool, values) -> bytes | None:
+    """An array request for `values` (a C-contiguous 2-D float64 array, or anything with
+    .shape and the buffer protocol holding little-endian float64 row after row); None when the
+    method cannot be carried (too long, not UTF-8), which leaves the request to go as JSON."""
+    name = b""
+    if method is not None:
+        try:
+            name = method.encode()
+        except UnicodeEncodeError:
+            return None
+        if not name or len(name) > MAX_METHOD_BYTES:
+            return None
+    rows, columns = values.shape
+    header = ARRAY_HEADER.pack(ARRAY_MAGIC, ARRAY_SINGLE if single else 0, len(name), rows, columns)
+    return b"".join((header, name, bytes(-len(name) % 8), values))
 
 
 def read_requests(read) -> list[bytes] | None:
