@@ -26,13 +26,13 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 from rest_framework.authtoken.models import Token
 
-from deployments import services, tasks
+from deployments import sandbox, services, tasks
 from deployments.allowlist import corpus
 from deployments.models import Deployment
 from deployments.pipeline import runner
 from deployments.pipeline.errors import TransientStageError
 from tests.conftest import OUTPUT, SKLEARN_PIN, Redis, Stack, dump, use_broker, wait_for
-from tests.support.models import model_pids
+from tests.support.models import model_pids, pids_of_uid
 
 LOCAL_STAGES = [stage.value for stage, _ in runner.PIPELINES["local"]]
 
@@ -387,6 +387,7 @@ class Faults:
             },
         )
         self.seen: set[str] = set()
+        self.uids: set[int] = set()
         self.killed: list[int] = []
 
     @property
@@ -440,6 +441,8 @@ class Faults:
         )
         assert response.status_code == 202, response.text
         self.seen.add(response.json()["id"])
+        # Its uid, while the database still has its row: the teardown looks for any process left with it.
+        self.uids.add(sandbox.uid_for(Deployment.objects.get(public_id=response.json()["id"]).pk))
         return response.json()["id"]
 
 
@@ -472,7 +475,7 @@ def fault_stack(django_db_setup, django_db_blocker, tmp_path_factory):
         for pid in subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
     ]
     assert leftovers == []
-    assert [pid for public_id in fixture.seen for pid in model_pids(public_id)] == []
+    assert [pid for uid in fixture.uids for pid in pids_of_uid(uid)] == []  # under this session or not
     assert not [pid for pid in fixture.killed if alive(pid)]
 
 

@@ -27,9 +27,8 @@ def _processes() -> dict[int, tuple[int, int, bytes]]:
 
 
 def pids_of_uid(uid: int, ancestor: int | None = None) -> list[int]:
-    """The model interpreters (not what they started) running as `uid` below `ancestor`
-    (this test session's process by default)."""
-    ancestor = os.getpid() if ancestor is None else ancestor
+    """The model interpreters running as `uid` (one per model process: not what they started, nor
+    the model server a forked process's namespace init starts), below `ancestor` when given."""
     processes = _processes()
 
     def below(pid: int) -> bool:
@@ -39,10 +38,13 @@ def pids_of_uid(uid: int, ancestor: int | None = None) -> list[int]:
                 return True
         return False
 
+    def interpreter(pid: int) -> bool:
+        return pid in processes and processes[pid][1] == uid and processes[pid][2].startswith(b"/env/bin/python")
+
     return [
         pid
-        for pid, (_, real_uid, cmdline) in processes.items()
-        if real_uid == uid and cmdline.startswith(b"/env/bin/python") and below(pid)
+        for pid, (parent, _, _) in processes.items()
+        if interpreter(pid) and not interpreter(parent) and (ancestor is None or below(pid))
     ]
 
 
@@ -50,4 +52,4 @@ def model_pids(public_id) -> list[int]:
     from deployments import sandbox
     from deployments.models import Deployment
 
-    return pids_of_uid(sandbox.uid_for(Deployment.objects.get(public_id=public_id).pk))
+    return pids_of_uid(sandbox.uid_for(Deployment.objects.get(public_id=public_id).pk), ancestor=os.getpid())
