@@ -96,6 +96,10 @@ class Template:
         return not self.stopped and self.transport is not None and self.transport.get_returncode() is None
 
     @property
+    def log_name(self) -> str:
+        return f"template-{self.environment.name}-{self.owner}.log"
+
+    @property
     def pid(self) -> int | None:
         return self.transport.get_pid() if self.transport else None
 
@@ -116,7 +120,8 @@ class Template:
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            with open(logs / "templates.log", "ab") as stderr:
+            # A log of its own: a hostile package in one template cannot truncate or forge another's.
+            with open(logs / self.log_name, "ab") as stderr:
                 self.transport, _ = await self.loop.subprocess_exec(
                     asyncio.SubprocessProtocol,
                     *launched.argv,
@@ -212,7 +217,7 @@ class Template:
                 continue
             if not data:
                 self.stop()
-                raise TemplateUnavailable("the template exited (see logs/templates.log)")
+                raise TemplateUnavailable(f"the template exited (see logs/{self.log_name})")
             try:
                 message = json.loads(data)
                 if not isinstance(message, dict):
