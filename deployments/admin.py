@@ -66,7 +66,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     date_hierarchy = "created_at"
     inlines = [VersionInline, DeploymentEventInline]
-    actions = ["redeploy", "stop", "promote", "canary", "end_canary"]
+    actions = ["redeploy", "stop", "promote", "canary", "end_canary", "delete_versions"]
     readonly_fields = [
         "public_id",
         "status",
@@ -92,6 +92,7 @@ class DeploymentAdmin(admin.ModelAdmin):
         "claimed_at",
         "ready_at",
         "stopped_at",
+        "deleted_at",
         "version_of",
         "version",
         "new_version",
@@ -202,6 +203,18 @@ class DeploymentAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{deployment}: {exc}", messages.ERROR)
             else:
                 self.message_user(request, f"{version}: canary ended.", messages.SUCCESS)
+
+    @admin.action(description="Delete selected versions (they stop and their files are deleted; their events stay)")
+    def delete_versions(self, request, queryset):
+        for version in queryset.select_related("version_of"):
+            try:
+                summary = services.deployment_version_delete(version=version, by_user=request.user)
+            except services.VersionRefused as exc:
+                self.message_user(request, f"{version}: {exc}", messages.ERROR)
+            except StageError as exc:
+                self.message_user(request, f"{version}: deleting failed: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{version} deleted: {summary}.", messages.SUCCESS)
 
     @admin.action(description="Redeploy the selected deployments")
     def redeploy(self, request, queryset):

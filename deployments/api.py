@@ -71,6 +71,9 @@ class VersionSerializer(serializers.ModelSerializer):
     canary_percent = serializers.SerializerMethodField()
     shadowed = serializers.SerializerMethodField()
     status_url = serializers.SerializerMethodField()
+    deleted_at = serializers.DateTimeField(
+        read_only=True, help_text="When it was deleted (its files are gone; its row and events stay); null if not."
+    )
 
     class Meta:
         model = Deployment
@@ -86,6 +89,7 @@ class VersionSerializer(serializers.ModelSerializer):
             "shadowed",
             "status_url",
             "created_at",
+            "deleted_at",
         ]
 
     def get_promote(self, version) -> str:
@@ -510,6 +514,48 @@ class DeploymentVersionShadowView(APIView):
     def delete(self, request, public_id, number):
         root = caller_root(request, public_id)
         return version_answer(request, services.deployment_shadow_end, refresh=True, root=root, number=number)
+
+
+class DeploymentVersionView(APIView):
+    @extend_schema(
+        operation_id="deployment_version_delete",
+        summary="Delete a version: it stops (local: at once; aws: `stopping` while its Lambda version is deleted) "
+        "and its files are deleted; its row and events stay",
+        responses={
+            200: OpenApiResponse(VersionSerializer, description="Deleted: `stopped`, with `deleted_at` (or was)."),
+            202: OpenApiResponse(VersionSerializer, description="aws: `stopping`; poll `status_url`."),
+            401: NOT_SIGNED_IN,
+            404: OpenApiResponse(
+                ErrorSerializer, description="No deployment with this id is yours, or no such version."
+            ),
+            409: OpenApiResponse(
+                ErrorSerializer,
+                description="Not deletable now: version 1 (stop the deployment instead), the version serving its URL, "
+                "the canary, the shadowed one, or one still deploying.",
+            ),
+            502: OpenApiResponse(ErrorSerializer, description="The runtime could not be told to stop it."),
+        },
+    )
+    def delete(self, request, public_id, number):
+        root = caller_root(request, public_id)
+        if root.version_of_id:
+            return Response(
+                {"error": "Delete versions through the deployment itself: /api/deployments/<its id>/versions/<n>."},
+                status=status.HTTP_409_CONFLICT,
+            )
+        version = services.deployment_version_get(root=root, number=number)
+        if version is None:
+            return Response({"error": f"This deployment has no version {number}."}, status=status.HTTP_404_NOT_FOUND)
+        try:
+            services.deployment_version_delete(version=version, by_user=request.user)
+        except services.VersionRefused as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        except StageError as exc:
+            return Response({"error": f"Stopping failed: {exc}"}, status=status.HTTP_502_BAD_GATEWAY)
+        version.refresh_from_db()
+        # As DELETE on a deployment: aws is `stopping` while a worker deletes its Lambda version.
+        code = status.HTTP_202_ACCEPTED if version.status == Deployment.Status.STOPPING else status.HTTP_200_OK
+        return Response(VersionSerializer(version, context={"request": request}).data, status=code)
 
 
 class DeploymentOpenAPIView(APIView):

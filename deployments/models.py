@@ -139,6 +139,9 @@ class Deployment(models.Model):
     claimed_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    # A version its owner deleted (services.deployment_version_delete): it is stopped like a
+    # deployment, and its files go too; its row and event log stay, as a stopped deployment's do.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -171,6 +174,9 @@ class Deployment(models.Model):
     def can_stop(self) -> bool:
         # A version stops with its deployment, never alone: it may be the one serving.
         return not self.version_of_id and self.status in (self.Status.READY, self.Status.FAILED)
+
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @property
     def root(self) -> "Deployment":

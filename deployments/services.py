@@ -2,17 +2,20 @@
 
 import hashlib
 import logging
+import shutil
+import uuid
 from datetime import timedelta
 
 from celery import current_app
 from django.conf import settings
+from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
-from deployments import targets
+from deployments import builds, targets
 from deployments.models import Deployment, DeploymentEvent, DeploymentKey
 from deployments.pipeline.errors import StageError
 from deployments.runtime import client
@@ -375,7 +378,8 @@ def deployment_stop_failed(*, deployment: Deployment, message: str, token: str |
     With `token`, only while that task holds it."""
     if token is not None and not _held(deployment, token, Status.STOPPING).select_for_update().exists():
         raise ClaimLost(deployment.pk)
-    error = f"Stopping failed: {message} Some of its AWS resources may remain; stop it again once this is fixed."
+    again = "delete it again" if deployment.is_deleted() else "stop it again"
+    error = f"Stopping failed: {message} Some of its AWS resources may remain; {again} once this is fixed."
     deployment_update(
         deployment=deployment,
         status=Deployment.Status.FAILED,
@@ -394,6 +398,10 @@ def deployment_stop(*, deployment: Deployment) -> str:
     something; the deployment then keeps its status so the stop can be retried.
     """
     summary = targets.get(deployment.target).teardown(deployment)
+    deleted = {}
+    if deployment.is_deleted():  # a version its owner deleted: its files go too, once nothing serves it
+        said, deleted = _delete_files(deployment)
+        summary = f"{summary}; {said}"
     with transaction.atomic():
         deployment_update(
             deployment=deployment,
@@ -401,8 +409,14 @@ def deployment_stop(*, deployment: Deployment) -> str:
             stopped_at=timezone.now(),
             claim_token="",
             lease_expires_at=None,
+            **deleted,
         )
-        deployment_record_event(deployment=deployment, stage="", message=f"stopped: {summary}")
+        word = "deleted" if deployment.is_deleted() else "stopped"
+        deployment_record_event(deployment=deployment, stage="", message=f"{word}: {summary}")
+        if deployment.is_deleted():
+            deployment_record_event(
+                deployment=deployment.root, stage="", message=f"version {deployment.version} deleted: {summary}"
+            )
     # Its versions stop with it; one still deploying is stopped when its pipeline ends (_version_ready).
     for version in deployment.versions.filter(status__in=[Status.READY, Status.FAILED]):
         deployment_stop(deployment=version)
@@ -864,3 +878,112 @@ def _version_ready(version: Deployment) -> None:
             deployment_record_event(deployment=version, stage="", level="warning", message=f"not promoted: {exc}")
 
     transaction.on_commit(promote)
+
+
+def _delete_problem(root: Deployment, version: Deployment) -> str | None:
+    """Why version `version` of `root` cannot be deleted now, or None."""
+    number = version.version
+    if root.status != Status.STOPPED:  # a stopped deployment's URL serves nothing: any version may go
+        if (root.serving_id or root.pk) == version.pk:
+            return (
+                f"Version {number} serves the deployment's URL: promote (or roll back to) another version first, "
+                "then delete this one."
+            )
+        if root.canary_id == version.pk:
+            return (
+                f"Version {number} is the deployment's canary ({root.canary_percent}% of its requests): end the "
+                "canary (or promote the version) first."
+            )
+        if root.shadow_id == version.pk:
+            return f"Version {number} is shadowed (it predicts a copy of live requests): stop the shadow first."
+    if version.status == Status.DEPLOYING:
+        # As for a deployment: a stage under way is not interrupted (it may be building or publishing).
+        stage = f" (the {version.get_stage_display().lower()} stage)" if version.stage else ""
+        return f"Version {number} is still deploying{stage}: delete it once it is ready or failed."
+    return None
+
+
+def version_deletable(*, root: Deployment, version: Deployment) -> bool:
+    """Whether deployment_version_delete would take `version` now (the page offers it then)."""
+    if not version.version_of_id or (version.is_deleted() and version.status != Status.FAILED):
+        return False
+    return version.status != Status.STOPPING and _delete_problem(root, version) is None
+
+
+def deployment_version_delete(*, version: Deployment, by_user) -> str:
+    """Delete a version of a deployment: it stops as a deployment does (local: its model processes are
+    unloaded now; aws: a task deletes its Lambda version, unless the alias still sends requests to it),
+    then its files (upload, build context) are deleted from storage. Its row and event log stay,
+    `stopped`, with `deleted_at` set. A queued version is taken before its pipeline runs.
+
+    Refused (VersionRefused, with what to do) for version 1 (the deployment itself: stop it), the
+    version that serves the URL, the canary, the shadowed one, and a version still deploying.
+    Says what happened; raises StageError only for a local teardown that failed, as a stop does."""
+    if not version.version_of_id:
+        raise VersionRefused(
+            "Version 1 is the deployment itself: it is not deleted on its own. To take the deployment down with "
+            "every version, stop it (Stop deployment on its page, or DELETE /api/deployments/<id>)."
+        )
+    at_once = targets.get(version.target).stops_at_once
+    token = uuid.uuid4().hex
+    now = timezone.now()
+    with transaction.atomic():
+        # The root's lock orders this after (or before) a promote, canary or shadow change in flight.
+        root = Deployment.objects.select_for_update().get(pk=version.version_of_id)
+        version = Deployment.objects.select_for_update().get(pk=version.pk)
+        if by_user.pk != root.owner_id and not by_user.is_staff:
+            raise VersionRefused("Only the deployment's owner (or an operator) can delete its versions.")
+        if version.is_deleted() and version.status in (Status.STOPPING, Status.STOPPED):
+            return "it was deleted already" if version.status == Status.STOPPED else "it is being deleted"
+        if problem := _delete_problem(root, version):
+            raise VersionRefused(problem)
+        # Local: this request tears it down, holding a claim, so that if it dies the reaper hands the
+        # teardown to a worker. AWS: the stop task does (deployment_request_stop's way).
+        claim = {"claim_token": token, "lease_expires_at": now + _lease(), "claimed_at": now} if at_once else {}
+        queued = version.status == Status.QUEUED  # its task finds it taken, and runs nothing
+        Deployment.objects.filter(pk=version.pk).update(
+            **{"claim_token": "", "lease_expires_at": None, **claim},
+            status=Status.STOPPING,
+            deleted_at=now,
+            interruptions=0,
+            enqueued_at=None,
+            updated_at=now,
+        )
+        version.refresh_from_db()
+        deployment_record_event(
+            deployment=version,
+            stage="",
+            message=f"deleted by {by_user.get_username()}{' (its pipeline will not run)' if queued else ''}: "
+            "stopping it, then deleting its files",
+        )
+        if not at_once:
+            transaction.on_commit(lambda: _send(version.pk, "stop"))
+    if at_once:
+        return deployment_stop(deployment=version)
+    return "its Lambda version and files are being deleted; its row shows when that is done"
+
+
+def _delete_files(deployment: Deployment) -> tuple[str, dict]:
+    """Delete a deleted version's files: its upload and build context in storage, and the build
+    context unpacked on this host. What is already gone is not an error; one that cannot be
+    deleted is said, not raised, so the version still ends stopped. Returns what happened, and
+    the fields to empty (a file that could not be deleted keeps its name, for an operator)."""
+    files = {
+        "model_file": deployment.model_file.name,
+        "requirements_file": deployment.requirements_file.name,
+        "artifact": deployment.artifact,
+    }
+    cleared, kept = {}, []
+    for field, name in files.items():
+        if not name:
+            continue
+        try:
+            default_storage.delete(name)
+        except Exception as exc:  # storage backends raise their own (OSError, botocore's, …)
+            log.warning("could not delete %s of deployment %s: %s", name, deployment.pk, exc)
+            kept.append(name)
+        else:
+            cleared[field] = ""
+    shutil.rmtree(builds.build_dir(deployment), ignore_errors=True)
+    done = f"deleted its {len(cleared)} stored file(s)" if cleared or kept else "it had no stored files"
+    return (f"{done}; could not delete {', '.join(kept)} (see the log)" if kept else done), cleared

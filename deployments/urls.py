@@ -19,12 +19,14 @@ deployment_pages = [
     path("canary/end", views.deployment_canary_end, name="deployment-canary-end"),
     path("versions/<int:number>/shadow", views.deployment_version_shadow, name="deployment-version-shadow"),
     path("shadow/end", views.deployment_shadow_end, name="deployment-shadow-end"),
+    path("versions/<int:number>/delete", views.deployment_version_delete, name="deployment-version-delete"),
 ]
 
 # The REST API of one deployment, under api/deployments/<id>/.
 deployment_api = [
     path("keys", api.DeploymentKeysView.as_view(), name="api-deployment-keys"),
     path("versions", api.DeploymentVersionsView.as_view(), name="api-versions"),
+    path("versions/<int:number>", api.DeploymentVersionView.as_view(), name="api-version"),
     path("versions/<int:number>/promote", api.DeploymentVersionPromoteView.as_view(), name="api-version-promote"),
     path("versions/<int:number>/canary", api.DeploymentVersionCanaryView.as_view(), name="api-version-canary"),
     path("versions/<int:number>/shadow", api.DeploymentVersionShadowView.as_view(), name="api-version-shadow"),

@@ -151,6 +151,7 @@ def versions_context(deployment: Deployment, form: VersionForm | None) -> dict:
         "serving_pk": deployment.serving_id or deployment.pk,
         "canary_pk": deployment.canary_id,
         "shadow_pk": deployment.shadow_id,
+        "deletable": {v.pk for v in versions if services.version_deletable(root=deployment, version=v)},
         "shadow_report": shadow_report(deployment),
         "versions_busy": any(not version.is_terminal() for version in versions),
         "version_form": form or VersionForm(),
@@ -387,6 +388,26 @@ def deployment_canary_end(request, public_id):
         lambda version: f"Canary of version {version.version} ended: the serving version answers all.",
         root=own_deployment(request, public_id),
     )
+
+
+@login_required
+@require_POST
+def deployment_version_delete(request, public_id, number):
+    """Delete a version nothing routes to: it stops, and its files are deleted (its row and events stay)."""
+    root = own_deployment(request, public_id)
+    version = None if root.version_of_id else services.deployment_version_get(root=root, number=number)
+    if version is None:
+        messages.error(request, f"This deployment has no version {number}.")
+        return redirect(root)
+    try:
+        summary = services.deployment_version_delete(version=version, by_user=request.user)
+    except services.VersionRefused as exc:
+        messages.error(request, str(exc))
+    except StageError as exc:
+        messages.error(request, f"Deleting version {number} failed, it was not marked stopped: {exc}")
+    else:
+        messages.success(request, f"Version {number} deleted: {summary}.")
+    return redirect(root)
 
 
 def shadow_report(root: Deployment) -> dict | None:

@@ -572,3 +572,96 @@ def test_when_cloudwatch_does_not_answer_the_page_says_where_the_figures_are(
     card = client.get(reverse("deployment-figures", args=[root.public_id])).content.decode()
     assert 'data-state="aws"' in card and "CloudWatch did not answer" in card and "timed out" in card
     assert "Monitoring tab" in card and root.function_arn in card
+
+
+# ------------------------------------------------------------------ deleting a version
+
+
+def test_deleting_an_aws_version_deletes_its_lambda_version_in_the_stop_task_and_keeps_the_others(
+    cloud,
+    root,
+    user,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    v3 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v3"),
+        django_capture_on_commit_callbacks,
+    )
+    assert published(cloud, root) == ["1", "2", "3"]
+    model_file = v2.model_file.name
+    with django_capture_on_commit_callbacks() as queued:
+        said = services.deployment_version_delete(version=v2, by_user=user)
+    assert "being deleted" in said and fresh(v2).status == Status.STOPPING and len(queued) == 1  # the stop task
+    assert published(cloud, root) == ["1", "2", "3"]  # nothing deleted from the request
+
+    tasks.stop.apply(args=[v2.pk]).get()  # what the queued task runs
+
+    v2 = fresh(v2)
+    assert v2.status == Status.STOPPED and v2.deleted_at and v2.model_file.name == ""
+    assert published(cloud, root) == ["1", "3"]
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        cloud["lambda"].get_function(FunctionName=aws.resource_name(root), Qualifier="2")
+    from django.core.files.storage import default_storage
+
+    assert not default_storage.exists(model_file)
+    assert "deleted Lambda version 2" in v2.events.last().message
+    assert alias(cloud, root)["FunctionVersion"] == "1" and fresh(root).status == Status.READY
+    assert fresh(v3).status == Status.READY and fresh(v3).lambda_version == "3"
+
+
+def test_a_lambda_version_the_alias_still_sends_requests_to_is_not_deleted(
+    cloud,
+    root,
+    user,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
+        django_capture_on_commit_callbacks,
+    )
+    v3 = mark_ready(
+        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v3"),
+        django_capture_on_commit_callbacks,
+    )
+    # The alias moved outside ServeML (or another version holds the same Lambda version): the
+    # database says version 1 serves, AWS sends requests to Lambda versions 2 (and 3, a share).
+    cloud["lambda"].update_alias(
+        FunctionName=aws.resource_name(root),
+        Name=ALIAS,
+        FunctionVersion="2",
+        RoutingConfig={"AdditionalVersionWeights": {"3": 0.1}},
+    )
+    for version in (v2, v3):
+        services.deployment_version_delete(version=version, by_user=user)
+        tasks.stop.apply(args=[version.pk]).get()
+        assert fresh(version).status == Status.STOPPED and fresh(version).deleted_at
+        assert f"Lambda version {version.lambda_version} kept: the alias live still sends requests to it" in (
+            fresh(version).events.last().message
+        )
+    assert published(cloud, root) == ["1", "2", "3"]
+
+
+def test_the_api_deletes_an_aws_version_with_202_stopping_and_refuses_the_serving_one(
+    api,
+    cloud,
+    root,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = mark_ready(provisioned(cloud, new_version(root, iris_rf_bytes), "v2"), django_capture_on_commit_callbacks)
+    assert fresh(root).serving == v2
+    base = f"/api/deployments/{root.public_id}/versions"
+    serving = api.delete(f"{base}/2")
+    assert serving.status_code == 409 and "serves the deployment's URL" in serving.json()["error"]
+    services.deployment_version_promote(root=fresh(root), number=1)
+    deleted = api.delete(f"{base}/2")
+    assert deleted.status_code == 202 and deleted.json()["status"] == "stopping" and deleted.json()["deleted_at"]
+    tasks.stop.apply(args=[v2.pk]).get()
+    assert api.get(f"/api/deployments/{v2.public_id}").json()["status"] == "stopped"
+    assert published(cloud, root) == ["1"] and alias(cloud, root)["FunctionVersion"] == "1"

@@ -372,3 +372,217 @@ def test_two_promotes_from_the_same_view_of_the_deployment_do_not_interleave(roo
         services.deployment_version_promote(root=seen_by_b, number=3)
     root.refresh_from_db()
     assert root.serving_version().version == 2
+
+
+# ------------------------------------------------------------------ deleting a version
+
+
+def stored(version: Deployment) -> list[str]:
+    """Give `version` a build context in storage and one unpacked on this host, as the package
+    stage leaves them; the names of all its files in storage."""
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from deployments import builds
+
+    artifact = default_storage.save(f"deployments/{version.public_id}/build-context.tar.gz", ContentFile(b"tar"))
+    version.update(artifact=artifact)
+    unpacked = builds.build_dir(version)
+    unpacked.mkdir(parents=True)
+    (unpacked / "serveml.json").write_text("{}")
+    (unpacked / "serveml.json").chmod(0o444)  # read-only, as sandboxes bind it
+    return [version.model_file.name, version.requirements_file.name, artifact]
+
+
+def exists(names: list[str]) -> list[bool]:
+    from django.core.files.storage import default_storage
+
+    return [default_storage.exists(name) for name in names]
+
+
+@pytest.fixture
+def data_dir(settings, tmp_path):
+    settings.DATA_DIR = tmp_path / "data"
+    return settings.DATA_DIR
+
+
+def test_a_deleted_version_is_unloaded_its_files_are_gone_and_the_others_are_untouched(
+    root, user, iris_rf_bytes, runtime, data_dir
+):
+    v2, v3 = ready(new_version(root, iris_rf_bytes)), ready(new_version(root, iris_rf_bytes))
+    services.deployment_version_promote(root=root, number=3)
+    services.deployment_version_promote(root=root, number=1)  # rolled back: nothing routes to 2 or 3
+    v2_files, v3_files, root_files = stored(v2), stored(v3), stored(root)
+    runtime.clear()
+
+    said = services.deployment_version_delete(version=v2, by_user=user)
+
+    v2.refresh_from_db()
+    assert v2.status == Status.STOPPED and v2.deleted_at is not None and v2.stopped_at is not None
+    assert runtime == [("unload", str(v2.public_id))]  # its model processes, as a stop does
+    assert exists(v2_files) == [False, False, False] and not (data_dir / "builds" / str(v2.public_id)).exists()
+    assert (v2.model_file.name, v2.requirements_file.name, v2.artifact) == ("", "", "")
+    assert v2.model_filename == "model.pkl"  # what it was, for its page
+    assert "stopped serving on the local runtime" in said and "deleted its 3 stored file(s)" in said
+    messages = [event.message for event in v2.events.all()]
+    assert messages[0].startswith("version 2 queued")  # its event log stays
+    assert any(m.startswith("deleted by alice") for m in messages) and messages[-1].startswith("deleted: ")
+    assert root.events.last().message.startswith("version 2 deleted: ")
+    # The others: untouched, and the URL still answers with the version serving it.
+    root.refresh_from_db()
+    v3.refresh_from_db()
+    assert root.status == v3.status == Status.READY and root.serving_version() == root
+    assert exists(v3_files) == exists(root_files) == [True, True, True]
+    assert (data_dir / "builds" / str(v3.public_id) / "serveml.json").exists()
+    # Deleting it again changes nothing.
+    assert services.deployment_version_delete(version=v2, by_user=user) == "it was deleted already"
+    assert runtime == [("unload", str(v2.public_id))]
+
+
+def test_version_1_the_serving_version_the_canary_the_shadowed_one_and_one_deploying_are_not_deleted(
+    root, user, iris_rf_bytes, runtime, data_dir
+):
+    v2, v3, v4 = (ready(new_version(root, iris_rf_bytes)) for _ in range(3))
+    deploying = new_version(root, iris_rf_bytes)
+    deploying.update(status=Status.DEPLOYING, stage="validate", claim_token="t")
+    services.deployment_version_promote(root=root, number=2)
+    services.deployment_canary_start(root=root, number=3, percent=10)
+    services.deployment_shadow_start(root=root, number=4)
+    files = {row.pk: stored(row) for row in (root, v2, v3, v4, deploying)}
+    runtime.clear()
+    for row, why in [
+        (root, r"Version 1 is the deployment itself.*stop it \(Stop deployment on its page, or DELETE /api/"),
+        (v2, r"Version 2 serves the deployment's URL: promote \(or roll back to\) another version first"),
+        (v3, r"Version 3 is the deployment's canary \(10% of its requests\): end the canary"),
+        (v4, r"Version 4 is shadowed .*: stop the shadow first"),
+        (deploying, r"Version 5 is still deploying \(the validate stage\): delete it once it is ready or failed"),
+    ]:
+        with pytest.raises(services.VersionRefused, match=why):
+            services.deployment_version_delete(version=row, by_user=user)
+    assert runtime == []
+    assert all(exists(names) == [True, True, True] for names in files.values())
+    assert not Deployment.objects.filter(deleted_at__isnull=False).exists()
+    assert {row.version: row.status for row in root.all_versions()} == {
+        1: Status.READY,
+        2: Status.READY,
+        3: Status.READY,
+        4: Status.READY,
+        5: Status.DEPLOYING,
+    }
+    # Once nothing routes to it, each one goes.
+    services.deployment_canary_end(root=root)
+    services.deployment_shadow_end(root=root)
+    for row in (v3, v4):
+        services.deployment_version_delete(version=row, by_user=user)
+    assert set(Deployment.objects.filter(deleted_at__isnull=False).values_list("version", flat=True)) == {3, 4}
+
+
+def test_a_queued_version_is_deleted_before_its_pipeline_runs_and_a_failed_one_too(
+    root, user, iris_rf_bytes, runtime, data_dir
+):
+    queued, failed = new_version(root, iris_rf_bytes), new_version(root, iris_rf_bytes)
+    failed.update(status=Status.FAILED, error="boom")
+    names = [queued.model_file.name, failed.model_file.name]
+    services.deployment_version_delete(version=queued, by_user=user)
+    services.deployment_version_delete(version=failed, by_user=user)
+    assert exists(names) == [False, False]
+    assert services.deployment_claim(deployment_id=queued.pk, token="late task") is None  # its task runs nothing
+    queued.refresh_from_db()
+    assert queued.status == Status.STOPPED and "(its pipeline will not run)" in queued.events.all()[1].message
+
+
+def test_a_stopped_deployments_versions_may_all_be_deleted_but_version_1(root, user, iris_rf_bytes, runtime, data_dir):
+    ready(new_version(root, iris_rf_bytes))
+    services.deployment_version_promote(root=root, number=2)
+    services.deployment_stop(deployment=root)
+    v2 = root.versions.get()
+    services.deployment_version_delete(version=v2, by_user=user)  # it served, but the URL serves nothing now
+    assert Deployment.objects.get(pk=v2.pk).deleted_at is not None
+    with pytest.raises(services.VersionRefused, match="Version 1 is the deployment itself"):
+        services.deployment_version_delete(version=root, by_user=user)
+
+
+def test_the_api_deletes_a_version_with_its_state_and_refuses_with_409s_that_say_why(
+    api, root, iris_rf_bytes, runtime, data_dir
+):
+    v2, v3 = ready(new_version(root, iris_rf_bytes)), ready(new_version(root, iris_rf_bytes))
+    services.deployment_version_promote(root=root, number=3)
+    base = f"/api/deployments/{root.public_id}/versions"
+    deleted = api.delete(f"{base}/2")
+    assert deleted.status_code == 200, deleted.content  # local: stopped at once, as DELETE on a deployment
+    body = deleted.json()
+    assert body["id"] == str(v2.public_id) and body["status"] == "stopped" and body["deleted_at"]
+    assert api.delete(f"{base}/2").status_code == 200  # again: as it is
+    serving = api.delete(f"{base}/3")
+    assert serving.status_code == 409 and "serves the deployment's URL" in serving.json()["error"]
+    first = api.delete(f"{base}/1")
+    assert first.status_code == 409 and "stop it" in first.json()["error"]
+    missing = api.delete(f"{base}/9")
+    assert missing.status_code == 404 and "no version 9" in missing.json()["error"]
+    through_a_version = api.delete(f"/api/deployments/{v3.public_id}/versions/1")
+    assert through_a_version.status_code == 409 and "through the deployment itself" in through_a_version.json()["error"]
+    listed = api.get(base).json()
+    assert [(v["version"], v["status"], bool(v["deleted_at"])) for v in listed] == [
+        (3, "ready", False),
+        (2, "stopped", True),
+        (1, "ready", False),
+    ]
+    assert runtime.count(("unload", str(v2.public_id))) == 1 and ("unload", str(v3.public_id)) not in runtime
+
+
+def test_another_user_cannot_see_or_delete_a_version(
+    api, user, other_user, make_deployment, iris_rf_bytes, runtime, client
+):
+    theirs = make_deployment(other_user)
+    theirs.update(status=Status.READY)
+    their_v2 = ready(new_version(theirs, iris_rf_bytes))
+    assert api.delete(f"/api/deployments/{theirs.public_id}/versions/2").status_code == 404
+    client.force_login(user)
+    assert client.post(reverse("deployment-version-delete", args=[theirs.public_id, 2])).status_code == 404
+    with pytest.raises(services.VersionRefused, match="Only the deployment's owner"):
+        services.deployment_version_delete(version=their_v2, by_user=user)
+    their_v2.refresh_from_db()
+    assert their_v2.status == Status.READY and their_v2.deleted_at is None and runtime == []
+
+
+def test_the_page_offers_delete_for_versions_nothing_routes_to_and_deletes_one(
+    client, user, root, iris_rf_bytes, runtime, data_dir
+):
+    ready(new_version(root, iris_rf_bytes)), ready(new_version(root, iris_rf_bytes))
+    services.deployment_version_promote(root=root, number=3)
+    client.force_login(user)
+    page = client.get(root.get_absolute_url()).content.decode()
+    assert "Delete v2" in page
+    assert "Delete v3" not in page and "Delete v1" not in page  # it serves; it is the deployment (stop it)
+    assert "confirm('Delete version 2?" in page
+    response = client.post(reverse("deployment-version-delete", args=[root.public_id, 2]), follow=True)
+    page = response.content.decode()
+    assert "Version 2 deleted: " in page and "Delete v2" not in page and ">deleted</small>" in page
+    refused = client.post(reverse("deployment-version-delete", args=[root.public_id, 3]), follow=True)
+    assert "Version 3 serves the deployment&#x27;s URL" in refused.content.decode()
+
+
+def test_the_admin_deletes_the_selected_versions_and_says_why_not_for_the_others(
+    admin_client, root, iris_rf_bytes, runtime, data_dir
+):
+    v2, v3 = ready(new_version(root, iris_rf_bytes)), ready(new_version(root, iris_rf_bytes))
+    services.deployment_version_promote(root=root, number=3)
+    page = admin_client.post(
+        reverse("admin:deployments_deployment_changelist") + "?versions=all",
+        {"action": "delete_versions", "_selected_action": [root.pk, v2.pk, v3.pk]},
+        follow=True,
+    ).content.decode()
+    assert "v2 (" in page and "deleted: stopped serving on the local runtime" in page
+    assert "Version 3 serves the deployment" in page and "Version 1 is the deployment itself" in page
+    assert [row.version for row in Deployment.objects.filter(deleted_at__isnull=False)] == [2]
+    assert Deployment.objects.get(pk=v2.pk).status == Status.STOPPED
+
+
+def test_the_schema_describes_deleting_a_version(client):
+    import json
+
+    schema = json.loads(client.get("/api/schema", HTTP_ACCEPT="application/json").content)
+    delete = schema["paths"]["/api/deployments/{public_id}/versions/{number}"]["delete"]
+    assert delete["operationId"] == "deployment_version_delete"
+    assert set(delete["responses"]) == {"200", "202", "401", "404", "409", "502"}
+    assert "deleted_at" in schema["components"]["schemas"]["Version"]["properties"]

@@ -32,6 +32,7 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from django.conf import settings
+from django.db.models import Q
 
 from deployments import targets
 from deployments.models import Deployment, DeploymentKey
@@ -652,8 +653,11 @@ def provision_version(version: Deployment) -> str:
 
 def teardown(deployment: Deployment) -> str:
     """Delete the API, the alias, the function (its published versions with it) and the
-    repository; say what was deleted. A version owns nothing apart: it goes with its deployment's."""
+    repository; say what was deleted. A version owns nothing apart but its Lambda version: it goes
+    with its deployment's function, or alone when the version is deleted (delete_version)."""
     if deployment.version_of_id:
+        if deployment.is_deleted():
+            return delete_version(deployment)
         number = deployment.lambda_version
         return f"Lambda version {number} was deleted with the function" if number else "nothing of its own on AWS"
     deleted = []
@@ -687,6 +691,39 @@ def teardown(deployment: Deployment) -> str:
         force=True,
     )
     return "deleted " + ", ".join(deleted) if deleted else "nothing was left on AWS to delete"
+
+
+def delete_version(version: Deployment) -> str:
+    """Delete a deleted version's Lambda version, unless something still uses it: the alias (what
+    serves, or a canary's share; AWS refuses to delete those anyway), or another version of the
+    deployment published as the same Lambda version (Lambda publishes nothing new for the same image
+    and keys). Its image stays in the deployment's repository (tags are content-addressed: another
+    version may use it) until the deployment is stopped."""
+    number = version.lambda_version
+    if not number:
+        return "it had no Lambda version"
+    root = version.root
+    sharing = (
+        Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), lambda_version=number, deleted_at__isnull=True)
+        .exclude(pk=version.pk)
+        .first()
+    )
+    if sharing is not None:
+        return f"Lambda version {number} kept: version {sharing.version} is the same Lambda version"
+    lam = client("lambda")
+    found = get_alias(lam, root)
+    if found:
+        weights = (found.get("RoutingConfig") or {}).get("AdditionalVersionWeights") or {}
+        if number == found["FunctionVersion"] or number in weights:
+            return f"Lambda version {number} kept: the alias {ALIAS} still sends requests to it"
+    deleted = call(
+        lam.delete_function,
+        f"delete Lambda version {number}",
+        ignore=("ResourceNotFoundException",),
+        FunctionName=resource_name(version),
+        Qualifier=number,
+    )
+    return f"deleted Lambda version {number}" if deleted is not None else f"Lambda version {number} was gone already"
 
 
 def published_versions(lam, function: str) -> list[str]:
