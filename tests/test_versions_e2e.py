@@ -4,7 +4,8 @@ Client threads call a deployment's stable URL the whole time while version 2 is
 uploaded, deployed and promoted, then while the deployment is rolled back to version
 1. The two versions predict different labels, so every answer says which version
 gave it: none may fail or hang, answers move from one version to the other once
-and for all at each switch, and the processes of the version left behind stop."""
+and for all at each switch, and the processes of the version left behind stop;
+deleting version 2 then unloads it at once, and the URL answers on."""
 
 import time
 
@@ -104,6 +105,20 @@ def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, tok
         count = len(stream.answers)
         wait_for(lambda: len(stream.answers) > count + 30, 30, "answers after version 2 stopped")
 
+        # Delete version 2, its processes started again through its own URL: the runtime unloads them
+        # at once (not after its idle timeout), its URL answers 404, and the stable URL keeps answering.
+        own_url = httpx.get(version["status_url"], headers=auth).json()["endpoint_url"]
+        answer = httpx.post(own_url, json={"instances": ROWS.tolist()}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["predictions"] == v2_says, answer.text
+        assert model_pids(version["id"])
+        deleted = httpx.delete(f"{api}/versions/2", headers=auth, timeout=60)
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["status"] == "stopped" and deleted.json()["deleted_at"]
+        wait_gone(version["id"], timeout=5)
+        assert httpx.post(own_url, json={"instances": ROWS.tolist()}, timeout=60).status_code == 404
+        count = len(stream.answers)
+        wait_for(lambda: len(stream.answers) > count + 30, 30, "answers after version 2 was deleted")
+
     outcomes = [answer[2] for answer in stream.answers]
     assert set(outcomes) == {200}, {outcome for outcome in outcomes if outcome != 200}
     assert all(answer[3] in (v1_says, v2_says) for answer in stream.answers)
@@ -115,6 +130,6 @@ def test_promote_and_rollback_under_load_fail_no_request(stack, live_server, tok
     assert all(p == v1_says for sent, _, _, p in stream.answers if sent > rolled_back)
     print(f"\nversions under load: {len(outcomes)} answers, all 200, through a promote and a rollback")
 
-    # The page of the deployment lists both, version 1 serving.
+    # The page of the deployment lists both, version 1 serving, version 2 deleted.
     listed = httpx.get(f"{api}/versions", headers=auth).json()
-    assert [(v["version"], v["status"], v["serving"]) for v in listed] == [(2, "ready", False), (1, "ready", True)]
+    assert [(v["version"], v["status"], v["serving"]) for v in listed] == [(2, "stopped", False), (1, "ready", True)]
