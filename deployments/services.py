@@ -676,6 +676,7 @@ def deployment_version_promote(*, root: Deployment, number: int) -> Deployment:
         )
         if not switched:
             raise VersionRefused("The deployment changed meanwhile (another promote, or a stop): look again and retry.")
+        _still_ready(version)
         root.serving = version
         canary, root.canary, root.canary_percent = root.canary_id, None, 0
         shadow, root.shadow = root.shadow_id, None
@@ -742,12 +743,30 @@ def _warm_candidate(
     return version
 
 
-def _route_change(root: Deployment, *, expect: dict, change: dict, refused: str, message: str) -> None:
+def _still_ready(version: Deployment) -> None:
+    """Inside the transaction that sends traffic to `version`, after its root's row was updated (so
+    locked: deployment_version_delete locks it first): refuse if the version was deleted meanwhile."""
+    if not Deployment.objects.filter(pk=version.pk, status=Status.READY).exists():
+        raise VersionRefused(f"Version {version.version} was deleted meanwhile: nothing changed.")
+
+
+def _route_change(
+    root: Deployment,
+    *,
+    expect: dict,
+    change: dict,
+    refused: str,
+    message: str,
+    to: Deployment | None = None,
+) -> None:
     """Save `change` on `root` in one conditional UPDATE, only while it still has `expect` (else
-    VersionRefused with `refused`), record `message` and have the runtime route it anew."""
+    VersionRefused with `refused`) and the version it sends traffic `to` is still ready, record
+    `message` and have the runtime route it anew."""
     with transaction.atomic():
         if not Deployment.objects.filter(pk=root.pk, **expect).update(**change, updated_at=timezone.now()):
             raise VersionRefused(refused)
+        if to is not None:
+            _still_ready(to)
         for field, value in change.items():
             setattr(root, field, value)
         deployment_record_event(deployment=root, stage="", message=message)
@@ -779,6 +798,7 @@ def deployment_canary_start(*, root: Deployment, number: int, percent: int) -> D
         expect={"serving_id": root.serving_id, "status": Status.READY},
         change={"canary": version, "canary_percent": percent},
         refused=CHANGED_BEFORE_START,
+        to=version,
         message=(
             f"canary: version {number} answers {percent}% of the requests to {root.endpoint_url}, "
             f"version {root.serving_version().version} the rest"
@@ -833,6 +853,7 @@ def deployment_shadow_start(*, root: Deployment, number: int) -> Deployment:
         expect={"serving_id": root.serving_id, "status": Status.READY},
         change={"shadow": version},
         refused=CHANGED_BEFORE_START,
+        to=version,
         message=(
             f"shadow: version {number} also predicts a sample of the requests to "
             f"{root.endpoint_url}, compared with the answers of the serving version"

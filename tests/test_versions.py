@@ -586,3 +586,61 @@ def test_the_schema_describes_deleting_a_version(client):
     assert delete["operationId"] == "deployment_version_delete"
     assert set(delete["responses"]) == {"200", "202", "401", "404", "409", "502"}
     assert "deleted_at" in schema["components"]["schemas"]["Version"]["properties"]
+
+
+def test_a_version_deleted_while_it_was_warmed_for_a_promote_or_a_canary_gets_no_traffic(
+    root, user, iris_rf_bytes, runtime, data_dir, monkeypatch
+):
+    v2 = ready(new_version(root, iris_rf_bytes))
+
+    def deleted_meanwhile(public_id):  # another request deletes it while this one warms it
+        services.deployment_version_delete(version=v2, by_user=user)
+
+    monkeypatch.setattr("deployments.runtime.client.load", deleted_meanwhile)
+    for start in (
+        lambda: services.deployment_version_promote(root=root, number=2),
+        lambda: services.deployment_canary_start(root=root, number=2, percent=10),
+        lambda: services.deployment_shadow_start(root=root, number=2),
+    ):
+        v2.update(status=Status.READY, deleted_at=None)  # as it was when that request read it
+        with pytest.raises(services.VersionRefused, match="Version 2 was deleted meanwhile: nothing changed"):
+            start()
+        root.refresh_from_db()
+        assert (root.serving_id, root.canary_id, root.shadow_id) == (None, None, None)
+
+
+def test_a_delete_whose_request_died_is_finished_by_the_reapers_stop_task(
+    root, user, iris_rf_bytes, runtime, data_dir, monkeypatch, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from deployments import tasks
+
+    v2 = ready(new_version(root, iris_rf_bytes))
+    names = stored(v2)
+    stop, died = services.deployment_stop, []
+
+    def dies_the_first_time(*, deployment):
+        if not died:
+            died.append(deployment.pk)
+            raise SystemExit("the web process stopped")
+        return stop(deployment=deployment)
+
+    monkeypatch.setattr(services, "deployment_stop", dies_the_first_time)
+    with pytest.raises(SystemExit):
+        services.deployment_version_delete(version=v2, by_user=user)
+    v2.refresh_from_db()
+    assert v2.status == Status.STOPPING and v2.claim_token and exists(names) == [True, True, True]
+
+    sent = []
+    monkeypatch.setattr(services, "_send", lambda pk, task, quiet=False: sent.append((pk, task)))
+    Deployment.objects.filter(pk=v2.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_reap()
+    assert sent == [(v2.pk, "stop")]
+    tasks.stop.apply(args=[v2.pk]).get()
+    v2.refresh_from_db()
+    assert v2.status == Status.STOPPED and exists(names) == [False, False, False]
+    assert v2.events.last().message.startswith("deleted: ")
