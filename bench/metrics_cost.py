@@ -4,7 +4,7 @@ The runtime as it is (HEAD, or the working tree when it has changes) against the
 BASELINE, the last commit before the runtime counted requests, checked out with `git worktree`
 and run by the same interpreter, against the same database, deployment, environment and model.
 Only one runtime runs at a time; their runs alternate A B B A ... so that drift in the machine's
-load falls on both alike, and each figure is the median of its runs.
+load falls on both alike, and the figure is the median of the rounds' ratios.
 """
 
 import os
@@ -21,7 +21,7 @@ import httpx
 from bench import LOGS, OUT, PYTHON, ROOT, ROW
 from bench.load import Results, Setup, contract_bodies, load
 from bench.serveml import deploy, serveml_stack
-from tests.support.processes import Service, free_port
+from tests.support.processes import NotReady, Service, free_port
 
 # 231e870 added per-request counting (runtime/metrics.py); this is its parent. The runtime has
 # read the same database columns, environments and build folders since (later migrations only add
@@ -36,14 +36,24 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def runtime(name: str, source: Path, env: dict) -> tuple[Service, str]:
-    """The runtime of `source` (the checkout or the baseline's worktree) on a free port."""
-    port = free_port()
-    # cwd=source puts that checkout first on sys.path: its `deployments` package is the one imported.
-    return (
-        Service(f"runtime-{name}", [PYTHON, "manage.py", "runtime", "--port", port], env=env, cwd=source, log_dir=LOGS),
-        f"http://127.0.0.1:{port}",
-    )
+def start_runtime(name: str, source: Path, env: dict) -> tuple[Service, str]:
+    """The runtime of `source` (the checkout or the baseline's worktree), answering on a free port."""
+    for attempt in range(3):
+        port = free_port()
+        # cwd=source puts that checkout first on sys.path: its `deployments` package is the one imported.
+        server = Service(
+            f"runtime-{name}", [PYTHON, "manage.py", "runtime", "--port", port], env=env, cwd=source, log_dir=LOGS
+        ).start()
+        try:
+            server.wait_answers(f"http://127.0.0.1:{port}/health", 60)
+            return server, f"http://127.0.0.1:{port}"
+        except NotReady:
+            server.stop()
+            # Another process on this shared machine may take the port between free_port() and the
+            # bind ("address already in use"): another port, twice; anything else fails the same way.
+            if attempt == 2 or "address already in use" not in server.output():
+                raise
+    raise AssertionError("unreachable")
 
 
 def counts_requests(base: str, token: str) -> bool:
@@ -53,10 +63,8 @@ def counts_requests(base: str, token: str) -> bool:
 
 def measure_once(name: str, source: Path, env: dict, path: str, counts: dict) -> dict:
     """Start this runtime, warm the deployment up, load it at each concurrency, stop it."""
-    server, base = runtime(name, source, env)
-    server.start()
+    server, base = start_runtime(name, source, env)
     try:
-        server.wait_answers(f"{base}/health", 60)
         if counts_requests(base, env["SERVEML_RUNTIME_TOKEN"]) != (name == "head"):
             raise RuntimeError(f"the {name} runtime {'lacks' if name == 'head' else 'has'} /metrics: wrong code")
         url = base + path
@@ -108,12 +116,21 @@ def run_metrics_cost(results: Results, setup: Setup):
                     )
         runs = results.metrics_cost["runs"]
         for concurrency in CONCURRENCIES:
+            # A ratio per round, from its two adjacent runs, then their median: drift in the machine's
+            # load between rounds cancels out, which a ratio of the two sides' medians would not do.
             key = f"c{concurrency}_rps"
-            head = statistics.median(r[key] for r in runs if r["runtime"] == "head")
-            baseline = statistics.median(r[key] for r in runs if r["runtime"] == "baseline")
-            results.metrics_cost[f"c{concurrency}"] = head / baseline
+            ratios = [
+                head[key] / baseline[key]
+                for head, baseline in zip(
+                    [r for r in runs if r["runtime"] == "head"],
+                    [r for r in runs if r["runtime"] == "baseline"],
+                    strict=True,
+                )
+            ]
+            results.metrics_cost[f"c{concurrency}"] = statistics.median(ratios)
+            results.metrics_cost[f"c{concurrency}_rounds"] = ratios
         print(
-            "  HEAD / baseline requests/s: "
+            "  HEAD / baseline requests/s, median of the rounds: "
             + " ".join(f"c{c} {results.metrics_cost[f'c{c}']:.3f}" for c in CONCURRENCIES),
             flush=True,
         )

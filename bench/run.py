@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         | {"ab_rounds": 1, "ab_requests": 200}
         if args.smoke
         else {"warmup": 300, "c1": 2000, "c8": 10000, "c32": 10000, "batch": 500, "floor": 2000, "deploy_runs": 5}
-        | {"ab_rounds": 4, "ab_requests": 30000}
+        | {"ab_rounds": 6, "ab_requests": 30000}
     )
     OUT.mkdir(parents=True, exist_ok=True)
     import sklearn
