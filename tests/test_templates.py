@@ -371,3 +371,26 @@ def test_a_template_holds_a_bounded_number_of_namespaces_of_each_kind(environmen
     limits = run(scenario)
     assert limits.pop("user") == 0  # nothing inside needs a user namespace
     assert limits == {kind: 4096 for kind in ("net", "mnt", "pid", "ipc", "uts")}
+
+
+def test_the_sweep_leaves_a_template_that_is_still_starting_alone(environment, tmp_path):
+    """The sweep runs on the same loop: between a template's creation and its sandbox's start it is not
+    alive yet, and stopping it then failed the model process that asked for it."""
+
+    async def scenario():
+        each = pool(environment, tmp_path, 41)
+        try:
+            predicting = asyncio.get_running_loop().create_task(each.predict(ROW))
+            while not templates.shared.templates:  # the template exists, its sandbox not yet
+                await asyncio.sleep(0)
+            starting = next(iter(templates.shared.templates.values()))
+            swept_while_starting = starting.transport is None
+            templates.shared.sweep()
+            status, _ = await predicting
+            return swept_while_starting, status, starting.alive
+        finally:
+            each.close()
+
+    swept_while_starting, status, alive = run(scenario)
+    assert swept_while_starting
+    assert status == 200 and alive

@@ -278,6 +278,8 @@ class Templates:
         """Stop templates that have had no model process for SERVEML_TEMPLATE_IDLE_SECONDS."""
         now = time.monotonic() if now is None else now
         for key, template in list(self.templates.items()):
+            if template.transport is None and not template.stopped:
+                continue  # still starting: get() is waiting for it
             idle = not template.children and now - template.idle_since > settings.SERVEML_TEMPLATE_IDLE_SECONDS
             if idle or not template.alive:
                 template.stop()
