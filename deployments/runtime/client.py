@@ -43,7 +43,11 @@ def load(public_id) -> dict:
     """Start the deployment's model processes and wait until the model is loaded."""
     response = _control("_load", public_id, timeout=settings.SERVEML_SANDBOX_WALL_SECONDS + 30)
     if response.status_code != 200:
-        raise RuntimeUnavailable(f"the runtime could not load the model: {response.json().get('error', response.text)}")
+        try:
+            why = response.json().get("error", response.text)
+        except ValueError:  # not JSON: a crash in the runtime, answered by the ASGI server itself
+            why = f"it answered {response.status_code} {response.text[:200]!r} (see the runtime's log)"
+        raise RuntimeUnavailable(f"the runtime could not load the model: {why}")
     return response.json()
 
 
