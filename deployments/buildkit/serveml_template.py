@@ -35,7 +35,7 @@ running in it reaches only deployments that installed that same package.
 
 Control messages are JSON with file descriptors attached (SCM_RIGHTS):
     runtime → template: {"uid", "label", "limits", "files": [names]} with
-                        [connection, log, *files]
+                        [requests, answers, log, *files] (two pipes, its log, its files)
     template → runtime: {"ready": [modules]} once, then per request
                         {"pid": n} with [pidfd], or {"error": "..."}
 Stdlib only: it runs in the model's environment.
@@ -183,8 +183,8 @@ def middle_process(control: socket.socket, request: dict, fds: list[int]) -> int
 
 
 def model_process(control: socket.socket, request: dict, fds: list[int]) -> None:
-    """G: isolate, then serve. Any failure is reported on the connection, and it exits."""
-    connection = fds[0]
+    """G: isolate, then serve. Any failure is reported on the answer pipe, and it exits."""
+    answers = fds[1]
     try:
         control.close()
         isolate(request, fds)
@@ -193,7 +193,7 @@ def model_process(control: socket.socket, request: dict, fds: list[int]) -> None
         try:
             import protocol
 
-            os.write(connection, protocol.encode_answer(503, message.encode()))
+            os.write(answers, protocol.encode_answer(503, message.encode()))
         finally:
             os._exit(1)
     # This process is PID 1 of the new namespace, which no signal from inside it can kill:
@@ -209,7 +209,7 @@ def model_process(control: socket.socket, request: dict, fds: list[int]) -> None
             model_server.main(".")
         finally:
             os._exit(0)
-    os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the socket's end is the server's alone
+    os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the pipes' ends are the server's alone
     while True:
         try:
             pid, status = os.wait()
@@ -221,12 +221,12 @@ def model_process(control: socket.socket, request: dict, fds: list[int]) -> None
 
 def isolate(request: dict, fds: list[int]) -> None:
     names = request["files"]
-    if len(fds) != 2 + len(names):
+    if len(fds) != 3 + len(names):
         raise Refused(f"{len(fds)} descriptors for {len(names)} files")
     moved = [os.dup2(fd, SCRATCH_FD + i, inheritable=True) for i, fd in enumerate(fds)]
-    connection, log, files = moved[0], moved[1], moved[2:]
-    os.dup2(connection, 0)
-    os.dup2(connection, 1)
+    requests, answers, log, files = moved[0], moved[1], moved[2], moved[3:]
+    os.dup2(requests, 0)
+    os.dup2(answers, 1)
     os.dup2(log, 2)
     places = [os.dup2(fd, FIRST_FILE_FD + i, inheritable=False) for i, fd in enumerate(files)]
     os.closerange(FIRST_FILE_FD + len(places), resource.getrlimit(resource.RLIMIT_NOFILE)[0])

@@ -12,7 +12,6 @@ the frame formats).
 import asyncio
 import logging
 import os
-import socket
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +102,9 @@ class _PipeChannel(_Channel, asyncio.SubprocessProtocol):
         self.ended()
 
 
-class _SocketChannel(_Channel, asyncio.Protocol):
-    """A process forked from a template: requests and answers on one socket, whose end
-    means the process is gone (or closed it, and is killed)."""
+class _ForkChannel(_Channel, asyncio.Protocol):
+    """A process forked from a template: answers on its answer pipe, whose end means the
+    process is gone (or closed it, and is killed)."""
 
     def data_received(self, data: bytes) -> None:
         self.received(data)
@@ -133,6 +132,7 @@ class ModelProcess:
         self.forked: templates.Forked | None = None  # or forked from a template
         self.template: templates.Template | None = None
         self.writer: asyncio.WriteTransport | None = None  # its requests' way in
+        self.reader: asyncio.ReadTransport | None = None  # a forked process's answers' way out
         self.channel: _Channel | None = None
         self.stopped = False
         self.loaded: asyncio.Future | None = None
@@ -163,7 +163,7 @@ class ModelProcess:
         return self.transport.get_returncode() if self.transport else None
 
     async def start(self) -> None:
-        self.stopped, self.transport, self.forked, self.writer = False, None, None, None
+        self.stopped, self.transport, self.forked, self.writer, self.reader = False, None, None, None, None
         loop = asyncio.get_running_loop()
         try:
             if templates.enabled():
@@ -208,7 +208,10 @@ class ModelProcess:
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         opened: dict[str, int] = {}
-        ours, theirs = socket.socketpair()
+        # Two pipes, as a process started alone has: over one socket, asyncio's socket transport
+        # cost the gateway ~4 µs more per request, ~13% of requests/s at concurrency 8 here.
+        requests_in, requests_out = os.pipe()
+        answers_in, answers_out = os.pipe()
         try:
             for name, path in self._files().items():
                 sandbox.check_name(name)
@@ -223,25 +226,27 @@ class ModelProcess:
                 uid=self.spec.uid,
                 label=self.spec.deployment_id,
                 limits=limits,
-                connection=theirs.fileno(),
+                requests=requests_in,
+                answers=answers_out,
                 log_fd=log_fd,
                 files={name: fd for name, fd in opened.items() if name != "log"},
             )
         except (OSError, ValueError, templates.TemplateUnavailable) as exc:
-            ours.close()
+            os.close(requests_out)
+            os.close(answers_in)
             raise ModelUnavailable(503, f"the model process could not start: {exc}") from None
         finally:
-            theirs.close()
-            for fd in opened.values():
-                os.close(fd)
+            for fd in (requests_in, answers_out, *opened.values()):
+                os.close(fd)  # the model process has its own copies
         self.template = template
         self.isolation = (
             f"forked from the warm template of environment {self.spec.environment.name}: own uid, PID, mount, "
             f"network and IPC namespaces, no capabilities; memory {limits.memory_bytes // 1024**2} MiB"
         )
         self.loaded = loop.create_future()
-        self.channel = channel = _SocketChannel(self)
-        self.writer, _ = await loop.connect_accepted_socket(lambda: channel, ours)
+        self.channel = channel = _ForkChannel(self)
+        self.reader, _ = await loop.connect_read_pipe(lambda: channel, os.fdopen(answers_in, "rb", buffering=0))
+        self.writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(requests_out, "wb", buffering=0))
 
     async def _spawn(self, loop: asyncio.AbstractEventLoop) -> asyncio.SubprocessTransport:
         """Start model_server.py in the deployment's sandbox: the one place that knows how."""
@@ -381,6 +386,8 @@ class ModelProcess:
             self.template.released()
         if self.writer is not None:
             self.writer.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def stop(self) -> int | None:
         self.stopped = True

@@ -78,6 +78,11 @@ def host_pid(pidfd: int) -> int:
     raise TemplateUnavailable("the kernel did not say which process the template forked")
 
 
+def log_name(environment: Path, owner) -> str:
+    """Each template writes its own log: a hostile package in one cannot truncate, forge or fill another's."""
+    return f"template-{environment.name}-{owner}.log"
+
+
 class Template:
     def __init__(self, environment: Path, owner):
         self.environment = environment
@@ -97,7 +102,7 @@ class Template:
 
     @property
     def log_name(self) -> str:
-        return f"template-{self.environment.name}-{self.owner}.log"
+        return log_name(self.environment, self.owner)
 
     @property
     def pid(self) -> int | None:
@@ -120,7 +125,6 @@ class Template:
         logs = settings.DATA_DIR / "logs"
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            # A log of its own: a hostile package in one template cannot truncate or forge another's.
             with open(logs / self.log_name, "ab") as stderr:
                 self.transport, _ = await self.loop.subprocess_exec(
                     asyncio.SubprocessProtocol,
@@ -157,8 +161,10 @@ class Template:
             ", ".join(self.imported),
         )
 
-    async def fork(self, *, uid: int, label: str, limits: sandbox.Limits, connection: int, log_fd: int, files: dict):
-        """Fork a model process for deployment uid `uid` serving on `connection` (a socket),
+    async def fork(
+        self, *, uid: int, label: str, limits: sandbox.Limits, requests: int, answers: int, log_fd: int, files: dict
+    ):
+        """Fork a model process for deployment uid `uid` reading `requests` and writing `answers` (pipes),
         its stderr to `log_fd`, with `files` (name -> open descriptor) as its /work."""
         inside = uid - settings.SERVEML_SANDBOX_UID_BASE
         if not 0 < inside < settings.SERVEML_SANDBOX_UID_COUNT:
@@ -183,7 +189,8 @@ class Template:
             if not self.alive:
                 raise TemplateUnavailable("the template stopped")
             try:
-                socket.send_fds(self.control, [json.dumps(request).encode()], [connection, log_fd, *files.values()])
+                handed = [requests, answers, log_fd, *files.values()]
+                socket.send_fds(self.control, [json.dumps(request).encode()], handed)
                 async with asyncio.timeout(settings.SERVEML_SANDBOX_WALL_SECONDS):
                     message, fds = await self._receive()
             except (OSError, TimeoutError) as exc:
