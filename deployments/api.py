@@ -72,7 +72,9 @@ class VersionSerializer(serializers.ModelSerializer):
     shadowed = serializers.SerializerMethodField()
     status_url = serializers.SerializerMethodField()
     deleted_at = serializers.DateTimeField(
-        read_only=True, help_text="When it was deleted (its files are gone; its row and events stay); null if not."
+        read_only=True,
+        allow_null=True,  # so the schema says nullable, as the answer is for every version not deleted
+        help_text="When it was deleted (its files are gone; its row and events stay); null if not.",
     )
 
     class Meta:
