@@ -394,3 +394,41 @@ def test_the_sweep_leaves_a_template_that_is_still_starting_alone(environment, t
     swept_while_starting, status, alive = run(scenario)
     assert swept_while_starting
     assert status == 200 and alive
+
+
+def test_a_fork_whose_isolation_fails_says_so_and_never_loads_the_model(environment, tmp_path, settings):
+    """Asked for more memory than its template may give (rlimits only go down), the fork must refuse
+    to run, and say why on its answer pipe, even after it moved its descriptors."""
+    from deployments.runtime import protocol
+
+    build = tmp_path / "build"
+    stand_in_build(build, SPY)
+
+    async def scenario():
+        template = await templates.shared.get(environment, 1)
+        requests_in, requests_out = os.pipe()
+        answers_in, answers_out = os.pipe()
+        files = {name: os.open(build / name, os.O_RDONLY) for name in sorted(os.listdir(build))}
+        log_fd = os.open(tmp_path / "fork.log", os.O_WRONLY | os.O_CREAT, 0o600)
+        too_much = sandbox.Limits(memory_bytes=settings.SERVEML_MODEL_MEMORY_BYTES * 2, cpu_seconds=10)
+        forked = await template.fork(
+            uid=sandbox.uid_for(742),
+            label="too much",
+            limits=too_much,
+            requests=requests_in,
+            answers=answers_out,
+            log_fd=log_fd,
+            files=files,
+        )
+        for fd in (requests_in, answers_out, log_fd, *files.values()):
+            os.close(fd)
+        answer = await asyncio.to_thread(os.read, answers_in, 65536)
+        rest = await asyncio.to_thread(os.read, answers_in, 65536)  # then the pipe ends: it exited
+        forked.close()
+        os.close(answers_in)
+        os.close(requests_out)
+        return protocol.decode_answer(answer), rest
+
+    (status, body, _), rest = run(scenario)
+    assert status == 503 and b"could not be isolated" in body and b"nothing of the model was loaded" in body
+    assert rest == b""

@@ -184,16 +184,16 @@ def middle_process(control: socket.socket, request: dict, fds: list[int]) -> int
 
 def model_process(control: socket.socket, request: dict, fds: list[int]) -> None:
     """G: isolate, then serve. Any failure is reported on the answer pipe, and it exits."""
-    answers = fds[1]
+    answers = [fds[1]]  # where the answer pipe is: isolate() moves it to fd 1 (and closes the rest)
     try:
         control.close()
-        isolate(request, fds)
+        isolate(request, fds, answers)
     except BaseException as exc:
         message = f"the model process could not be isolated ({exc}); nothing of the model was loaded"
         try:
             import protocol
 
-            os.write(answers, protocol.encode_answer(503, message.encode()))
+            os.write(answers[0], protocol.encode_answer(503, message.encode()))
         finally:
             os._exit(1)
     # This process is PID 1 of the new namespace, which no signal from inside it can kill:
@@ -219,7 +219,7 @@ def model_process(control: socket.socket, request: dict, fds: list[int]) -> None
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
-def isolate(request: dict, fds: list[int]) -> None:
+def isolate(request: dict, fds: list[int], answers_fd: list[int]) -> None:
     names = request["files"]
     if len(fds) != 3 + len(names):
         raise Refused(f"{len(fds)} descriptors for {len(names)} files")
@@ -227,6 +227,7 @@ def isolate(request: dict, fds: list[int]) -> None:
     requests, answers, log, files = moved[0], moved[1], moved[2], moved[3:]
     os.dup2(requests, 0)
     os.dup2(answers, 1)
+    answers_fd[0] = 1
     os.dup2(log, 2)
     places = [os.dup2(fd, FIRST_FILE_FD + i, inheritable=False) for i, fd in enumerate(files)]
     os.closerange(FIRST_FILE_FD + len(places), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
