@@ -223,13 +223,29 @@ def cmd_deploy(args) -> int:
     return 0
 
 
-def version_ready(api: Api, root: dict, created: dict) -> int:
-    versions = api.json("GET", f"/api/deployments/{root['id']}/versions")
-    mine = next(v for v in versions if v["id"] == created["id"])
+def version_ready(api: Api, root: dict, created: dict, promote_seconds: float = 120) -> int:
+    # A version promoted when ready becomes ready first and serves a moment later (the runtime
+    # warms it before the URL moves): wait for that rather than call it "waiting for review".
+    deadline = time.monotonic() + promote_seconds
+    while True:
+        versions = api.json("GET", f"/api/deployments/{root['id']}/versions")
+        mine = next(v for v in versions if v["id"] == created["id"])
+        if mine["serving"] or mine.get("promote") != "auto" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     root = api.json("GET", f"/api/deployments/{root['id']}")
     if mine["serving"]:
         out.print(Text.assemble(("Ready.", "green"), f" Version {mine['version']} serves {root['endpoint_url']}"))
         out.print(curl_line(root), soft_wrap=True)
+    elif mine.get("promote") == "auto":
+        out.print(
+            Text.assemble(
+                ("Ready.", "green"),
+                f" Version {mine['version']} was to be promoted but does not serve yet: see why with "
+                f"`serveml status {root['id'][:8]}`, or promote it with `serveml promote {root['id'][:8]} "
+                f"{mine['version']}`.",
+            )
+        )
     else:
         out.print(
             Text.assemble(
