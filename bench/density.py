@@ -14,17 +14,17 @@ import json
 import pickle
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench import BENCH, LOGS, OUT, ROW
-from bench.memory import descendants
+from bench import LOGS, OUT, ROW
+from bench.load import load
+from bench.memory import descendants, private, uid_of
 from bench.peers import venv
-from bench.serveml import serveml_stack
+from bench.serveml import cold_start, first_prediction, serveml_stack, unload, upload, wait_ready
 from deployments.runtime.memory import pss
 from tests.support.processes import Service, free_port
 
@@ -48,67 +48,8 @@ def distinct_models(count: int, folder: Path) -> list[Path]:
 
 def deploy_all(stack: dict, files: list[Path], requirements: str) -> list[dict]:
     """Upload every model at once (the worker takes them in turn), then wait for all of them."""
-    headers = {"Authorization": f"Token {stack['token']}"}
-    urls = []
-    for file in files:
-        response = httpx.post(
-            f"{stack['web']}/api/deploy",
-            headers=headers,
-            timeout=60,
-            files={
-                "model_file": ("model.pkl", file.read_bytes()),
-                "requirements_file": ("requirements.txt", requirements),
-            },
-        )
-        response.raise_for_status()
-        urls.append(response.json()["status_url"])
-    deployments = []
-    for url in urls:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            state = httpx.get(url, headers=headers, timeout=30).json()
-            if state["status"] in ("ready", "failed"):
-                break
-            time.sleep(0.2)
-        if state["status"] != "ready":
-            raise RuntimeError(f"deployment {state['id']} did not become ready: {state.get('error')}")
-        deployments.append(state)
-    return deployments
-
-
-def unload(stack: dict, deployment: dict) -> None:
-    env = stack["env"]
-    httpx.post(
-        f"{env['SERVEML_RUNTIME_URL']}/_unload/{deployment['id']}",
-        headers={"Authorization": f"Bearer {env['SERVEML_RUNTIME_TOKEN']}"},
-    ).raise_for_status()
-
-
-def predict(deployment: dict) -> float:
-    started = time.monotonic()
-    httpx.post(deployment["endpoint_url"], json={"data": ROW}, timeout=60).raise_for_status()
-    return time.monotonic() - started
-
-
-def uid_of(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def private(pid: int) -> int:
-    try:
-        fields = {}
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-            name, value, *_ = line.split()
-            fields[name.rstrip(":")] = int(value) * 1024
-        return fields["Private_Clean"] + fields["Private_Dirty"]
-    except (OSError, KeyError):
-        return 0
+    status_urls = [upload(stack, file, requirements) for file in files]
+    return [wait_ready(stack, url) for url in status_urls]
 
 
 def runtime_memory(runtime_pid: int) -> dict:
@@ -129,30 +70,10 @@ def runtime_memory(runtime_pid: int) -> dict:
     }
 
 
-def zipf_load(base_url: str, deployments: list[dict], concurrency: int, requests: int, s: float = 1.1) -> dict:
-    limit = max(60, requests // 20)
-    with tempfile.TemporaryDirectory() as folder:
-        paths, body = Path(folder) / "paths", Path(folder) / "body.json"
-        paths.write_text("".join(d["endpoint_url"].removeprefix(base_url) + "\n" for d in deployments))
-        body.write_bytes(json.dumps({"data": ROW}).encode())
-        done = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{limit}s", "--timeout", "10s"]
-            + ["-s", BENCH / "zipf_requests.lua", base_url, "--", str(requests), paths, body, str(s)],
-            capture_output=True,
-            text=True,
-            timeout=limit + 60,
-        )
-    line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {done.stdout[-500:]} {done.stderr[-500:]}")
-    out = json.loads(line.removeprefix("RESULT "))
-    return {
-        "requests": out["requests"],
-        "rps": out["requests"] / (out["duration_us"] / 1e6),
-        "p50_ms": out["p50_us"] / 1000,
-        "p99_ms": out["p99_us"] / 1000,
-        "errors": out["errors"] + max(0, requests - out["requests"]),
-    }
+def zipf_load(base_url: str, deployments: list[dict], concurrency: int, requests: int) -> dict:
+    body = json.dumps({"data": ROW}).encode()
+    paths = [deployment["endpoint_url"].removeprefix(base_url) for deployment in deployments]
+    return load(base_url, body, concurrency, requests, paths=paths)
 
 
 def tree_pss_mb(pid: int) -> float:
@@ -224,10 +145,10 @@ def run_density(results, setup) -> None:
         for deployment in deployments:
             unload(stack, deployment)
         memory, loaded = {}, 0
-        predict(deployments[0])  # the template starts with the first: counted at 1 loaded, as on a fresh host
+        first_prediction(deployments[0])  # the template starts with the first: counted at 1 loaded, as on a fresh host
         for step in steps:
             for deployment in deployments[loaded:step]:
-                predict(deployment)
+                first_prediction(deployment)
             loaded = step
             time.sleep(1)
             memory[step] = runtime_memory(runtime_pid)
@@ -239,8 +160,7 @@ def run_density(results, setup) -> None:
         # Cold starts: the deployment's processes stopped, its environment's template warm.
         starts = []
         for deployment in deployments[: 5 if setup.smoke else 30]:
-            unload(stack, deployment)
-            starts.append(predict(deployment))
+            starts.append(cold_start(stack, deployment))
         base_url = stack["env"]["SERVEML_RUNTIME_URL"]
         requests = 500 if setup.smoke else 20000
         zipf_load(base_url, deployments, 32, requests // 10)  # warm-up

@@ -4,6 +4,7 @@ import json
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import BENCH, ROW
 from bench.memory import PeakMemory
@@ -74,33 +75,28 @@ def v2_bodies() -> dict:
     return {"c1": (1, single, 1), "c8": (8, single, 1), "c32": (32, single, 1), "batch": (1, batch, 100)}
 
 
-def load(url: str, body: bytes, concurrency: int, requests: int, content_type="application/json") -> dict:
-    """`wrk` sends `requests` POSTs over `concurrency` keep-alive connections, from its own process.
+def load(
+    url: str, body: bytes, concurrency: int, requests: int, content_type="application/json", paths=None, zipf_s=1.1
+) -> dict:
+    """`wrk` sends `requests` POSTs over `concurrency` keep-alive connections, from its own process;
+    with `paths` (URL paths under `url`, most popular first), each to one of them, Zipf-distributed
+    with exponent `zipf_s` (fixed_requests.lua).
 
     One wrk thread: it is written in C and needs far less CPU than the servers it drives,
     which matters on two cores. Latencies come from its histogram, in microseconds.
     """
     requests = max(requests, concurrency)
     limit = max(60, requests // 50)  # seconds; only a server that drops connections gets near it
-    with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
-        body_file.write(body)
-        body_file.flush()
+    with tempfile.TemporaryDirectory() as folder:
+        body_file, paths_file = Path(folder) / "body", Path(folder) / "paths"
+        body_file.write_bytes(body)
+        extra = []
+        if paths:
+            paths_file.write_text("".join(f"{path}\n" for path in paths))
+            extra = [paths_file, str(zipf_s)]
         done = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{concurrency}",
-                f"-d{limit}s",
-                "--timeout",
-                "10s",
-                "-s",
-                BENCH / "fixed_requests.lua",
-                url,
-                "--",
-                str(requests),
-                body_file.name,
-                content_type,
-            ],
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{limit}s", "--timeout", "10s", "-s", BENCH / "fixed_requests.lua"]
+            + [url, "--", str(requests), body_file, content_type, *extra],
             capture_output=True,
             text=True,
             timeout=limit + 60,

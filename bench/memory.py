@@ -44,8 +44,12 @@ def private(pid: int) -> int:
 
     RSS also counts pages of shared libraries that every process of an environment maps
     from the same files; which of those pages happen to be resident varies by a few MB."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return 0  # gone meanwhile
     fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+    for line in lines:
         name, value, *_ = line.split()
         fields[name.rstrip(":")] = int(value) * 1024
     return fields["Private_Clean"] + fields["Private_Dirty"]

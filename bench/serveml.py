@@ -73,13 +73,11 @@ def serveml_stack(data_dir: Path):
         redis.stop()
 
 
-def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
-    """Upload through the API and wait for ready; returns the deployment and upload → ready seconds."""
-    headers = {"Authorization": f"Token {stack['token']}"}
-    started = time.monotonic()
+def upload(stack, model_file: Path, requirements: str) -> str:
+    """Upload through the API; returns the deployment's status URL."""
     response = httpx.post(
         f"{stack['web']}/api/deploy",
-        headers=headers,
+        headers={"Authorization": f"Token {stack['token']}"},
         timeout=60,
         files={
             "model_file": ("model.pkl", model_file.read_bytes()),
@@ -87,28 +85,49 @@ def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
         },
     )
     response.raise_for_status()
-    status_url = response.json()["status_url"]
+    return response.json()["status_url"]
+
+
+def wait_ready(stack, status_url: str, timeout: float = 600) -> dict:
+    headers = {"Authorization": f"Token {stack['token']}"}
+    deadline = time.monotonic() + timeout
     while True:
         state = httpx.get(status_url, headers=headers, timeout=30).json()
-        if state["status"] in ("ready", "failed"):
+        if state["status"] in ("ready", "failed") or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    elapsed = time.monotonic() - started
     if state["status"] != "ready":
-        raise RuntimeError(f"deployment failed: {state['error']}")
-    return state, elapsed
+        raise RuntimeError(f"deployment {state['id']} did not become ready: {state['error'] or state['status']}")
+    return state
 
 
-def cold_start(stack, deployment: dict) -> float:
-    """Stop the deployment's model processes, then time the first prediction."""
+def deploy(stack, model_file: Path, requirements: str) -> tuple[dict, float]:
+    """Upload through the API and wait for ready; returns the deployment and upload → ready seconds."""
+    started = time.monotonic()
+    state = wait_ready(stack, upload(stack, model_file, requirements))
+    return state, time.monotonic() - started
+
+
+def unload(stack, deployment: dict) -> None:
+    """Stop the deployment's model processes (its next request starts them again)."""
     env = stack["env"]
     httpx.post(
         f"{env['SERVEML_RUNTIME_URL']}/_unload/{deployment['id']}",
         headers={"Authorization": f"Bearer {env['SERVEML_RUNTIME_TOKEN']}"},
     ).raise_for_status()
+
+
+def first_prediction(deployment: dict) -> float:
+    """Seconds one prediction takes."""
     started = time.monotonic()
     httpx.post(deployment["endpoint_url"], json={"data": ROW}, timeout=60).raise_for_status()
     return time.monotonic() - started
+
+
+def cold_start(stack, deployment: dict) -> float:
+    """Stop the deployment's model processes, then time the first prediction."""
+    unload(stack, deployment)
+    return first_prediction(deployment)
 
 
 @contextmanager
