@@ -183,17 +183,23 @@ def _scrubbed_env(extra: dict[str, str] | None = None, home: str = "/tmp") -> di
     return env
 
 
-def _interpreter_home(environment: Path) -> Path | None:
-    """The prefix of the interpreter a venv was made from, when it is not under /usr (pyenv, say)."""
+def _venv_home(environment: Path) -> Path | None:
+    """The folder of the interpreter a venv was made from (pyvenv.cfg's `home`), if it says."""
     config = environment / "pyvenv.cfg"
-    if not config.exists():
-        return None
-    for line in config.read_text().splitlines():
+    for line in config.read_text().splitlines() if config.exists() else ():
         key, _, value = line.partition("=")
         if key.strip() == "home":
-            prefix = Path(value.strip()).resolve().parent
-            return None if prefix == Path("/usr") or Path("/usr") in prefix.parents else prefix
+            return Path(value.strip())
     return None
+
+
+def _interpreter_home(environment: Path) -> Path | None:
+    """The prefix of the interpreter a venv was made from, when it is not under /usr (pyenv, say)."""
+    home = _venv_home(environment)
+    if home is None:
+        return None
+    prefix = home.resolve().parent
+    return None if prefix == Path("/usr") or Path("/usr") in prefix.parents else prefix
 
 
 def _prlimit(limits: Limits) -> list[str]:
@@ -378,13 +384,10 @@ def launch_template(*, environment: Path, limits: Limits, files: dict[str, Path]
 def _host_python(environment: Path) -> Path:
     """The interpreter the environment was made from (the host's, not the environment's
     copy): with -I -S it runs nothing that the environment installed."""
-    config = environment / "pyvenv.cfg"
-    for line in config.read_text().splitlines() if config.exists() else ():
-        key, _, value = line.partition("=")
-        if key.strip() == "home":
-            for name in ("python3", "python"):
-                if (Path(value.strip()) / name).exists():
-                    return Path(value.strip()) / name
+    home = _venv_home(environment)
+    for name in ("python3", "python") if home is not None else ():
+        if (home / name).exists():
+            return home / name
     raise SandboxUnavailable(f"{environment} has no pyvenv.cfg naming its interpreter: rebuild the environment")
 
 

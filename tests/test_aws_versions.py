@@ -18,6 +18,7 @@ from deployments.pipeline.errors import TransientStageError
 from deployments.targets import aws
 from tests.conftest import SKLEARN_PIN, upload
 from tests.test_aws import cloud, no_enqueue, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
+from tests.test_versions import new_version
 
 pytestmark = pytest.mark.django_db
 Status = Deployment.Status
@@ -28,16 +29,6 @@ ALIAS = "live"
 def root(cloud, pushed):  # noqa: F811
     """An aws deployment ready on moto: its function, alias and HTTP API as provision left them."""
     return ready_on_aws(pushed)
-
-
-def new_version(root, iris_rf_bytes, **kwargs) -> Deployment:
-    return services.deployment_version_create(
-        root=root,
-        model_format="pickle",
-        model_upload=upload(iris_rf_bytes),
-        requirements_upload=upload(SKLEARN_PIN.encode(), "requirements.txt"),
-        **kwargs,
-    )
 
 
 def provisioned(cloud, version: Deployment, tag: str) -> Deployment:  # noqa: F811
@@ -57,6 +48,12 @@ def mark_ready(version: Deployment, django_capture_on_commit_callbacks) -> Deplo
     with django_capture_on_commit_callbacks(execute=True):
         services.deployment_mark_ready(deployment=claimed, token=token)
     return Deployment.objects.get(pk=version.pk)
+
+
+def ready_for_review(cloud, root, iris_rf_bytes, tag: str, django_capture_on_commit_callbacks) -> Deployment:  # noqa: F811
+    """A new version of `root`, pushed as `tag`, published and ready, waiting to be promoted."""
+    version = provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), tag)
+    return mark_ready(version, django_capture_on_commit_callbacks)
 
 
 def alias(cloud, root) -> dict:  # noqa: F811
@@ -180,10 +177,7 @@ def test_a_canary_on_aws_is_the_aliass_weighted_routing(
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     services.deployment_canary_start(root=fresh(root), number=2, percent=10)
     now = alias(cloud, root)
     assert now["FunctionVersion"] == "1" and now["RoutingConfig"]["AdditionalVersionWeights"] == {"2": 0.1}
@@ -203,10 +197,7 @@ def test_shadow_on_aws_is_refused_with_what_works_instead(
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     with pytest.raises(services.VersionRefused, match="needs the local runtime.*canary.*promote it or roll back"):
         services.deployment_shadow_start(root=fresh(root), number=2)
     assert fresh(root).shadow_id is None
@@ -219,10 +210,7 @@ def test_when_aws_refuses_to_move_the_alias_nothing_changes_and_the_message_says
     django_capture_on_commit_callbacks,
     monkeypatch,  # noqa: F811
 ):
-    mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     real = aws.client
 
     class Refusing:
@@ -256,10 +244,7 @@ def test_a_promote_after_a_key_change_serves_the_version_published_again_with_th
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    v2 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     assert variables_of(cloud, root, v2.lambda_version)["SERVEML_PRIVATE"] == "0"
     key, _ = services.deployment_key_create(deployment=fresh(root), name="ci")  # now private
     aws.update_access(fresh(root))  # what the access task does
@@ -487,10 +472,7 @@ def test_the_page_offers_versions_on_aws_and_an_aws_versions_page_says_it_has_no
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    v2 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     client.force_login(user)
     page = client.get(root.get_absolute_url()).content.decode()
     assert 'id="version-form"' in page and "Promote v2" in page and "Lambda version 2" in page
@@ -534,10 +516,7 @@ def test_the_page_shows_cloudwatch_figures_for_the_url_and_each_version_read_onc
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    v2 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     services.deployment_canary_start(root=fresh(root), number=2, percent=10)
     name = aws.resource_name(root)
     put_lambda_metrics(name, [("Invocations", 40), ("Errors", 2), ("Duration", 12.0), ("Duration", 30.0)])
@@ -584,14 +563,8 @@ def test_deleting_an_aws_version_deletes_its_lambda_version_in_the_stop_task_and
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    v2 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
-    v3 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v3"),
-        django_capture_on_commit_callbacks,
-    )
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    v3 = ready_for_review(cloud, root, iris_rf_bytes, "v3", django_capture_on_commit_callbacks)
     assert published(cloud, root) == ["1", "2", "3"]
     model_file = v2.model_file.name
     with django_capture_on_commit_callbacks() as queued:
@@ -621,14 +594,8 @@ def test_a_lambda_version_the_alias_still_sends_requests_to_is_not_deleted(
     iris_rf_bytes,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    v2 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v2"),
-        django_capture_on_commit_callbacks,
-    )
-    v3 = mark_ready(
-        provisioned(cloud, new_version(root, iris_rf_bytes, auto_promote=False), "v3"),
-        django_capture_on_commit_callbacks,
-    )
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    v3 = ready_for_review(cloud, root, iris_rf_bytes, "v3", django_capture_on_commit_callbacks)
     # The alias moved outside ServeML (or another version holds the same Lambda version): the
     # database says version 1 serves, AWS sends requests to Lambda versions 2 (and 3, a share).
     cloud["lambda"].update_alias(

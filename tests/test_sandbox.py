@@ -24,6 +24,7 @@ from deployments.pipeline.errors import StageError
 from deployments.requirements import parse_requirements
 from tests import payloads
 from tests.conftest import SKLEARN_PIN, stand_in_build
+from tests.support.models import host_processes
 
 LIMITS = sandbox.Limits(memory_bytes=1024**3, cpu_seconds=20)
 
@@ -45,26 +46,6 @@ def start_code(environment, code: str, *, uid: int) -> subprocess.Popen:
     proc = subprocess.Popen(launched.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **launched.popen_kwargs())
     launched.started()
     return proc
-
-
-def host_processes() -> dict[int, dict]:
-    """Every process on the host: its uid, parent and command line, read from the host's /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        found[int(entry.name)] = {
-            "uid": int(fields["Uid"].split()[0]),
-            "ppid": int(fields["PPid"]),
-            "cmdline": cmdline,
-        }
-    return found
 
 
 def wait_for_process(marker: str, timeout: float = 20) -> tuple[int, dict]:

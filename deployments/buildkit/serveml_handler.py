@@ -261,11 +261,7 @@ def _predict_array(m, body):
     method, X, single = _array_request(m, body)
     if m.feature_names is not None:  # the runtime sends these models JSON; as their float rows would be
         X = _frame(m, X.tolist())
-    try:
-        result = _plain(getattr(m.estimator, method)(X))
-    except Exception as exc:  # the estimator rejects the input: say why, never 500
-        raise BadRequest(f"the model could not {method} this input: {exc}") from None
-    return _answer(m, result, single)
+    return _predicted(m, method, X, single)
 
 
 def handle_array(body):
@@ -290,7 +286,11 @@ def predict(payload):
     """Apply the prediction contract to a decoded request; returns the response object."""
     m = model()
     method, rows, single = _request(m, payload)
-    X = _matrix(m, rows)
+    return _predicted(m, method, _matrix(m, rows), single)
+
+
+def _predicted(m, method, X, single):
+    """The answer to one request: `method` applied to its rows `X`."""
     try:
         result = _plain(getattr(m.estimator, method)(X))
     except Exception as exc:  # the estimator rejects the input: say why, never 500

@@ -10,41 +10,42 @@ import os
 from pathlib import Path
 
 
-def _processes() -> dict[int, tuple[int, int, bytes]]:
-    """pid -> (parent, real uid, command line), from one pass over /proc."""
+def host_processes() -> dict[int, dict]:
+    """Every process on the host: its uid, parent and command line, read from the host's /proc."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # gone meanwhile
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        found[int(entry.name)] = (int(fields["PPid"]), int(fields["Uid"].split()[0]), cmdline)
+        found[int(entry.name)] = {"uid": int(fields["Uid"].split()[0]), "ppid": int(fields["PPid"]), "cmdline": cmdline}
     return found
 
 
 def pids_of_uid(uid: int, ancestor: int | None = None) -> list[int]:
     """The model interpreters running as `uid` (one per model process: not what they started, nor
     the model server a forked process's namespace init starts), below `ancestor` when given."""
-    processes = _processes()
+    processes = host_processes()
 
     def below(pid: int) -> bool:
         while pid > 1:
-            pid = processes.get(pid, (0,))[0]
+            pid = processes[pid]["ppid"] if pid in processes else 0
             if pid == ancestor:
                 return True
         return False
 
     def interpreter(pid: int) -> bool:
-        return pid in processes and processes[pid][1] == uid and processes[pid][2].startswith(b"/env/bin/python")
+        info = processes.get(pid)
+        return info is not None and info["uid"] == uid and info["cmdline"].startswith("/env/bin/python")
 
     return [
         pid
-        for pid, (parent, _, _) in processes.items()
-        if interpreter(pid) and not interpreter(parent) and (ancestor is None or below(pid))
+        for pid, info in processes.items()
+        if interpreter(pid) and not interpreter(info["ppid"]) and (ancestor is None or below(pid))
     ]
 
 
