@@ -5,23 +5,12 @@ import threading
 import time
 from pathlib import Path
 
+from deployments.runtime.memory import children_of, tree
+
 
 def descendants(pid: int) -> list[int]:
-    """A process and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
+    """A process and all its descendants (one pass over /proc, as the runtime's budget does)."""
+    return tree(pid, children_of())
 
 
 def rss(pid: int) -> int:

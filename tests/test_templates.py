@@ -146,6 +146,8 @@ def test_a_forked_model_process_is_isolated_from_its_template_and_its_siblings(e
             await victim.predict(b'{"do": "listen", "name": "victim"}')
             _, report = await attacker.predict(b'{"do": "report", "name": "victim"}')
             fork = attacker.processes[0]
+            again, _ = await attacker.predict(ROW)  # its init ignored the kill: the namespace still stands
+            assert again == 200 and fork.alive and attacker.processes[0] is fork
             template = fork.template.pid
             template_interpreter = max(memory.tree(template, memory.children_of()))  # the last one it started
             return (
