@@ -31,6 +31,14 @@ def handle_many(bodies):
             time.sleep(60)
         if body == b"crash":
             os._exit(7)
+        if body == b"last-words":  # answers, then exits before the runtime has read the answer
+            import sys
+            import protocol
+            frame = sys._getframe()
+            while frame.f_code.co_name != "main":  # model_server.main, which holds the answer pipe
+                frame = frame.f_back
+            frame.f_locals["channel"].write(protocol.encode_answers([(200, b"last words")]))
+            os._exit(0)
         if body == b"huge":
             answers.append((200, b"x" * (2 * 1024 * 1024)))
             continue
@@ -106,6 +114,20 @@ def test_a_process_that_hangs_or_crashes_fails_its_requests_and_is_replaced(
     error, after = run(scenario())
     assert error.status == status and says in error.message and "restarted on the next request" in error.message
     assert after == (200, b"1:after")
+
+
+def test_an_answer_written_just_before_the_process_exits_still_reaches_its_request(pool_for, tmp_path):
+    # The runtime handles a forked process's answers a turn of the event loop after it reads them
+    # (process.py: larger batches); the pipe's end, read at the same time, must not overtake them
+    # and fail a request whose answer is already in.
+    async def scenario():
+        pool = pool_for(tmp_path)
+        try:
+            return [await pool.predict(b"last-words") for _ in range(5)]
+        finally:
+            pool.close()
+
+    assert run(scenario()) == [(200, b"last words")] * 5
 
 
 def test_a_request_sent_to_a_process_that_died_while_idle_is_answered_by_a_fresh_one(pool_for, tmp_path):
