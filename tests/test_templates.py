@@ -253,11 +253,12 @@ def test_an_idle_template_is_stopped_and_one_with_processes_is_kept(environment,
         templates.shared.sweep(now=time.monotonic() + 30)
         kept_while_recent = template.alive
         templates.shared.sweep(now=time.monotonic() + 61)
-        return kept, kept_while_recent, template.alive, dict(templates.shared.templates)
+        return kept, kept_while_recent, template.alive, dict(templates.shared.templates), templates.shared.starting
 
-    kept, kept_while_recent, alive_after, left = run(scenario)
+    kept, kept_while_recent, alive_after, left, locks = run(scenario)
     assert kept and kept_while_recent
     assert not alive_after and not left
+    assert not locks  # nor the lock its start took: one per (environment, owner) ever served would pile up
 
 
 def test_without_bubblewrap_a_template_fails_closed_with_what_to_install(environment, tmp_path, no_bubblewrap):  # noqa: F811

@@ -291,6 +291,11 @@ class Templates:
             if idle or not template.alive:
                 template.stop()
                 del self.templates[key]
+        # A lock nobody holds is only worth keeping beside its template; without this, every
+        # (environment, owner) ever served would keep one. Nothing waits on an unheld lock, and
+        # get() acquires the lock it makes without yielding first.
+        for key in [key for key, lock in self.starting.items() if key not in self.templates and not lock.locked()]:
+            del self.starting[key]
 
     def pids(self) -> list[int]:
         return [template.pid for template in self.templates.values() if template.alive]
@@ -299,6 +304,7 @@ class Templates:
         for template in self.templates.values():
             template.stop()
         self.templates.clear()
+        self.starting.clear()
 
 
 # One set per runtime process, as a connection pool would be.
