@@ -1,4 +1,6 @@
 from django.contrib import admin, messages
+from django.contrib.auth import admin as auth_admin
+from django.contrib.auth import get_user_model
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -98,6 +100,11 @@ class DeploymentAdmin(admin.ModelAdmin):
         "new_version",
         "live_figures",
     ]
+
+    def has_delete_permission(self, request, obj=None):
+        """Never: a deleted row would leave its model processes running, its files on disk and an aws
+        deployment's resources in the account. Operators stop deployments and delete versions instead."""
+        return False
 
     def get_urls(self):
         new_version = self.admin_site.admin_view(self.new_version_view)
@@ -245,6 +252,30 @@ class DeploymentAdmin(admin.ModelAdmin):
             "resources: their status is 'stopping' until then).",
             messages.SUCCESS,
         )
+
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class UserAdmin(auth_admin.UserAdmin):
+    """Django's, saying what to do instead when a user to delete owns deployments (they are PROTECTed)."""
+
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        if Deployment.objects.filter(owner__in=objs).exists():
+            # Listed as protected, which refuses the delete; not as a permission this operator lacks
+            # (Django counts one for each protected object whose admin deletes nothing).
+            perms_needed.discard(Deployment._meta.verbose_name)
+            self.message_user(
+                request,
+                "A user who owns deployments cannot be deleted: ServeML keeps every deployment, stopped ones "
+                "too, with its owner. To close the account, stop their deployments (the Stop action on the "
+                "Deployments page) and untick Active on the user.",
+                messages.ERROR,
+            )
+        return deleted, counts, perms_needed, protected
 
 
 @admin.register(DeploymentEvent)

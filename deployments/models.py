@@ -58,7 +58,9 @@ class Deployment(models.Model):
     TERMINAL = (Status.READY, Status.FAILED, Status.STOPPED)
 
     public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="deployments")
+    # PROTECT: deleting the row would leave its model processes running, its files on disk and an aws
+    # deployment's resources in the account; a user who owns deployments is deactivated instead.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="deployments")
     name = models.CharField(max_length=100)
     target = models.CharField(max_length=10, choices=Target.choices, default=Target.LOCAL)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)

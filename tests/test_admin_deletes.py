@@ -1,0 +1,100 @@
+"""The admin never deletes a deployment's row: that would leave its model processes running, its
+files on disk and an aws deployment's resources in the account. Operators stop deployments and
+delete versions instead (the admin's actions); a user who owns deployments is not deleted either."""
+
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+
+from deployments.models import Deployment
+
+pytestmark = pytest.mark.django_db
+Status = Deployment.Status
+
+
+@pytest.fixture(autouse=True)
+def no_enqueue(monkeypatch):
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """What would be asked of the runtime, recorded instead of sent."""
+    calls = []
+    for name in ("load", "unload", "route_quietly"):
+        monkeypatch.setattr(f"deployments.runtime.client.{name}", lambda public_id, name=name: calls.append(name))
+    return calls
+
+
+@pytest.fixture
+def ready(user, make_deployment):
+    deployment = make_deployment(user, name="kept")
+    deployment.update(status=Status.READY, endpoint_url=f"http://runtime/predict/{deployment.public_id}")
+    return deployment
+
+
+def files_of(deployment: Deployment) -> list[Path]:
+    return [Path(deployment.model_file.path), Path(deployment.requirements_file.path)]
+
+
+def assert_untouched(deployment: Deployment, runtime: list) -> None:
+    kept = Deployment.objects.get(pk=deployment.pk)
+    assert kept.status == Status.READY and kept.deleted_at is None and kept.endpoint_url == deployment.endpoint_url
+    assert all(path.is_file() for path in files_of(kept))
+    assert runtime == []
+
+
+def test_the_admin_offers_no_delete_for_a_deployment_but_keeps_stop_and_delete_versions(admin_client, ready):
+    delete_url = reverse("admin:deployments_deployment_delete", args=[ready.pk])
+    change = admin_client.get(reverse("admin:deployments_deployment_change", args=[ready.pk])).content.decode()
+    assert delete_url not in change and 'class="deletelink"' not in change
+    changelist = admin_client.get(reverse("admin:deployments_deployment_changelist")).content.decode()
+    assert 'value="delete_selected"' not in changelist
+    assert 'value="stop"' in changelist and 'value="delete_versions"' in changelist
+
+
+def test_a_post_to_a_deployments_admin_delete_url_is_refused_and_changes_nothing(admin_client, ready, runtime):
+    assert all(path.is_file() for path in files_of(ready))
+    url = reverse("admin:deployments_deployment_delete", args=[ready.pk])
+    assert admin_client.get(url).status_code == 403
+    assert admin_client.post(url, {"post": "yes"}).status_code == 403
+    assert_untouched(ready, runtime)
+
+
+def test_the_bulk_delete_action_is_not_run_on_deployments(admin_client, ready, runtime):
+    changelist = reverse("admin:deployments_deployment_changelist")
+    admin_client.post(changelist, {"action": "delete_selected", "_selected_action": [ready.pk], "post": "yes"})
+    assert_untouched(ready, runtime)
+
+
+def test_deleting_a_user_who_owns_deployments_is_refused_and_says_what_to_do(admin_client, user, ready, runtime):
+    url = reverse("admin:auth_user_delete", args=[user.pk])
+    for response in (admin_client.get(url), admin_client.post(url, {"post": "yes"})):
+        page = response.content.decode()
+        assert response.status_code == 200 and "protected related objects" in page
+        assert "kept" in page  # the deployment in the way
+        assert "stop their deployments" in page and "untick Active" in page
+        assert "have permission" not in page  # refused for the deployments, not for the operator's permissions
+    assert type(user).objects.filter(pk=user.pk).exists()
+    assert_untouched(ready, runtime)
+
+
+def test_the_bulk_delete_of_users_refuses_an_owner_of_deployments(admin_client, user, other_user, ready, runtime):
+    page = admin_client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "delete_selected", "_selected_action": [user.pk, other_user.pk], "post": "yes"},
+    ).content.decode()
+    assert "protected related objects" in page and "stop their deployments" in page
+    assert type(user).objects.filter(pk__in=[user.pk, other_user.pk]).count() == 2
+    assert_untouched(ready, runtime)
+
+
+def test_a_user_without_deployments_is_still_deleted(admin_client, user, other_user, ready):
+    url = reverse("admin:auth_user_delete", args=[other_user.pk])
+    page = admin_client.get(url).content.decode()
+    assert "protected related objects" not in page and "stop their deployments" not in page
+    response = admin_client.post(url, {"post": "yes"})
+    assert response.status_code == 302 and response["Location"] == reverse("admin:auth_user_changelist")
+    assert not type(other_user).objects.filter(pk=other_user.pk).exists()
+    assert Deployment.objects.filter(pk=ready.pk, owner=user).exists()
