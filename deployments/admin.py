@@ -280,10 +280,22 @@ class UserAdmin(auth_admin.UserAdmin):
 
 @admin.register(DeploymentEvent)
 class DeploymentEventAdmin(admin.ModelAdmin):
+    """Read-only: the event log is each deployment's history, written by the pipeline and the
+    services alone (an operator's actions are logged there too)."""
+
     list_display = ["created_at", "deployment", "stage", "level", "message"]
     list_filter = ["level", "stage"]
     search_fields = ["message", "deployment__name", "deployment__public_id"]
     list_select_related = ["deployment"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(AllowedGlobal)

@@ -98,3 +98,19 @@ def test_a_user_without_deployments_is_still_deleted(admin_client, user, other_u
     assert response.status_code == 302 and response["Location"] == reverse("admin:auth_user_changelist")
     assert not type(other_user).objects.filter(pk=other_user.pk).exists()
     assert Deployment.objects.filter(pk=ready.pk, owner=user).exists()
+
+
+def test_the_event_log_is_read_only_in_the_admin(admin_client, ready):
+    from deployments import services
+
+    services.deployment_record_event(deployment=ready, stage="", message="promoted version 2")
+    event = ready.events.get(message="promoted version 2")
+    listing = admin_client.get(reverse("admin:deployments_deploymentevent_changelist"))
+    assert listing.status_code == 200 and "promoted version 2" in listing.content.decode()
+    assert "delete_selected" not in listing.content.decode()
+    assert admin_client.get(reverse("admin:deployments_deploymentevent_add")).status_code == 403
+    delete_url = reverse("admin:deployments_deploymentevent_delete", args=[event.pk])
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 403
+    change_url = reverse("admin:deployments_deploymentevent_change", args=[event.pk])
+    assert admin_client.post(change_url, {"message": "rewritten"}).status_code == 403
+    assert ready.events.get(pk=event.pk).message == "promoted version 2"
