@@ -30,6 +30,7 @@ class Results:
     cases: list[Case] = field(default_factory=list)
     floor_us: dict = field(default_factory=dict)  # model -> {"row": µs, "batch100_per_row": µs}
     transport_ms: dict = field(default_factory=dict)  # rows per request -> p50 of a constant answer
+    hop_ms: dict = field(default_factory=dict)  # the same, answered through a child process (hop_floor.py)
     deploy: dict = field(default_factory=dict)
     memory_mb: dict = field(default_factory=dict)  # "at rest" / "after the load tests" -> process -> RSS, private
     peers: dict = field(default_factory=dict)  # server (a peer's configuration) -> "ok: ..." or why it did not run

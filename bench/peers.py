@@ -1,9 +1,10 @@
 """The servers ServeML is compared with, each in a virtual environment of its own and measured
 alone: FastAPI + uvicorn, MLServer, BentoML; and the transport floor, a bare uvicorn app that
-answers a constant."""
+answers a constant, alone and through a child process."""
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -50,32 +51,42 @@ def venv(results: Results, name: str) -> Path | None:
 
 
 def run_http_floor(results: Results, setup: Setup):
-    """p50 of a bare uvicorn app that answers a constant: what HTTP alone costs here, at concurrency 1."""
-    port = free_port()
-    server = Service(
-        "http-floor",
-        [
-            ROOT / ".venv" / "bin" / "uvicorn",
-            "http_floor:app",
-            "--port",
-            port,
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        cwd=APPS,
-        log_dir=LOGS,
-    ).start()
+    """p50 at concurrency 1 of a bare uvicorn app that answers a constant (what HTTP alone costs
+    here) and of the same app answering through a child process (hop_floor.py: what keeping the
+    model in another process costs at least). Alternating rounds, the median of each: the two
+    are compared with each other, and machine noise moves both."""
+    servers, urls = {}, {}
     try:
-        url = f"http://127.0.0.1:{port}/"
-        server.wait_answers(url, 30, method="POST", json={"data": ROW})
+        for app in ("http_floor", "hop_floor"):
+            port = free_port()
+            servers[app] = Service(
+                app.replace("_", "-"),
+                [ROOT / ".venv" / "bin" / "uvicorn", f"{app}:app", "--port", port]
+                + ["--log-level", "warning", "--no-access-log"],
+                cwd=APPS,
+                log_dir=LOGS,
+            ).start()
+            urls[app] = f"http://127.0.0.1:{port}/"
+            servers[app].wait_answers(urls[app], 30, method="POST", json={"data": ROW})
         for concurrency, body, rows in contract_bodies().values():
-            if concurrency == 1:
+            if concurrency != 1:
+                continue
+            p50s = {app: [] for app in urls}
+            for url in urls.values():
                 load(url, body, 1, setup.counts["warmup"])
-                results.transport_ms[rows] = load(url, body, 1, setup.counts["c1"])["p50_ms"]
-                print(f"  constant answer, {rows} row(s) sent: p50 {results.transport_ms[rows]:.3f} ms", flush=True)
+            for round_ in range(3):
+                for app in urls if round_ % 2 == 0 else reversed(urls):
+                    p50s[app].append(load(urls[app], body, 1, setup.counts["c1"])["p50_ms"])
+            results.transport_ms[rows] = statistics.median(p50s["http_floor"])
+            results.hop_ms[rows] = statistics.median(p50s["hop_floor"])
+            print(
+                f"  constant answer, {rows} row(s) sent: p50 {results.transport_ms[rows]:.3f} ms, "
+                f"through a child process {results.hop_ms[rows]:.3f} ms",
+                flush=True,
+            )
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def measure_peer(

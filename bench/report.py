@@ -54,6 +54,9 @@ def summary_line(results: Results) -> str:
         if 100 in results.transport_ms and floor_lr
         else None
     )
+    isolated_ms = (
+        results.hop_ms[100] + floor_lr["batch100_per_row"] * 100 / 1000 if 100 in results.hop_ms and floor_lr else None
+    )
     fields = {
         "c1_p50_over_floor_ms": c1.p50_ms - floor_lr.get("row", 0) / 1000 if c1 else float("nan"),
         "c8_ratio_vs_best_peer": ratio(8),
@@ -74,6 +77,9 @@ def summary_line(results: Results) -> str:
         "c32_zipf100_p99_ms": density["zipf"]["p99_ms"] if density else float("nan"),
         # A 100-row request's p50 over what the same HTTP stack costs plus predict itself.
         "batch100_vs_bound": batch.p50_ms / bound_ms if batch and bound_ms else float("nan"),
+        # The same over the transport floor answered through a child process, plus predict: the
+        # least a server that keeps the model in another process can cost (apps/hop_floor.py).
+        "batch100_vs_isolated_bound": batch.p50_ms / isolated_ms if batch and isolated_ms else float("nan"),
     }
     return "summary: " + " ".join(f"{key}={value:.3f}" for key, value in fields.items())
 
@@ -156,7 +162,10 @@ def batch_rows(results: Results) -> list[str]:
             continue
         per_row = c.p50_ms * 1000 / 100
         bound = (results.transport_ms.get(100, float("nan")) * 1000 + floor_row * 100) / (floor_row * 100)
-        rows.append(f"| {c.server} | {c.model} | {per_row:.2f} | {per_row / floor_row:.2f} | {bound:.2f} |")
+        isolated = (results.hop_ms.get(100, float("nan")) * 1000 + floor_row * 100) / (floor_row * 100)
+        rows.append(
+            f"| {c.server} | {c.model} | {per_row:.2f} | {per_row / floor_row:.2f} | {bound:.2f} | {isolated:.2f} |"
+        )
     return rows
 
 
@@ -214,20 +223,25 @@ def write_report(results: Results, line: str, smoke: bool) -> None:
         "",
         "## Transport floor: uvicorn answering a constant, concurrency 1",
         "",
-        "What HTTP alone costs here, whatever the server does with the request.",
+        "What HTTP alone costs here, whatever the server does with the request; and the same app "
+        "answering through a child process over two pipes (`bench/apps/hop_floor.py`): what a server "
+        "that keeps the model out of its own process pays at least. Median of three alternating rounds.",
         "",
-        "| rows/request | p50 ms |",
-        "|---|---|",
-        *[f"| {rows} | {ms:.3f} |" for rows, ms in results.transport_ms.items()],
+        "| rows/request | p50 ms | through a child process: p50 ms |",
+        "|---|---|---|",
+        *[
+            f"| {rows} | {ms:.3f} | {results.hop_ms.get(rows, float('nan')):.3f} |"
+            for rows, ms in results.transport_ms.items()
+        ],
         "",
         "## Batch of 100 rows, per row",
         "",
         "A server's p50 per row of a 100-row request, against the in-process `predict` per row; the last "
-        "column is what a server on the same HTTP stack could at best reach: transport floor plus `predict`, "
-        "nothing else.",
+        "columns are what a server on the same HTTP stack could at best reach: transport floor plus `predict`, "
+        "nothing else, and the same through a child process (a server that isolates the model).",
         "",
-        "| server | model | per row µs | × floor | transport + predict, × floor |",
-        "|---|---|---|---|---|",
+        "| server | model | per row µs | × floor | transport + predict, × floor | + child process, × floor |",
+        "|---|---|---|---|---|---|",
         *batch_rows(results),
         "",
         "## Deploy pipeline (local target, median of runs)",

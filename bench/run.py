@@ -34,7 +34,7 @@ from bench.serveml import run_serveml  # noqa: E402
 SECTIONS = [
     ("serveml", "ServeML (local target)", run_serveml, True),
     ("density", "Many deployments: memory at 1, 10 and 100 loaded, cold starts, Zipf traffic", run_density, True),
-    ("transport", "Transport floor (uvicorn answering a constant)", run_http_floor, True),
+    ("transport", "Transport floor (uvicorn answering a constant, alone and via a child)", run_http_floor, True),
     ("fastapi", "FastAPI + uvicorn", run_fastapi, True),
     ("mlserver", "MLServer + mlserver-sklearn, as is and with adaptive batching", run_mlserver, False),
     ("bentoml", "BentoML, as is and with a batchable API", run_bentoml, False),
