@@ -102,6 +102,13 @@ def iris_rf_bytes(iris_rf) -> bytes:
 
 
 @pytest.fixture
+def no_enqueue(monkeypatch):
+    """Deployments created through services stay queued: no Celery task is sent. For the modules
+    that drive the pipeline's stages themselves, or need none of it (their pytestmark uses it)."""
+    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+
+
+@pytest.fixture
 def user(django_user_model):
     return django_user_model.objects.create_user("alice", password="correct-horse-42")
 

@@ -8,9 +8,9 @@ import pytest
 from django.urls import reverse
 
 from deployments.models import Deployment
-from tests.test_versions import no_enqueue, root, runtime  # noqa: F401  (fixtures)
+from tests.test_versions import root, runtime  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 Status = Deployment.Status
 
 

@@ -5,12 +5,7 @@ from rest_framework.test import APIClient
 from deployments.models import Deployment
 from tests.conftest import SKLEARN_PIN
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 @pytest.fixture

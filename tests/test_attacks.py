@@ -31,12 +31,7 @@ from deployments.requirements import RequirementsError, parse_requirements
 from tests import payloads
 from tests.conftest import SKLEARN_PIN
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 # ------------------------------------------------------------------ a .pth wheel in requirements.txt

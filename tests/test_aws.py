@@ -15,13 +15,8 @@ from deployments.targets import aws
 from deployments.targets import aws_image as image
 from tests.conftest import SKLEARN_PIN, recorded_posts
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 REGION = "us-east-1"
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from deployments.pipeline import stages
 from deployments.pipeline.errors import TransientStageError
 from deployments.targets import aws
 from tests.conftest import SKLEARN_PIN, upload
-from tests.test_aws import cloud, no_enqueue, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
+from tests.test_aws import cloud, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
 from tests.test_versions import new_version
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 Status = Deployment.Status
 ALIAS = "live"
 

@@ -14,9 +14,9 @@ from deployments import services
 from deployments.models import Deployment
 from deployments.runtime import app, registry
 from deployments.runtime.registry import lookup_canary
-from tests.test_versions import api, new_version, no_enqueue, ready, root, runtime  # noqa: F401  (fixtures)
+from tests.test_versions import api, new_version, ready, root, runtime  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 Status = Deployment.Status
 
 

@@ -21,7 +21,7 @@ from deployments.pipeline.errors import StageError
 from tests import payloads
 from tests.conftest import upload
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 OLDEST, NEWEST = compat.RELEASES_BY_LABEL["1.2.2"], compat.RELEASES_BY_LABEL["1.9.1"]
 # The bare `_loss` module is written by 1.5.2-1.8.0 only.
@@ -60,11 +60,6 @@ SAMPLE = {
     "kernel_approximation": "Pipeline[Nystroem,LogisticRegression]",
 }
 UPLOAD_FORMAT = {"pickle": "pickle", "joblib": "joblib", "joblib-zlib": "joblib", "skops": "skops"}
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 def plan():

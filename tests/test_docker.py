@@ -18,7 +18,7 @@ from deployments.targets import aws_image as image
 from tests import docker_engine
 from tests.conftest import OUTPUT, SKLEARN_PIN, dump, free_port, wait_for
 
-pytestmark = [pytest.mark.docker, pytest.mark.django_db]
+pytestmark = [pytest.mark.docker, pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +40,6 @@ def aws_image_settings(settings, engine):
     settings.SERVEML_LAMBDA_ARCHITECTURE = "x86_64"
     # The stand-in runs Debian bookworm (glibc 2.36): manylinux_2_28 wheels, as on Amazon Linux 2023.
     settings.SERVEML_LAMBDA_MANYLINUX = "manylinux_2_28"
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 @pytest.fixture

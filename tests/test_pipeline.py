@@ -17,13 +17,8 @@ from deployments.pipeline.errors import StageError
 from tests import payloads
 from tests.conftest import SKLEARN_PIN, dump
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 EXEC = ("builtins", "exec")
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 def test_a_claim_is_atomic_so_a_redelivered_task_does_nothing(user, make_deployment, monkeypatch):

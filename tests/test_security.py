@@ -23,13 +23,8 @@ from deployments.pipeline.errors import StageError
 from tests import payloads
 from tests.conftest import SKLEARN_PIN
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 PAYLOAD_NAMES = sorted(payloads.payloads("/nonexistent"))
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 @pytest.fixture

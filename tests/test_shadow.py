@@ -15,7 +15,9 @@ from deployments.models import Deployment
 from deployments.runtime import shadow as shadows
 from deployments.runtime.process import ModelUnavailable
 from deployments.runtime.shadow import Shadow, agree
-from tests.test_versions import api, new_version, no_enqueue, ready, root, runtime  # noqa: F401  (fixtures)
+from tests.test_versions import api, new_version, ready, root, runtime  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("no_enqueue")
 
 Status = Deployment.Status
 

@@ -6,7 +6,7 @@ from moto import mock_aws
 
 from deployments.pipeline import stages
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 @pytest.fixture
@@ -21,11 +21,6 @@ def s3_storage(settings, monkeypatch):
             "default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {"bucket_name": "serveml-test"}},
         }
         yield boto3.client("s3", region_name="us-east-1")
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 def test_uploads_and_the_build_context_are_stored_in_s3_when_configured(s3_storage, user, make_deployment):

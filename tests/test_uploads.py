@@ -12,7 +12,7 @@ from deployments.models import Deployment
 from tests import payloads
 from tests.conftest import SKLEARN_PIN
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 def stored_files() -> list:
@@ -35,12 +35,6 @@ def post(client, model: bytes, requirements: bytes = SKLEARN_PIN.encode(), model
 def signed_in(client, user):
     client.force_login(user)
     return client
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    # These tests are about the form; the pipeline itself is driven in test_end_to_end.
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 @pytest.mark.parametrize(

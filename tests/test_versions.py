@@ -12,13 +12,8 @@ from deployments import services
 from deployments.models import Deployment
 from tests.conftest import SKLEARN_PIN, upload
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 Status = Deployment.Status
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
 
 
 @pytest.fixture

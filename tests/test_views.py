@@ -5,12 +5,7 @@ from django.urls import reverse
 from deployments.models import Deployment
 from tests.conftest import recorded_posts
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    monkeypatch.setattr("deployments.services._enqueue", lambda deployment: None)
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 def test_the_list_shows_only_the_users_own_deployments(client, user, other_user, make_deployment):
