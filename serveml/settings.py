@@ -278,6 +278,9 @@ SERVEML_AWS_REGION = (
 SERVEML_LAMBDA_ROLE_ARN = os.environ.get("SERVEML_LAMBDA_ROLE_ARN", "")
 SERVEML_LAMBDA_MEMORY_MB = env_number("SERVEML_LAMBDA_MEMORY_MB", 1024)
 SERVEML_LAMBDA_TIMEOUT_S = env_number("SERVEML_LAMBDA_TIMEOUT_S", 30)
+# A Lambda version published again with new keys is deleted once no ServeML version records it and it is
+# this old: younger, its pipeline may not have recorded it yet (aws.prune).
+SERVEML_LAMBDA_PRUNE_AFTER_S = env_number("SERVEML_LAMBDA_PRUNE_AFTER_S", 3600)
 SERVEML_LAMBDA_ARCHITECTURE = os.environ.get("SERVEML_LAMBDA_ARCHITECTURE", "x86_64")  # or arm64
 SERVEML_LAMBDA_BASE_IMAGE = os.environ.get("SERVEML_LAMBDA_BASE_IMAGE", "public.ecr.aws/lambda/python:3.11")
 # The wheel platform of that image's glibc: python:3.11 runs on Amazon Linux 2 (manylinux2014);

@@ -263,6 +263,69 @@ def test_a_promote_after_a_key_change_serves_the_version_published_again_with_th
     assert "SERVEML_KEY_SHA256" not in variables_of(cloud, root, alias(cloud, root)["FunctionVersion"])
 
 
+def test_lambda_versions_published_again_with_new_keys_are_deleted_once_no_version_records_them(
+    cloud,
+    root,
+    iris_rf_bytes,
+    settings,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    assert published(cloud, root) == ["1", "2"]
+    services.deployment_key_create(deployment=fresh(root), name="ci")
+    aws.update_access(fresh(root))
+    again = alias(cloud, root)["FunctionVersion"]  # version 1 published again, with the key
+    assert fresh(root).lambda_version == again
+    # "1" carried the keys of before and nothing records it; "2" is version 2's, waiting for review.
+    assert published(cloud, root) == ["2", again]
+
+    services.deployment_version_promote(root=fresh(root), number=2)
+    now = alias(cloud, root)["FunctionVersion"]
+    assert now == fresh(v2).lambda_version != "2"
+    assert published(cloud, root) == [again, now]  # version 1's stays: a rollback serves it at once
+    assert "deleted the superseded Lambda version(s) 2" in fresh(root).events.last().message
+    services.deployment_version_promote(root=fresh(root), number=1)
+    assert alias(cloud, root)["FunctionVersion"] == again and published(cloud, root) == [again, now]
+
+
+def test_a_lambda_version_younger_than_the_prune_delay_is_kept_and_a_refused_delete_fails_nothing(
+    cloud,
+    root,
+    iris_rf_bytes,
+    settings,
+    monkeypatch,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    services.deployment_key_create(deployment=fresh(root), name="ci")
+    aws.update_access(fresh(root))  # "1" is nobody's now, but just published: its pipeline may record it yet
+    assert published(cloud, root) == ["1", "2", fresh(root).lambda_version]
+
+    settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
+    real = aws.client
+
+    class Refusing:
+        def __init__(self, lam):
+            self.lam = lam
+
+        def delete_function(self, **kwargs):
+            error = {"Error": {"Code": "AccessDeniedException", "Message": "no lambda:DeleteFunction"}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "DeleteFunction")
+
+        def __getattr__(self, name):
+            return getattr(self.lam, name)
+
+    monkeypatch.setattr(
+        aws, "client", lambda service: Refusing(real(service)) if service == "lambda" else real(service)
+    )
+    services.deployment_version_promote(root=fresh(root), number=2)  # the promote itself goes through
+    assert alias(cloud, root)["FunctionVersion"] == fresh(root).serving.lambda_version
+    said = fresh(root).events.last().message
+    assert "superseded Lambda versions kept" in said and "lambda:DeleteFunction" in said and "IAM" in said
+    assert "1" in published(cloud, root)
+
+
 def test_verify_of_a_private_deployments_first_version_calls_an_alias_that_knows_the_one_off_key(
     cloud,
     pushed,

@@ -23,6 +23,8 @@ a teardown that AWS keeps throttling ends `failed` with why, never stuck in
 
 import base64
 import json
+import logging
+import re
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -54,6 +56,7 @@ TRANSIENT_CODES = {
     "RequestTimeoutException",
     "EC2ThrottledException",
 }
+log = logging.getLogger("serveml.aws")
 PERMISSION_STATEMENT = "serveml-apigateway-invoke"
 ALIAS = "live"  # what the HTTP API invokes; it points at the Lambda version that serves
 # ServeML's JSON at the root; the Open Inference Protocol (V2) under /v2 ({proxy+} needs a segment).
@@ -599,7 +602,40 @@ def route(root: Deployment, lam=None) -> str:
         RoutingConfig={"AdditionalVersionWeights": weights},
     )
     split = f", Lambda version {canary} {root.canary_percent}%" if weights else ""
-    return f"the Lambda alias {ALIAS} serves Lambda version {serving}{split}"
+    pruned = prune(lam, root, {serving, *weights})
+    return f"the Lambda alias {ALIAS} serves Lambda version {serving}{split}" + (f"; {pruned}" if pruned else "")
+
+
+def prune(lam, root: Deployment, routed: set[str]) -> str:
+    """Delete the Lambda versions of `root`'s function that nothing can use any more: published
+    again with the keys of now (current_lambda_version), so no ServeML version records them, and
+    not `routed` (what the alias serves). Each carries the key digests of its day. A version
+    younger than SERVEML_LAMBDA_PRUNE_AFTER_S is kept: its pipeline may not have recorded it yet.
+    Best effort, never failing what called it: says what it deleted, or why it could not."""
+    recorded = set(
+        Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
+        .exclude(lambda_version="")
+        .values_list("lambda_version", flat=True)
+    )
+    before = datetime.now(UTC) - timedelta(seconds=settings.SERVEML_LAMBDA_PRUNE_AFTER_S)
+    try:
+        stale = [
+            listed["Version"]
+            for listed in listed_versions(lam, resource_name(root))
+            if listed["Version"] not in recorded | routed and modified_at(listed.get("LastModified", "")) < before
+        ]
+        for number in stale:
+            call(
+                lam.delete_function,
+                f"delete the superseded Lambda version {number}",
+                ignore=("ResourceNotFoundException",),
+                FunctionName=resource_name(root),
+                Qualifier=number,
+            )
+    except StageError as exc:
+        log.warning("%s: superseded Lambda versions kept: %s", root.public_id, exc)
+        return f"superseded Lambda versions kept: {exc}"
+    return f"deleted the superseded Lambda version(s) {', '.join(stale)}" if stale else ""
 
 
 def provision(deployment: Deployment) -> str:
@@ -726,15 +762,35 @@ def delete_version(version: Deployment) -> str:
     return f"deleted Lambda version {number}" if deleted is not None else f"Lambda version {number} was gone already"
 
 
+LAST_MODIFIED = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?$")
+
+
+def modified_at(text: str) -> datetime:
+    """A Lambda LastModified ("2019-02-23T20:58:27.497+0000"; "...000Z" from moto) as an aware
+    datetime; one it cannot read counts as now, so nothing is deleted for a misread date."""
+    found = LAST_MODIFIED.match(text)
+    if found is None:
+        return datetime.now(UTC)
+    when, zone = found.groups()
+    zone = "+0000" if zone in (None, "Z") else zone.replace(":", "")
+    return datetime.strptime(when + zone, "%Y-%m-%dT%H:%M:%S%z")
+
+
 def published_versions(lam, function: str) -> list[str]:
     """The function's published version numbers ($LATEST is not one); none when it is gone."""
+    return [listed["Version"] for listed in listed_versions(lam, function)]
+
+
+def listed_versions(lam, function: str) -> list[dict]:
+    """The function's published versions as list_versions_by_function describes them, without
+    $LATEST; none when the function is gone."""
     pages = lam.get_paginator("list_versions_by_function").paginate(FunctionName=function)
     listed = call(
-        lambda: [v["Version"] for page in pages for v in page["Versions"]],
+        lambda: [version for page in pages for version in page["Versions"]],
         "list the Lambda function's versions",
         ignore=("ResourceNotFoundException",),
     )
-    return [number for number in listed or [] if number != "$LATEST"]
+    return [version for version in listed or [] if version["Version"] != "$LATEST"]
 
 
 # ------------------------------------------------------------------ figures from CloudWatch
