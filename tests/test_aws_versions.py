@@ -270,23 +270,57 @@ def test_lambda_versions_published_again_with_new_keys_are_deleted_once_no_versi
     settings,
     django_capture_on_commit_callbacks,  # noqa: F811
 ):
-    settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
     v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
-    assert published(cloud, root) == ["1", "2"]
     services.deployment_key_create(deployment=fresh(root), name="ci")
-    aws.update_access(fresh(root))
-    again = alias(cloud, root)["FunctionVersion"]  # version 1 published again, with the key
-    assert fresh(root).lambda_version == again
-    # "1" carried the keys of before and nothing records it; "2" is version 2's, waiting for review.
-    assert published(cloud, root) == ["2", again]
+    aws.update_access(fresh(root))  # version 1 published again, with the key: "3"
+    services.deployment_version_promote(root=fresh(root), number=2)  # version 2 too: "4"
+    assert (fresh(root).lambda_version, fresh(v2).lambda_version) == ("3", "4")
+    assert published(cloud, root) == ["1", "2", "3", "4"]  # "1" and "2" are nobody's, but under an hour old
 
+    # (No publish after this: moto, unlike Lambda, numbers a new version len(versions) + 1.)
+    settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
+    services.deployment_version_promote(root=fresh(root), number=1)  # a rollback: "3" carries the key
+    assert alias(cloud, root)["FunctionVersion"] == "3"
+    assert published(cloud, root) == ["3", "4"]  # each version's own stays: the next promote is instant
+    assert "deleted the superseded Lambda version(s) 1, 2" in fresh(root).events.last().message
     services.deployment_version_promote(root=fresh(root), number=2)
-    now = alias(cloud, root)["FunctionVersion"]
-    assert now == fresh(v2).lambda_version != "2"
-    assert published(cloud, root) == [again, now]  # version 1's stays: a rollback serves it at once
-    assert "deleted the superseded Lambda version(s) 2" in fresh(root).events.last().message
-    services.deployment_version_promote(root=fresh(root), number=1)
-    assert alias(cloud, root)["FunctionVersion"] == again and published(cloud, root) == [again, now]
+    assert alias(cloud, root)["FunctionVersion"] == "4" and published(cloud, root) == ["3", "4"]
+    assert fresh(v2).function_arn.endswith(":4")  # a version's ARN names the Lambda version it has now
+
+
+def test_a_move_that_read_a_lambda_version_a_key_change_just_replaced_reads_the_rows_again(
+    cloud,
+    root,
+    iris_rf_bytes,
+    settings,
+    monkeypatch,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    """Ending a canary reads what serves ("2"); before it moves the alias, a key change publishes
+    that version again and prunes "2". The move finds "2" gone and reads the rows once more."""
+    ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    ready_for_review(cloud, root, iris_rf_bytes, "v3", django_capture_on_commit_callbacks)
+    services.deployment_version_promote(root=fresh(root), number=2)
+    services.deployment_canary_start(root=fresh(root), number=3, percent=10)
+    settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
+    real, fired = aws.ensure_alias, []
+
+    def ensure_alias(lam, gateway, row, number):
+        if not fired:  # the access task of a new key, run between the read and the move
+            fired.append(number)
+            services.deployment_key_create(deployment=fresh(root), name="ci")
+            aws.update_access(fresh(root))
+        return real(lam, gateway, row, number)
+
+    monkeypatch.setattr(aws, "ensure_alias", ensure_alias)
+    services.deployment_canary_end(root=fresh(root))
+    serving = fresh(root).serving
+    assert fired == ["2"] and serving.lambda_version not in ("", "2")
+    found = alias(cloud, root)
+    assert found["FunctionVersion"] == serving.lambda_version and not found.get("RoutingConfig", {}).get(
+        "AdditionalVersionWeights"
+    )
+    assert "SERVEML_KEY_SHA256" in variables_of(cloud, root, found["FunctionVersion"])
 
 
 def test_a_lambda_version_younger_than_the_prune_delay_is_kept_and_a_refused_delete_fails_nothing(

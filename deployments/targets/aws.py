@@ -522,7 +522,9 @@ def publish(lam, deployment: Deployment) -> str:
             f"another change of the Lambda function {name} (a version, or its keys) came while version "
             f"{deployment.version} was published"
         )
-    deployment.update(lambda_version=number)
+    # A version's ARN names its Lambda version (the admin shows it): the one published last.
+    arn = {"function_arn": f"{deployment.root.function_arn}:{number}"} if deployment.version_of_id else {}
+    deployment.update(lambda_version=number, **arn)
     return number
 
 
@@ -586,56 +588,77 @@ def route(root: Deployment, lam=None) -> str:
     update_alias, atomic, and the URL never changes. Each one published again first if its keys
     are stale. Raises StageError / TransientStageError; says what it now serves."""
     lam = lam or client("lambda")
-    serving = current_lambda_version(lam, root.serving_version())
-    weights = {}
-    if root.canary_id and root.canary_percent:
-        canary = current_lambda_version(lam, root.canary)
-        if canary != serving:  # the same image and keys: one Lambda version, nothing to split
-            weights[canary] = round(root.canary_percent / 100, 2)
-    ensure_alias(lam, client("apigatewayv2"), root, serving)  # gone or never made: make it
-    call(
-        lam.update_alias,
-        f"move the Lambda alias {ALIAS}",
-        FunctionName=resource_name(root),
-        Name=ALIAS,
-        FunctionVersion=serving,
-        RoutingConfig={"AdditionalVersionWeights": weights},
-    )
+    for attempt in range(2):
+        serving = current_lambda_version(lam, root.serving_version())
+        weights = {}
+        if root.canary_id and root.canary_percent:
+            canary = current_lambda_version(lam, root.canary)
+            if canary != serving:  # the same image and keys: one Lambda version, nothing to split
+                weights[canary] = round(root.canary_percent / 100, 2)
+        ensure_alias(lam, client("apigatewayv2"), root, serving)  # gone or never made: make it
+        moved = call(
+            lam.update_alias,
+            f"move the Lambda alias {ALIAS}",
+            ignore=() if attempt else ("ResourceNotFoundException",),
+            FunctionName=resource_name(root),
+            Name=ALIAS,
+            FunctionVersion=serving,
+            RoutingConfig={"AdditionalVersionWeights": weights},
+        )
+        if moved is not None:
+            break
+        # A change of keys published one of them again, and pruned the number read here, between
+        # that read and this move: read the rows again (once; a second miss is an error).
+        root = Deployment.objects.get(pk=root.pk)
     split = f", Lambda version {canary} {root.canary_percent}%" if weights else ""
     pruned = prune(lam, root, {serving, *weights})
     return f"the Lambda alias {ALIAS} serves Lambda version {serving}{split}" + (f"; {pruned}" if pruned else "")
 
 
+MAX_PRUNED = 5  # per move of the alias: it runs inside the request (promote) that moved it
+
+
 def prune(lam, root: Deployment, routed: set[str]) -> str:
     """Delete the Lambda versions of `root`'s function that nothing can use any more: published
-    again with the keys of now (current_lambda_version), so no ServeML version records them, and
-    not `routed` (what the alias serves). Each carries the key digests of its day. A version
-    younger than SERVEML_LAMBDA_PRUNE_AFTER_S is kept: its pipeline may not have recorded it yet.
-    Best effort, never failing what called it: says what it deleted, or why it could not."""
-    recorded = set(
-        Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
-        .exclude(lambda_version="")
-        .values_list("lambda_version", flat=True)
-    )
-    before = datetime.now(UTC) - timedelta(seconds=settings.SERVEML_LAMBDA_PRUNE_AFTER_S)
+    again with the keys of now (current_lambda_version, a private version's verify), so no ServeML
+    version records them, and not `routed` (what the alias serves). Each carries the key digests
+    of its day. A version younger than SERVEML_LAMBDA_PRUNE_AFTER_S is kept: its pipeline may not
+    have recorded it yet. At most MAX_PRUNED at a time (in the order Lambda lists them), the rest
+    with the next moves. Best effort, never failing what called it: says what it deleted, and what
+    it kept and why."""
+    deleted, kept = [], []
     try:
+        recorded = set(
+            Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
+            .exclude(lambda_version="")
+            .values_list("lambda_version", flat=True)
+        )
+        before = datetime.now(UTC) - timedelta(seconds=settings.SERVEML_LAMBDA_PRUNE_AFTER_S)
         stale = [
             listed["Version"]
             for listed in listed_versions(lam, resource_name(root))
             if listed["Version"] not in recorded | routed and modified_at(listed.get("LastModified", "")) < before
         ]
-        for number in stale:
-            call(
-                lam.delete_function,
-                f"delete the superseded Lambda version {number}",
-                ignore=("ResourceNotFoundException",),
-                FunctionName=resource_name(root),
-                Qualifier=number,
-            )
-    except StageError as exc:
-        log.warning("%s: superseded Lambda versions kept: %s", root.public_id, exc)
-        return f"superseded Lambda versions kept: {exc}"
-    return f"deleted the superseded Lambda version(s) {', '.join(stale)}" if stale else ""
+        for number in stale[:MAX_PRUNED]:
+            try:
+                call(
+                    lam.delete_function,
+                    f"delete the superseded Lambda version {number}",
+                    ignore=("ResourceNotFoundException",),
+                    FunctionName=resource_name(root),
+                    Qualifier=number,
+                )
+                deleted.append(number)
+            except StageError as exc:  # one AWS will not delete (an operator's alias on it, say)
+                kept.append(f"{number} ({exc})")
+    except Exception as exc:  # the alias has moved: nothing here may undo that
+        log.exception("%s: superseded Lambda versions were not looked at", root.public_id)
+        kept.append(f"all: {exc}")
+    said = [f"deleted the superseded Lambda version(s) {', '.join(deleted)}"] if deleted else []
+    if kept:
+        log.warning("%s: superseded Lambda versions kept: %s", root.public_id, "; ".join(kept))
+        said.append(f"superseded Lambda versions kept: {'; '.join(kept)}")
+    return "; ".join(said)
 
 
 def provision(deployment: Deployment) -> str:
@@ -679,8 +702,7 @@ def provision_version(version: Deployment) -> str:
     # Before the function's code changes: a deployment still invoking the bare function moves
     # onto the alias first, or this version's image would answer its URL unpromoted.
     ensure_alias(lam, client("apigatewayv2"), root, current_lambda_version(lam, root.serving_version()))
-    number = publish(lam, version)
-    version.update(function_arn=f"{root.function_arn}:{number}")
+    number = publish(lam, version)  # which records its qualified ARN too
     return (
         f"Lambda version {number} of {resource_name(root)}; the alias {ALIAS} serves version "
         f"{root.serving_version().version} until this one is promoted"
