@@ -1,5 +1,6 @@
 """The aws target's AWS calls, against moto: ECR, Lambda, API Gateway, and teardown."""
 
+import hashlib
 import json
 
 import boto3
@@ -326,7 +327,7 @@ def put_image(ecr, deployment, tag: str) -> None:
             "config": {
                 "mediaType": "application/vnd.docker.container.image.v1+json",
                 "size": 1,
-                "digest": "sha256:" + "0" * 64,
+                "digest": "sha256:" + hashlib.sha256(tag.encode()).hexdigest(),  # one image per tag
             },
             "layers": [],
         }
@@ -740,3 +741,19 @@ def test_verify_still_sends_the_runtime_token_to_the_local_runtimes_internal_url
     [request] = sent
     assert str(request.url).startswith(settings.SERVEML_RUNTIME_INTERNAL_URL)
     assert request.headers["x-serveml-internal"] == settings.SERVEML_RUNTIME_TOKEN
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("1.dkr.ecr.us-east-1.amazonaws.com/serveml/abc@sha256:00ff", {"imageDigest": "sha256:00ff"}),
+        ("1.dkr.ecr.us-east-1.amazonaws.com/serveml/abc:1a2b", {"imageTag": "1a2b"}),
+        ("localhost:5000/serveml/abc:1a2b", {"imageTag": "1a2b"}),
+        ("localhost:5000/serveml/abc", None),  # no tag: the colon is the port's
+        ("1.dkr.ecr.us-east-1.amazonaws.com/serveml/abcd:1a2b", None),  # another deployment's repository
+        ("1.dkr.ecr.us-east-1.amazonaws.com/other/serveml/abc-x@sha256:00ff", None),
+        ("", None),
+    ],
+)
+def test_only_an_image_of_the_deployments_own_repository_is_ever_named_for_deletion(uri, expected):
+    assert aws.image_id(uri, "serveml/abc") == expected

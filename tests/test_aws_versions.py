@@ -682,6 +682,44 @@ def test_deleting_an_aws_version_deletes_its_lambda_version_in_the_stop_task_and
     assert "deleted Lambda version 2" in v2.events.last().message
     assert alias(cloud, root)["FunctionVersion"] == "1" and fresh(root).status == Status.READY
     assert fresh(v3).status == Status.READY and fresh(v3).lambda_version == "3"
+    # Its image went too; version 3's stays.
+    assert "deleted its image (v2…)" in v2.events.last().message
+    assert image_tags(cloud, root) == {"v3"}
+
+
+def image_tags(cloud, root) -> set[str]:  # noqa: F811
+    images = cloud["ecr"].describe_images(repositoryName=aws.repository_name(root))["imageDetails"]
+    return {tag for image in images for tag in image.get("imageTags", [])}
+
+
+def test_a_deleted_versions_image_stays_while_another_version_or_latest_uses_it(
+    cloud,
+    root,
+    user,
+    iris_rf_bytes,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "same", django_capture_on_commit_callbacks)
+    services.deployment_key_create(deployment=fresh(root), name="ci")
+    aws.update_access(fresh(root))
+    v3 = new_version(root, iris_rf_bytes, auto_promote=False)  # built from the same inputs: push reused the tag
+    v3.update(image_uri=fresh(v2).image_uri)
+    aws.provision(v3)  # another Lambda version (the keys changed), the same image
+    v3 = mark_ready(fresh(v3), django_capture_on_commit_callbacks)
+    v4 = ready_for_review(cloud, root, iris_rf_bytes, "v4", django_capture_on_commit_callbacks)  # now $LATEST
+    assert len({fresh(v).lambda_version for v in (v2, v3, v4)}) == 3
+
+    def delete(version) -> str:
+        with django_capture_on_commit_callbacks():
+            services.deployment_version_delete(version=fresh(version), by_user=user)
+        tasks.stop.apply(args=[version.pk]).get()
+        return fresh(version).events.last().message
+
+    assert "its image kept: the Lambda function's $LATEST names it" in delete(v4)
+    assert "its image kept: version 3 uses the same image" in delete(v2)
+    assert image_tags(cloud, root) == {"same", "v4"}
+    assert "deleted its image (same…)" in delete(v3)
+    assert image_tags(cloud, root) == {"v4"}
 
 
 def test_a_lambda_version_the_alias_still_sends_requests_to_is_not_deleted(

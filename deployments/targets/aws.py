@@ -755,8 +755,7 @@ def delete_version(version: Deployment) -> str:
     """Delete a deleted version's Lambda version, unless something still uses it: the alias (what
     serves, or a canary's share; AWS refuses to delete those anyway), or another version of the
     deployment published as the same Lambda version (Lambda publishes nothing new for the same image
-    and keys). Its image stays in the deployment's repository (tags are content-addressed: another
-    version may use it) until the deployment is stopped."""
+    and keys). Then its image, unless another version uses it (unused_image)."""
     number = version.lambda_version
     if not number:
         return "it had no Lambda version"
@@ -781,7 +780,61 @@ def delete_version(version: Deployment) -> str:
         FunctionName=resource_name(version),
         Qualifier=number,
     )
-    return f"deleted Lambda version {number}" if deleted is not None else f"Lambda version {number} was gone already"
+    said = f"deleted Lambda version {number}" if deleted is not None else f"Lambda version {number} was gone already"
+    return f"{said}; {unused_image(lam, version, root)}"
+
+
+def image_id(image_uri: str, repository: str) -> dict | None:
+    """ECR's imageId for an image of `repository` as push() records it (`<registry>/<repository>@sha256:...`
+    or `<registry>/<repository>:<tag>`); None for anything else, which is none of ours to delete."""
+    name, at, digest = image_uri.partition("@")
+    if not at:
+        name, colon, tag = image_uri.rpartition(":")
+        if not colon or "/" in tag:
+            return None
+    if not name.endswith(f"/{repository}"):
+        return None
+    return {"imageDigest": digest} if at else {"imageTag": tag}
+
+
+def unused_image(lam, version: Deployment, root: Deployment) -> str:
+    """Delete a deleted version's image from the deployment's repository, unless the deployment or
+    another of its versions uses the same image, or the function's $LATEST does (the next publish
+    moves it). Images are compared by tag: push() tags each with a hash of its build inputs, and
+    identical inputs are pushed once and recorded by that tag. Removing an image's last tag deletes
+    it. Says what it did; an image gone already is no error."""
+    ecr, repository = client("ecr"), repository_name(root)
+
+    def tags_of(image_uri: str) -> set[str]:
+        found = image_id(image_uri, repository)
+        if found is None:
+            return set()
+        described = call(
+            ecr.describe_images,
+            "look up an image in the deployment's ECR repository",
+            ignore=("ImageNotFoundException", "RepositoryNotFoundException"),
+            repositoryName=repository,
+            imageIds=[found],
+        )
+        return {tag for image in (described or {}).get("imageDetails", []) for tag in image.get("imageTags", [])}
+
+    mine = tags_of(version.image_uri)
+    if not mine:
+        return "its image was gone already"
+    rows = Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
+    for other in rows.exclude(pk=version.pk):
+        if other.image_uri and mine & tags_of(other.image_uri):
+            return f"its image kept: version {other.version} uses the same image"
+    latest = call(lam.get_function, "read the Lambda function", FunctionName=resource_name(root))["Code"]
+    if mine & tags_of(latest.get("ImageUri", "")):
+        return "its image kept: the Lambda function's $LATEST names it until another version is published"
+    call(
+        ecr.batch_delete_image,
+        "delete the version's image from the deployment's ECR repository",
+        repositoryName=repository,
+        imageIds=[{"imageTag": tag} for tag in sorted(mine)],
+    )
+    return f"deleted its image ({', '.join(tag[:12] + '…' for tag in sorted(mine))}) from {repository}"
 
 
 LAST_MODIFIED = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?$")
