@@ -722,6 +722,40 @@ def test_a_deleted_versions_image_stays_while_another_version_or_latest_uses_it(
     assert image_tags(cloud, root) == {"v4"}
 
 
+def test_an_image_aws_refuses_to_delete_is_kept_and_the_version_still_stops(
+    cloud,
+    root,
+    user,
+    iris_rf_bytes,
+    monkeypatch,
+    django_capture_on_commit_callbacks,  # noqa: F811
+):
+    """An IAM policy from before images were deleted (no ecr:BatchDeleteImage): the stop goes through."""
+    v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
+    ready_for_review(cloud, root, iris_rf_bytes, "v3", django_capture_on_commit_callbacks)
+    real = aws.client
+
+    class Refusing:
+        def __init__(self, ecr):
+            self.ecr = ecr
+
+        def batch_delete_image(self, **kwargs):
+            error = {"Error": {"Code": "AccessDeniedException", "Message": "no ecr:BatchDeleteImage"}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "BatchDeleteImage")
+
+        def __getattr__(self, name):
+            return getattr(self.ecr, name)
+
+    monkeypatch.setattr(aws, "client", lambda service: Refusing(real(service)) if service == "ecr" else real(service))
+    with django_capture_on_commit_callbacks():
+        services.deployment_version_delete(version=fresh(v2), by_user=user)
+    tasks.stop.apply(args=[v2.pk]).get()
+    said = fresh(v2).events.last().message
+    assert fresh(v2).status == Status.STOPPED and "deleted Lambda version 2" in said
+    assert "its image kept" in said and "ecr:BatchDeleteImage" in said and "IAM" in said
+    assert image_tags(cloud, root) == {"v2", "v3"}
+
+
 def test_a_lambda_version_the_alias_still_sends_requests_to_is_not_deleted(
     cloud,
     root,

@@ -781,7 +781,11 @@ def delete_version(version: Deployment) -> str:
         Qualifier=number,
     )
     said = f"deleted Lambda version {number}" if deleted is not None else f"Lambda version {number} was gone already"
-    return f"{said}; {unused_image(lam, version, root)}"
+    try:
+        return f"{said}; {unused_image(lam, version, root)}"
+    except StageError as exc:  # the version is gone from Lambda: its image is only storage
+        log.warning("%s: its image was not deleted: %s", version.public_id, exc)
+        return f"{said}; its image kept: {exc}"
 
 
 def image_id(image_uri: str, repository: str) -> dict | None:
