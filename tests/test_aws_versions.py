@@ -17,7 +17,7 @@ from deployments.pipeline import stages
 from deployments.pipeline.errors import TransientStageError
 from deployments.targets import aws
 from tests.conftest import SKLEARN_PIN, upload
-from tests.test_aws import cloud, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
+from tests.test_aws import client_error, cloud, pushed, put_image, ready_on_aws  # noqa: F401  (fixtures)
 from tests.test_versions import new_version
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
@@ -73,6 +73,27 @@ def variables_of(cloud, root, number: str) -> dict:  # noqa: F811
 def integration_uri(cloud, root) -> str:  # noqa: F811
     [integration] = cloud["apigatewayv2"].get_integrations(ApiId=root.api_id)["Items"]
     return integration["IntegrationUri"]
+
+
+def deny(monkeypatch, service: str, method: str, permission: str) -> None:
+    """AWS answers AccessDenied to every `method` call on `service` clients aws.py makes, as it would
+    an IAM policy without `permission`; everything else goes to moto."""
+    real = aws.client
+
+    class Denying:
+        def __init__(self, client):
+            self.client = client
+
+        def __getattr__(self, name):
+            if name != method:
+                return getattr(self.client, name)
+
+            def refused(**kwargs):
+                raise client_error("AccessDeniedException", 403, f"no {permission}")
+
+            return refused
+
+    monkeypatch.setattr(aws, "client", lambda name: Denying(real(name)) if name == service else real(name))
 
 
 def fresh(row: Deployment) -> Deployment:
@@ -211,22 +232,7 @@ def test_when_aws_refuses_to_move_the_alias_nothing_changes_and_the_message_says
     monkeypatch,  # noqa: F811
 ):
     ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
-    real = aws.client
-
-    class Refusing:
-        def __init__(self, lam):
-            self.lam = lam
-
-        def update_alias(self, **kwargs):
-            error = {"Error": {"Code": "AccessDeniedException", "Message": "no lambda:UpdateAlias"}}
-            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "UpdateAlias")
-
-        def __getattr__(self, name):
-            return getattr(self.lam, name)
-
-    monkeypatch.setattr(
-        aws, "client", lambda service: Refusing(real(service)) if service == "lambda" else real(service)
-    )
+    deny(monkeypatch, "lambda", "update_alias", "lambda:UpdateAlias")
     with pytest.raises(services.VersionRefused, match="version 1 keeps serving.*lambda:UpdateAlias.*IAM"):
         services.deployment_version_promote(root=fresh(root), number=2)
     assert fresh(root).serving_id is None and alias(cloud, root)["FunctionVersion"] == "1"
@@ -337,22 +343,7 @@ def test_a_lambda_version_younger_than_the_prune_delay_is_kept_and_a_refused_del
     assert published(cloud, root) == ["1", "2", fresh(root).lambda_version]
 
     settings.SERVEML_LAMBDA_PRUNE_AFTER_S = 0
-    real = aws.client
-
-    class Refusing:
-        def __init__(self, lam):
-            self.lam = lam
-
-        def delete_function(self, **kwargs):
-            error = {"Error": {"Code": "AccessDeniedException", "Message": "no lambda:DeleteFunction"}}
-            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "DeleteFunction")
-
-        def __getattr__(self, name):
-            return getattr(self.lam, name)
-
-    monkeypatch.setattr(
-        aws, "client", lambda service: Refusing(real(service)) if service == "lambda" else real(service)
-    )
+    deny(monkeypatch, "lambda", "delete_function", "lambda:DeleteFunction")
     services.deployment_version_promote(root=fresh(root), number=2)  # the promote itself goes through
     assert alias(cloud, root)["FunctionVersion"] == fresh(root).serving.lambda_version
     said = fresh(root).events.last().message
@@ -733,20 +724,7 @@ def test_an_image_aws_refuses_to_delete_is_kept_and_the_version_still_stops(
     """An IAM policy from before images were deleted (no ecr:BatchDeleteImage): the stop goes through."""
     v2 = ready_for_review(cloud, root, iris_rf_bytes, "v2", django_capture_on_commit_callbacks)
     ready_for_review(cloud, root, iris_rf_bytes, "v3", django_capture_on_commit_callbacks)
-    real = aws.client
-
-    class Refusing:
-        def __init__(self, ecr):
-            self.ecr = ecr
-
-        def batch_delete_image(self, **kwargs):
-            error = {"Error": {"Code": "AccessDeniedException", "Message": "no ecr:BatchDeleteImage"}}
-            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 403}}, "BatchDeleteImage")
-
-        def __getattr__(self, name):
-            return getattr(self.ecr, name)
-
-    monkeypatch.setattr(aws, "client", lambda service: Refusing(real(service)) if service == "ecr" else real(service))
+    deny(monkeypatch, "ecr", "batch_delete_image", "ecr:BatchDeleteImage")
     with django_capture_on_commit_callbacks():
         services.deployment_version_delete(version=fresh(v2), by_user=user)
     tasks.stop.apply(args=[v2.pk]).get()

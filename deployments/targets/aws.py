@@ -583,6 +583,11 @@ def ensure_alias(lam, gateway, root: Deployment, number: str) -> bool:
     return created
 
 
+def undeleted_versions(root: Deployment):
+    """The deployment and those of its versions not deleted: what may still use its Lambda versions and images."""
+    return Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
+
+
 def route(root: Deployment, lam=None) -> str:
     """Point the alias at the version `root` serves, with the canary's share if one runs: one
     update_alias, atomic, and the URL never changes. Each one published again first if its keys
@@ -628,11 +633,7 @@ def prune(lam, root: Deployment, routed: set[str]) -> str:
     it kept and why."""
     deleted, kept = [], []
     try:
-        recorded = set(
-            Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
-            .exclude(lambda_version="")
-            .values_list("lambda_version", flat=True)
-        )
+        recorded = set(undeleted_versions(root).exclude(lambda_version="").values_list("lambda_version", flat=True))
         before = datetime.now(UTC) - timedelta(seconds=settings.SERVEML_LAMBDA_PRUNE_AFTER_S)
         stale = [
             listed["Version"]
@@ -760,11 +761,7 @@ def delete_version(version: Deployment) -> str:
     if not number:
         return "it had no Lambda version"
     root = version.root
-    sharing = (
-        Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), lambda_version=number, deleted_at__isnull=True)
-        .exclude(pk=version.pk)
-        .first()
-    )
+    sharing = undeleted_versions(root).filter(lambda_version=number).exclude(pk=version.pk).first()
     if sharing is not None:
         return f"Lambda version {number} kept: version {sharing.version} is the same Lambda version"
     lam = client("lambda")
@@ -825,10 +822,10 @@ def unused_image(lam, version: Deployment, root: Deployment) -> str:
     mine = tags_of(version.image_uri)
     if not mine:
         return "its image was gone already"
-    rows = Deployment.objects.filter(Q(pk=root.pk) | Q(version_of=root), deleted_at__isnull=True)
-    for other in rows.exclude(pk=version.pk):
-        if other.image_uri and mine & tags_of(other.image_uri):
-            return f"its image kept: version {other.version} uses the same image"
+    others = undeleted_versions(root).exclude(pk=version.pk).exclude(image_uri="")
+    for image_uri, number in dict(others.values_list("image_uri", "version")).items():  # each image once
+        if mine & tags_of(image_uri):
+            return f"its image kept: version {number} uses the same image"
     latest = call(lam.get_function, "read the Lambda function", FunctionName=resource_name(root))["Code"]
     if mine & tags_of(latest.get("ImageUri", "")):
         return "its image kept: the Lambda function's $LATEST names it until another version is published"
